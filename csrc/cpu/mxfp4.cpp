@@ -59,11 +59,12 @@ at::Tensor mxfp4_dequantize(const at::Tensor& blocks_, const at::Tensor& scales_
     raw* o = static_cast<raw*>(out.data_ptr());
     at::parallel_for(0, rows, 1024, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
-        const float scale = e8m0_to_float(sp[r]);
+        const uint8_t s = sp[r];
+        const float scale = e8m0_to_float(s);
         for (int j = 0; j < kMxBlock / 2; ++j) {
           const uint8_t byte = bp[r * (kMxBlock / 2) + j];
-          o[r * kMxBlock + 2 * j] = from_float<T>(kE2M1[byte & 0x0f] * scale);
-          o[r * kMxBlock + 2 * j + 1] = from_float<T>(kE2M1[byte >> 4] * scale);
+          o[r * kMxBlock + 2 * j] = from_float<T>(mx_scale_value(kE2M1[byte & 0x0f], scale, s));
+          o[r * kMxBlock + 2 * j + 1] = from_float<T>(mx_scale_value(kE2M1[byte >> 4], scale, s));
         }
       }
     });

@@ -24,24 +24,25 @@ __global__ void __launch_bounds__(kThreads) mxfp4_dequantize_kernel(const uint32
   }
   const int64_t word0 = (int64_t)blockIdx.x * (kThreads * kWordsPerThread);
   uint32_t w[kWordsPerThread];
-  float s[kWordsPerThread];
+  uint8_t s[kWordsPerThread];
 #pragma unroll
   for (int k = 0; k < kWordsPerThread; ++k) {
     const int64_t word = word0 + k * kThreads + threadIdx.x;
     w[k] = word < n_words ? __ldg(blocks + word) : 0u;
-    s[k] = word < n_words ? e8m0_to_float(__ldg(scales + (word >> 2))) : 0.0f;  // 4 words per row
+    s[k] = word < n_words ? __ldg(scales + (word >> 2)) : 0;  // 4 words per row
   }
   __syncthreads();
 #pragma unroll
   for (int k = 0; k < kWordsPerThread; ++k) {
     const int64_t word = word0 + k * kThreads + threadIdx.x;
     if (word >= n_words) break;
+    const float scale = e8m0_to_float(s[k]);
     float v[8];
 #pragma unroll
     for (int b = 0; b < 4; ++b) {  // byte b holds elements 2b (low nibble) and 2b + 1 (high nibble)
       const uint32_t byte = (w[k] >> (8 * b)) & 0xffu;
-      v[2 * b] = mul_rn(lut[byte & 0xfu], s[k]);
-      v[2 * b + 1] = mul_rn(lut[byte >> 4], s[k]);
+      v[2 * b] = mx_scale_value(lut[byte & 0xfu], scale, s[k]);
+      v[2 * b + 1] = mx_scale_value(lut[byte >> 4], scale, s[k]);
     }
     store8<T>(out + word * 8, v);
   }

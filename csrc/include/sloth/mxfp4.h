@@ -18,12 +18,18 @@ namespace sloth {
 
 constexpr int kMxBlock = 32;
 
-// 2^(s - 127) as fp32: s = 0 gives the subnormal 2^-127, s = 255 gives inf (as
-// Transformers' ldexp does; OCP reserves 255 for NaN).
+// 2^(s - 127) as fp32 for s <= 254 (s = 0 gives the subnormal 2^-127).
 SLOTH_HD float e8m0_to_float(uint8_t s) {
   if (s == 0) return bits_float(0x00400000u);
-  if (s == 255) return bits_float(0x7f800000u);
-  return bits_float((uint32_t)s << 23);
+  return bits_float((uint32_t)(s > 254 ? 254 : s) << 23);
+}
+
+// ldexp(v, s - 127) exactly as Transformers' torch.ldexp: for s = 255 (2^128, beyond fp32) the product
+// is taken in two exact steps, so 0.5 * 2^128 = 2^127 stays finite and 0 stays 0 (OCP reserves 255 for
+// NaN; checkpoints do not use it). `scale` is e8m0_to_float(s).
+SLOTH_HD float mx_scale_value(float v, float scale, uint8_t s) {
+  float r = mul_rn(v, scale);
+  return s == 255 ? mul_rn(r, 2.0f) : r;
 }
 
 // 1 / 2^(s - 127) = 2^(127 - s), exact, for the scales mx_scale_for produces (s <= 254).

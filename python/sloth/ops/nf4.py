@@ -89,7 +89,7 @@ def nf4_dequantize(
     absmax: Optional[torch.Tensor] = None,
     shape=None,
     blocksize: int = 64,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: Optional[torch.dtype] = None,
     code2: Optional[torch.Tensor] = None,
     absmax2: Optional[torch.Tensor] = None,
     offset: Optional[torch.Tensor] = None,
@@ -97,6 +97,7 @@ def nf4_dequantize(
 ) -> torch.Tensor:
     """Dequantize packed NF4 data to a ``shape`` tensor of ``dtype``, bit-exact with bitsandbytes.
 
+    ``dtype`` defaults to the quant_state's dtype (bfloat16 without one).
     Pass a bitsandbytes ``QuantState`` (or :class:`NF4State`) as it is, e.g. ``weight.quant_state`` of a
     ``Params4bit``, or the raw tensors: ``absmax`` fp32 ``[blocks]``, or uint8 ``[blocks]`` together with
     ``code2`` fp32 ``[256]``, ``absmax2`` fp32 ``[ceil(blocks / blocksize2)]`` and ``offset`` 0-d fp32.
@@ -107,13 +108,14 @@ def nf4_dequantize(
         if getattr(quant_state, "quant_type", "nf4") != "nf4":
             raise ValueError(f"sloth: nf4_dequantize got a quant_state of type {quant_state.quant_type!r}; "
                              "only 'nf4' is supported")
-        absmax, shape, blocksize, dtype = (quant_state.absmax, quant_state.shape, quant_state.blocksize,
-                                           quant_state.dtype)
+        absmax, shape, blocksize = quant_state.absmax, quant_state.shape, quant_state.blocksize
+        dtype = dtype or quant_state.dtype
         if quant_state.nested:
             code2, absmax2, blocksize2 = quant_state.state2.code, quant_state.state2.absmax, quant_state.state2.blocksize
             offset = quant_state.offset
     if absmax is None or shape is None:
         raise ValueError("sloth: nf4_dequantize needs a quant_state, or absmax= and shape=")
+    dtype = dtype or torch.bfloat16
     check_tensor("packed", packed)
     if packed.dtype != torch.uint8:
         packed = packed.view(torch.uint8) if packed.is_contiguous() else packed.contiguous().view(torch.uint8)

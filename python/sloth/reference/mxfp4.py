@@ -9,7 +9,7 @@ E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
 
 
 def e8m0_to_float(scales: torch.Tensor) -> torch.Tensor:
-    """2^(s - 127) in fp32 (s = 255 gives inf, as Transformers' ldexp)."""
+    """2^(s - 127) in fp32 (s = 255 overflows to inf; dequantization uses ldexp instead)."""
     return torch.pow(2.0, scales.to(torch.int32) - 127).float()
 
 
@@ -18,7 +18,8 @@ def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.bfl
     lo = (blocks & 0x0F).long()
     hi = (blocks >> 4).long()
     idx = torch.stack([lo, hi], dim=-1).flatten(-2)  # [..., G, 32]
-    values = E2M1_VALUES.to(blocks.device)[idx] * e8m0_to_float(scales)[..., None]
+    # exact v * 2^(s - 127), as Transformers' torch.ldexp (s = 255: 0.5 * 2^128 = 2^127 stays finite)
+    values = torch.ldexp(E2M1_VALUES.to(blocks.device)[idx], scales.to(torch.int32)[..., None] - 127)
     return values.to(dtype).flatten(-2)
 
 

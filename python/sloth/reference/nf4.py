@@ -5,7 +5,6 @@ Written for clarity. The arithmetic is fp32 in the order bitsandbytes uses, so r
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -21,8 +20,7 @@ NF4_CODE = torch.tensor([
 MIN_ABSMAX = 1e-38  # all-zero blocks divide by this instead of 0
 
 
-@functools.lru_cache(maxsize=None)
-def _dynamic_code_cpu() -> torch.Tensor:
+def _build_dynamic_code() -> torch.Tensor:
     # Signed dynamic map, 7 exponent bits: for exponent i the code holds +-10^(i-6) times the midpoints
     # of 2^i + 1 evenly spaced points in [0.1, 1], plus 0 and 1; sorted.
     data = []
@@ -36,9 +34,12 @@ def _dynamic_code_cpu() -> torch.Tensor:
     return torch.tensor(data, dtype=torch.float32)
 
 
+_DYNAMIC_CODE = _build_dynamic_code()  # built once at import: a constant under torch.compile
+
+
 def dynamic_code(device="cpu") -> torch.Tensor:
     """bitsandbytes' signed 8-bit dynamic code (256 sorted fp32 values), used for double quantization."""
-    return _dynamic_code_cpu().to(device)
+    return _DYNAMIC_CODE.to(device)
 
 
 def _nearest(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
