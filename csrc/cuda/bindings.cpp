@@ -1,6 +1,6 @@
 // CUDA kernel registrations for torch.ops.sloth: argument checks, output allocation, stream, launch.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -47,7 +47,7 @@ at::Tensor nf4_dequantize(const at::Tensor& packed_, const at::Tensor& absmax_, 
   at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
   check_launch(sloth::cuda::nf4_dequantize(packed.data_ptr<uint8_t>(), absmax_args(absmax, c2, a2, off, blocksize2),
                                            out.numel(), (int)blocksize, out.data_ptr(), out_type_of(dtype),
-                                           at::cuda::getCurrentCUDAStream()),
+                                           c10::cuda::getCurrentCUDAStream()),
                "nf4_dequantize");
   return out;
 }
@@ -60,7 +60,7 @@ std::tuple<at::Tensor, at::Tensor> nf4_quantize(const at::Tensor& x_, int64_t bl
   at::Tensor absmax = at::empty({(n + blocksize - 1) / blocksize}, x.options().dtype(at::kFloat));
   check_launch(sloth::cuda::nf4_quantize(x.data_ptr(), out_type_of(x.scalar_type()), n, (int)blocksize,
                                          packed.data_ptr<uint8_t>(), absmax.data_ptr<float>(),
-                                         at::cuda::getCurrentCUDAStream()),
+                                         c10::cuda::getCurrentCUDAStream()),
                "nf4_quantize");
   return {packed, absmax};
 }
@@ -74,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor> blockwise8_quantize(const at::Tensor& x_, con
   at::Tensor absmax = at::empty({(n + blocksize - 1) / blocksize}, x.options().dtype(at::kFloat));
   check_launch(sloth::cuda::blockwise8_quantize(x.data_ptr(), out_type_of(x.scalar_type()), n, code.data_ptr<float>(),
                                                 (int)blocksize, q.data_ptr<uint8_t>(), absmax.data_ptr<float>(),
-                                                at::cuda::getCurrentCUDAStream()),
+                                                c10::cuda::getCurrentCUDAStream()),
                "blockwise8_quantize");
   return {q, absmax};
 }
@@ -91,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor> mxfp4_quantize(const at::Tensor& x_) {
   at::Tensor scales = at::empty(sshape, x.options().dtype(at::kByte));
   check_launch(sloth::cuda::mxfp4_quantize(x.data_ptr(), out_type_of(x.scalar_type()), scales.numel(),
                                            blocks.data_ptr<uint8_t>(), scales.data_ptr<uint8_t>(),
-                                           at::cuda::getCurrentCUDAStream()),
+                                           c10::cuda::getCurrentCUDAStream()),
                "mxfp4_quantize");
   return {blocks, scales};
 }
@@ -104,7 +104,7 @@ at::Tensor mxfp4_dequantize(const at::Tensor& blocks_, const at::Tensor& scales_
   oshape.push_back(blocks.size(-2) * kMxBlock);
   at::Tensor out = at::empty(oshape, blocks.options().dtype(dtype));
   check_launch(sloth::cuda::mxfp4_dequantize(blocks.data_ptr<uint8_t>(), scales.data_ptr<uint8_t>(), scales.numel(),
-                                             out.data_ptr(), out_type_of(dtype), at::cuda::getCurrentCUDAStream()),
+                                             out.data_ptr(), out_type_of(dtype), c10::cuda::getCurrentCUDAStream()),
                "mxfp4_dequantize");
   return out;
 }
