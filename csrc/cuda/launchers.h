@@ -30,7 +30,12 @@ cudaError_t mxfp4_dequantize(const uint8_t* blocks, const uint8_t* scales, int64
 cudaError_t mxfp4_quantize(const void* x, OutType in_type, int64_t rows, uint8_t* blocks, uint8_t* scales,
                            cudaStream_t stream);
 
-// Chunked linear cross-entropy (cross_entropy.cu): per-row arguments of one chunk of logits.
+}  // namespace sloth::cuda
+
+// ---- chunked linear cross-entropy (branch ce): cross_entropy.cu ----
+namespace sloth::cuda {
+
+// Per-row arguments of one chunk of logits.
 struct CeChunkArgs {
   const int64_t* labels = nullptr;        // [rows]
   const float* grad_nll = nullptr;        // [rows] or null (= 1)

@@ -111,7 +111,24 @@ at::Tensor mxfp4_dequantize(const at::Tensor& blocks_, const at::Tensor& scales_
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_chunk(
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sloth, CUDA, m) {
+  m.impl("nf4_quantize", &nf4_quantize);
+  m.impl("nf4_dequantize", &nf4_dequantize);
+  m.impl("blockwise8_quantize", &blockwise8_quantize);
+  m.impl("mxfp4_quantize", &mxfp4_quantize);
+  m.impl("mxfp4_dequantize", &mxfp4_dequantize);
+}
+
+}  // namespace sloth::cuda
+
+// ---- chunked linear cross-entropy (branch ce) ----
+namespace sloth::cuda {
+namespace {
+
+// Named apart from the launcher sloth::cuda::cross_entropy_chunk so that &fn below is not an overload set.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_chunk_cuda(
     at::Tensor& logits, const at::Tensor& labels_, const std::optional<at::Tensor>& grad_nll_,
     const std::optional<at::Tensor>& grad_entropy_, double grad_scale, int64_t ignore_index, double softcap,
     double logit_scale, bool compute_grad) {
@@ -146,13 +163,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_chunk(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sloth, CUDA, m) {
-  m.impl("nf4_quantize", &nf4_quantize);
-  m.impl("nf4_dequantize", &nf4_dequantize);
-  m.impl("blockwise8_quantize", &blockwise8_quantize);
-  m.impl("mxfp4_quantize", &mxfp4_quantize);
-  m.impl("mxfp4_dequantize", &mxfp4_dequantize);
-  m.impl("cross_entropy_chunk", &cross_entropy_chunk);
-}
+TORCH_LIBRARY_IMPL(sloth, CUDA, m) { m.impl("cross_entropy_chunk", &cross_entropy_chunk_cuda); }
 
 }  // namespace sloth::cuda
