@@ -22,6 +22,19 @@ TORCH_LIBRARY(sloth, m) {
   m.def("mxfp4_quantize(Tensor x) -> (Tensor blocks, Tensor scales)");
   // blocks [..., G, 16] uint8, scales [..., G] uint8 -> [..., G * 32] of dtype (not transposed).
   m.def("mxfp4_dequantize(Tensor blocks, Tensor scales, ScalarType dtype) -> Tensor");
+
+  // Chunked linear cross-entropy (python/sloth/nn/linear_cross_entropy.py). One chunk of raw logits
+  // x = h W^T (+ b), [rows, V] fp32/fp16/bf16 contiguous; z = logit_scale * x, or
+  // softcap * tanh(logit_scale * x / softcap) when softcap > 0. Per row, in fp32:
+  //   loss = lse(z) - z[label] (0 where label == ignore_index, NaN where label is outside [0, V)),
+  //   lse = log sum exp z, entropy = lse - sum softmax(z) * z  (all [rows] fp32).
+  // With compute_grad, logits are overwritten IN PLACE by d/dx of
+  //   c_nll * loss + c_ent * entropy,  c_nll = grad_scale * grad_nll[row] (1 when None),
+  //   c_ent = grad_scale * grad_entropy[row] (0 when None), both 0 on ignored rows.
+  m.def(
+      "cross_entropy_chunk(Tensor(a!) logits, Tensor labels, Tensor? grad_nll, Tensor? grad_entropy, "
+      "float grad_scale, int ignore_index, float softcap, float logit_scale, bool compute_grad) "
+      "-> (Tensor loss, Tensor lse, Tensor entropy)");
 }
 
 // `import sloth._C` loads the registrations above; the module itself is empty, which keeps the

@@ -120,3 +120,47 @@ TORCH_LIBRARY_IMPL(sloth, CUDA, m) {
 }
 
 }  // namespace sloth::cuda
+
+// ---- chunked linear cross-entropy (branch ce) ----
+namespace sloth::cuda {
+namespace {
+
+// Named apart from the launcher sloth::cuda::cross_entropy_chunk so that &fn below is not an overload set.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_chunk_cuda(
+    at::Tensor& logits, const at::Tensor& labels_, const std::optional<at::Tensor>& grad_nll_,
+    const std::optional<at::Tensor>& grad_entropy_, double grad_scale, int64_t ignore_index, double softcap,
+    double logit_scale, bool compute_grad) {
+  c10::cuda::CUDAGuard guard(logits.device());
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "sloth.cross_entropy_chunk: logits must be a contiguous "
+              "[rows, V] tensor (it is updated in place)");
+  const int64_t rows = logits.size(0), V = logits.size(1);
+  at::Tensor labels = labels_.to(logits.device(), at::kLong).contiguous();
+  TORCH_CHECK(labels.numel() == rows, "sloth.cross_entropy_chunk: labels must have ", rows, " entries");
+  at::Tensor grad_nll, grad_entropy;
+  if (grad_nll_) grad_nll = grad_nll_->to(logits.device(), at::kFloat).contiguous();
+  if (grad_entropy_) grad_entropy = grad_entropy_->to(logits.device(), at::kFloat).contiguous();
+  auto f32 = logits.options().dtype(at::kFloat);
+  at::Tensor loss = at::empty({rows}, f32), lse = at::empty({rows}, f32), entropy = at::empty({rows}, f32);
+  CeChunkArgs a;
+  a.labels = labels.data_ptr<int64_t>();
+  a.grad_nll = grad_nll.defined() ? grad_nll.data_ptr<float>() : nullptr;
+  a.grad_entropy = grad_entropy.defined() ? grad_entropy.data_ptr<float>() : nullptr;
+  a.grad_scale = (float)grad_scale;
+  a.softcap = (float)softcap;
+  a.logit_scale = (float)logit_scale;
+  a.ignore_index = ignore_index;
+  a.compute_grad = compute_grad;
+  a.loss = loss.data_ptr<float>();
+  a.lse = lse.data_ptr<float>();
+  a.entropy = entropy.data_ptr<float>();
+  check_launch(sloth::cuda::cross_entropy_chunk(logits.data_ptr(), out_type_of(logits.scalar_type()), rows, V, a,
+                                                at::cuda::getCurrentCUDAStream()),
+               "cross_entropy_chunk");
+  return {loss, lse, entropy};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sloth, CUDA, m) { m.impl("cross_entropy_chunk", &cross_entropy_chunk_cuda); }
+
+}  // namespace sloth::cuda

@@ -31,3 +31,25 @@ cudaError_t mxfp4_quantize(const void* x, OutType in_type, int64_t rows, uint8_t
                            cudaStream_t stream);
 
 }  // namespace sloth::cuda
+
+// ---- chunked linear cross-entropy (branch ce): cross_entropy.cu ----
+namespace sloth::cuda {
+
+// Per-row arguments of one chunk of logits.
+struct CeChunkArgs {
+  const int64_t* labels = nullptr;        // [rows]
+  const float* grad_nll = nullptr;        // [rows] or null (= 1)
+  const float* grad_entropy = nullptr;    // [rows] or null (= 0)
+  float grad_scale = 1.0f, softcap = 0.0f, logit_scale = 1.0f;
+  int64_t ignore_index = -100;
+  bool compute_grad = false;
+  float* loss = nullptr;                  // [rows] out
+  float* lse = nullptr;                   // [rows] out
+  float* entropy = nullptr;               // [rows] out
+};
+
+// logits: [rows, V] contiguous of `type`, overwritten in place by the gradient when args.compute_grad.
+cudaError_t cross_entropy_chunk(void* logits, OutType type, int64_t rows, int64_t V, CeChunkArgs args,
+                                cudaStream_t stream);
+
+}  // namespace sloth::cuda

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # noqa: F401  (registers torch.ops.sloth.*)
-from . import ops
+from . import nn, ops
+from .nn import causal_lm_loss, linear_cross_entropy, linear_logprobs
 from .ops import (
     NF4State,
     mxfp4_dequantize,
@@ -22,9 +23,13 @@ __version__ = "0.1.0"
 __all__ = [
     "NF4State",
     "__version__",
+    "causal_lm_loss",
+    "linear_cross_entropy",
+    "linear_logprobs",
     "mxfp4_dequantize",
     "mxfp4_quantize",
     "nf4_dequantize",
     "nf4_quantize",
+    "nn",
     "ops",
 ]

@@ -1,0 +1,131 @@
+"""Linear cross-entropy, forward + backward: sloth (chunked, fused) vs plain PyTorch (fp32 logits + F.cross_entropy).
+
+    pytest benchmarks/bench_cross_entropy.py          (pytest-benchmark; CUDA only)
+    python benchmarks/bench_cross_entropy.py          (prints a table)
+
+Time: CUDA events, median of several iterations after warm-up. Memory: peak allocated during one step minus the
+memory allocated before it (inputs alive), so it includes dh (N * H * 2 bytes) and dW when trainable.
+TFLOP/s counts the GEMMs only: 2 x 2 N V H (frozen W: logits, dh) or 3 x 2 N V H (trainable: + dW).
+Targets on H100 (frozen W, H=4096, V=128256, bf16): N=8192 <= 28 ms, <= +0.10 GiB; N=32768 <= 98 ms, <= +0.30 GiB.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+GIB = 1 << 30
+#: (tokens N, vocab V, hidden H, trainable W)
+CASES = [
+    (8192, 128256, 4096, False),
+    (32768, 128256, 4096, False),
+    (8192, 128256, 4096, True),
+    (8192, 262144, 4096, False),
+]
+IMPLS = ("sloth", "torch")
+
+
+def make_inputs(n, v, h, trainable, device="cuda", dtype=torch.bfloat16):
+    g = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(n, h, device=device, dtype=dtype, generator=g).requires_grad_()  # [tokens, hidden]
+    weight = (torch.randn(v, h, device=device, dtype=dtype, generator=g) * 0.02).requires_grad_(trainable)  # [V, H]
+    labels = torch.randint(0, v, (n,), device=device, generator=g)  # [tokens]
+    labels[::10] = -100
+    return hidden, weight, labels
+
+
+def step_fn(impl, hidden, weight, labels):
+    if impl == "sloth":
+        import sloth
+
+        def step():
+            sloth.linear_cross_entropy(hidden, weight, labels).backward()
+    else:
+        def step():
+            logits = (hidden @ weight.t()).float()  # [tokens, V] fp32, as Transformers' loss upcasts
+            F.cross_entropy(logits, labels, ignore_index=-100).backward()
+    return step
+
+
+def clear_grads(*ts):
+    for t in ts:
+        t.grad = None
+
+
+def measure(impl, n, v, h, trainable, iters=5, warmup=2):
+    """(median ms, extra peak GiB, TFLOP/s) of one forward + backward step; None values on OOM."""
+    hidden, weight, labels = make_inputs(n, v, h, trainable)
+    step = step_fn(impl, hidden, weight, labels)
+    try:
+        for _ in range(warmup):
+            clear_grads(hidden, weight)
+            step()
+        torch.cuda.synchronize()
+        clear_grads(hidden, weight)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        extra = (torch.cuda.max_memory_allocated() - base) / GIB
+        times = []
+        for _ in range(iters):
+            clear_grads(hidden, weight)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+    except torch.OutOfMemoryError:
+        clear_grads(hidden, weight)
+        del hidden, weight, labels, step
+        torch.cuda.empty_cache()
+        return None, None, None
+    ms = statistics.median(times)
+    flops = (3 if trainable else 2) * 2 * n * v * h
+    del hidden, weight, labels, step
+    torch.cuda.empty_cache()
+    return ms, extra, flops / (ms * 1e-3) / 1e12
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("n,v,h,trainable", CASES)
+def test_linear_cross_entropy(benchmark, impl, n, v, h, trainable):
+    ms, extra, tflops = measure(impl, n, v, h, trainable)
+    if ms is None:
+        pytest.skip(f"{impl} ran out of memory at N={n}, V={v}")
+    benchmark.extra_info.update(cuda_event_median_ms=ms, extra_peak_gib=extra, gemm_tflops=tflops)
+    hidden, weight, labels = make_inputs(n, v, h, trainable)
+    step = step_fn(impl, hidden, weight, labels)
+
+    def run():
+        clear_grads(hidden, weight)
+        step()
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
+
+
+def main():
+    print(f"{torch.cuda.get_device_name()}  bf16, forward + backward")
+    print(f"{'N':>6} {'V':>7} {'H':>5} {'W':>9} {'impl':>6} {'ms':>9} {'extra GiB':>10} {'TFLOP/s':>8}")
+    for n, v, h, trainable in CASES:
+        for impl in IMPLS:
+            ms, extra, tflops = measure(impl, n, v, h, trainable)
+            w = "trainable" if trainable else "frozen"
+            if ms is None:
+                print(f"{n:>6} {v:>7} {h:>5} {w:>9} {impl:>6} {'OOM':>9}")
+            else:
+                print(f"{n:>6} {v:>7} {h:>5} {w:>9} {impl:>6} {ms:>9.2f} {extra:>10.3f} {tflops:>8.1f}")
+
+
+if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_cross_entropy needs a CUDA GPU")
+    main()

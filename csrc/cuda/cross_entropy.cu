@@ -1,0 +1,196 @@
+// CUDA kernel of the chunked linear cross-entropy: softmax statistics, per-row loss and the in-place
+// logit gradient of one chunk of logits (the GEMMs around it run in cuBLAS, driven from Python).
+#include <stdint.h>
+
+#include "launchers.h"
+#include "sloth/cross_entropy.h"
+#include "sloth/numeric.h"
+
+namespace sloth::cuda {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kUnroll = 4;  // 16-byte loads in flight per thread: 512 x 4 x 16 B = 32 KiB per CTA
+constexpr int kWarps = kThreads / kWarpSize;
+
+template <OutType T>
+struct Vec {
+  using raw = typename OutStorage<T>::type;
+  static constexpr int N = 16 / sizeof(raw);  // elements per 16-byte vector
+  __device__ __forceinline__ static void unpack(const uint4& v, float (&out)[N]) {
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+    if constexpr (T == OutType::kF32) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) out[i] = bits_float(w[i]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        out[2 * i] = to_float<T>((uint16_t)(w[i] & 0xffffu));
+        out[2 * i + 1] = to_float<T>((uint16_t)(w[i] >> 16));
+      }
+    }
+  }
+  __device__ __forceinline__ static uint4 pack(const float (&in)[N]) {
+    uint32_t w[4];
+    if constexpr (T == OutType::kF32) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) w[i] = float_bits(in[i]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        w[i] = (uint32_t)from_float<T>(in[2 * i]) | ((uint32_t)from_float<T>(in[2 * i + 1]) << 16);
+    }
+    return make_uint4(w[0], w[1], w[2], w[3]);
+  }
+};
+
+// Adds n logits at once: one rescale for the group's max, then one exp per element.
+template <int N>
+__device__ __forceinline__ void add_group(CeState& st, const float (&z)[N]) {
+  float mx = z[0];
+#pragma unroll
+  for (int i = 1; i < N; ++i) mx = fmaxf(mx, z[i]);
+  if (mx == -INFINITY) return;
+  if (mx > st.m) {
+    const float r = ce_exp(st.m - mx);  // 0 when st.m == -inf
+    st.s *= r;
+    st.t *= r;
+    st.m = mx;
+  }
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const float e = ce_exp(z[i] - st.m);
+    st.s += e;
+    st.t += e == 0.0f ? 0.0f : e * z[i];  // z = -inf contributes nothing (not NaN)
+  }
+}
+
+__device__ __forceinline__ CeState shfl_state(const CeState& st, int mask) {
+  return CeState{shfl_xor(st.m, mask), shfl_xor(st.s, mask), shfl_xor(st.t, mask)};
+}
+
+// One CTA per row of logits [rows, V]: pass 1 reads the row (16-byte loads, scalar head / tail to reach
+// alignment) into the online state (max, sum exp, sum exp * z) in fp32; loss, lse, entropy per row; pass 2
+// (compute_grad) rereads the row and overwrites it in place with the gradient.
+// Traffic per row: V * sizeof(T) read (loss only), or 2 x V * sizeof(T) read + V * sizeof(T) written; the
+// reread mostly hits L2 since a chunk of logits (<= ~32 MiB) was just written there by the GEMM.
+template <OutType T>
+__global__ void __launch_bounds__(kThreads) cross_entropy_chunk_kernel(typename OutStorage<T>::type* __restrict__ logits,
+                                                                       int64_t V, CeChunkArgs a) {
+  using raw = typename OutStorage<T>::type;
+  using vec = Vec<T>;
+  constexpr int N = vec::N;
+  __shared__ CeState s_warp[kWarps];
+  __shared__ CeState s_row;
+  __shared__ float s_zlabel;
+
+  const int64_t r = blockIdx.x;
+  const int tid = threadIdx.x;
+  raw* row = logits + r * V;
+  const int64_t label = a.labels[r];
+  const bool ignored = label == a.ignore_index;
+  const bool valid = !ignored && label >= 0 && label < V;
+  if (tid == 0) s_zlabel = valid ? ce_logit(to_float<T>(row[label]), a.logit_scale, a.softcap) : 0.0f;
+
+  // Split the row into a scalar head (to 16-byte alignment), a vector body and a scalar tail.
+  const int64_t mis = (int64_t)(reinterpret_cast<uintptr_t>(row) & 15u);
+  int64_t head = mis == 0 ? 0 : (16 - mis) / (int64_t)sizeof(raw);
+  if (head > V) head = V;
+  const int64_t nvec = (V - head) / N;
+  const int64_t tail0 = head + nvec * N;
+  uint4* body = reinterpret_cast<uint4*>(row + head);
+
+  CeState st = ce_state_empty();
+  for (int64_t j = tid; j < head; j += kThreads) ce_state_add(st, ce_logit(to_float<T>(row[j]), a.logit_scale, a.softcap));
+  for (int64_t j = tail0 + tid; j < V; j += kThreads)
+    ce_state_add(st, ce_logit(to_float<T>(row[j]), a.logit_scale, a.softcap));
+  for (int64_t v0 = 0; v0 < nvec; v0 += (int64_t)kThreads * kUnroll) {
+    uint4 buf[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t idx = v0 + (int64_t)u * kThreads + tid;
+      if (idx < nvec) buf[u] = body[idx];
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t idx = v0 + (int64_t)u * kThreads + tid;
+      if (idx < nvec) {
+        float z[N];
+        vec::unpack(buf[u], z);
+#pragma unroll
+        for (int i = 0; i < N; ++i) z[i] = ce_logit(z[i], a.logit_scale, a.softcap);
+        add_group<N>(st, z);
+      }
+    }
+  }
+
+  // Block reduction of the online states.
+#pragma unroll
+  for (int m = kWarpSize / 2; m > 0; m >>= 1) st = ce_state_merge(st, shfl_state(st, m));
+  if (tid % kWarpSize == 0) s_warp[tid / kWarpSize] = st;
+  __syncthreads();
+  if (tid < kWarpSize) {
+    st = tid < kWarps ? s_warp[tid] : ce_state_empty();
+#pragma unroll
+    for (int m = kWarpSize / 2; m > 0; m >>= 1) st = ce_state_merge(st, shfl_state(st, m));
+    if (tid == 0) s_row = st;
+  }
+  __syncthreads();
+  st = s_row;
+  const float lse = ce_lse(st), mean_z = ce_mean_logit(st);
+  if (tid == 0) {
+    a.loss[r] = valid ? lse - s_zlabel : (ignored ? 0.0f : __int_as_float(0x7fc00000));  // NaN: bad label
+    a.lse[r] = lse;
+    a.entropy[r] = lse - mean_z;
+  }
+  if (!a.compute_grad) return;
+
+  const float c_nll = ignored ? 0.0f : a.grad_scale * (a.grad_nll ? a.grad_nll[r] : 1.0f);
+  const float c_ent = ignored ? 0.0f : a.grad_scale * (a.grad_entropy ? a.grad_entropy[r] : 0.0f);
+  for (int64_t j = tid; j < head; j += kThreads) {
+    const float z = ce_logit(to_float<T>(row[j]), a.logit_scale, a.softcap);
+    row[j] = from_float<T>(ce_grad(z, j == label, lse, mean_z, c_nll, c_ent, a.logit_scale, a.softcap));
+  }
+  for (int64_t j = tail0 + tid; j < V; j += kThreads) {
+    const float z = ce_logit(to_float<T>(row[j]), a.logit_scale, a.softcap);
+    row[j] = from_float<T>(ce_grad(z, j == label, lse, mean_z, c_nll, c_ent, a.logit_scale, a.softcap));
+  }
+  for (int64_t v0 = 0; v0 < nvec; v0 += (int64_t)kThreads * kUnroll) {
+    uint4 buf[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t idx = v0 + (int64_t)u * kThreads + tid;
+      if (idx < nvec) buf[u] = body[idx];
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t idx = v0 + (int64_t)u * kThreads + tid;
+      if (idx < nvec) {
+        float z[N];
+        vec::unpack(buf[u], z);
+        const int64_t j0 = head + idx * N;
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+          const float zi = ce_logit(z[i], a.logit_scale, a.softcap);
+          z[i] = ce_grad(zi, j0 + i == label, lse, mean_z, c_nll, c_ent, a.logit_scale, a.softcap);
+        }
+        body[idx] = vec::pack(z);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+cudaError_t cross_entropy_chunk(void* logits, OutType type, int64_t rows, int64_t V, CeChunkArgs args,
+                                cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  dispatch_out_type(type, [&](auto t) {
+    constexpr OutType T = decltype(t)::value;
+    cross_entropy_chunk_kernel<T><<<(unsigned)rows, kThreads, 0, stream>>>(
+        static_cast<typename OutStorage<T>::type*>(logits), V, args);
+  });
+  return cudaGetLastError();
+}
+
+}  // namespace sloth::cuda

@@ -1,0 +1,82 @@
+// Per-element math of the chunked linear cross-entropy, shared by the CPU and CUDA kernels.
+//
+// A row of raw logits x (the GEMM output h W^T + b) becomes z = logit_transform(x):
+//   z = logit_scale * x                                  (softcap <= 0)
+//   z = softcap * tanh(logit_scale * x / softcap)        (softcap > 0, Gemma 2/3 final-logit softcapping)
+// Softmax statistics are kept online in fp32 as (m, s, t): m = running max, s = sum exp(z - m),
+// t = sum exp(z - m) * z, so lse = m + log s and E_p[z] = t / s (entropy = lse - E_p[z]).
+// The gradient written back for each element is
+//   dx = (c_nll * (p - onehot) - c_ent * p * (z - E_p[z])) * dz/dx
+// which is d/dx of c_nll * (lse - z_label) + c_ent * entropy.
+#pragma once
+#include <math.h>
+
+#include "sloth/portability.h"
+
+namespace sloth {
+
+SLOTH_HD float ce_exp(float v) {
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+  return __expf(v);
+#else
+  return expf(v);
+#endif
+}
+
+// z from the raw logit x.
+SLOTH_HD float ce_logit(float x, float logit_scale, float softcap) {
+  const float y = x * logit_scale;
+  return softcap > 0.0f ? softcap * tanhf(y / softcap) : y;
+}
+
+// dz/dx, from z (softcap: d/dx cap * tanh(s x / cap) = s * (1 - tanh^2) = s * (1 - (z / cap)^2)).
+SLOTH_HD float ce_dlogit(float z, float logit_scale, float softcap) {
+  if (softcap > 0.0f) {
+    const float t = z / softcap;
+    return logit_scale * (1.0f - t * t);
+  }
+  return logit_scale;
+}
+
+// Online softmax state over a set of logits z: m = max, s = sum exp(z - m), t = sum exp(z - m) z.
+struct CeState {
+  float m, s, t;
+};
+
+SLOTH_HD CeState ce_state_empty() { return CeState{-INFINITY, 0.0f, 0.0f}; }
+
+// Adds one logit.
+SLOTH_HD void ce_state_add(CeState& st, float z) {
+  if (z > st.m) {
+    const float r = st.m == -INFINITY ? 0.0f : ce_exp(st.m - z);
+    st.s = st.s * r + 1.0f;
+    st.t = st.t * r + z;
+    st.m = z;
+  } else if (z != -INFINITY) {
+    const float e = ce_exp(z - st.m);
+    st.s += e;
+    st.t += e * z;
+  }
+}
+
+// Merges two states (order-independent up to rounding).
+SLOTH_HD CeState ce_state_merge(CeState a, CeState b) {
+  if (b.m == -INFINITY) return a;
+  if (a.m == -INFINITY) return b;
+  const float m = a.m > b.m ? a.m : b.m;
+  const float ra = ce_exp(a.m - m), rb = ce_exp(b.m - m);
+  return CeState{m, a.s * ra + b.s * rb, a.t * ra + b.t * rb};
+}
+
+SLOTH_HD float ce_lse(CeState st) { return st.m + logf(st.s); }
+SLOTH_HD float ce_mean_logit(CeState st) { return st.t / st.s; }
+
+// Gradient w.r.t. the raw logit x of c_nll * (lse - z_label) + c_ent * entropy, for one element.
+SLOTH_HD float ce_grad(float z, bool is_label, float lse, float mean_z, float c_nll, float c_ent,
+                       float logit_scale, float softcap) {
+  const float p = ce_exp(z - lse);
+  const float g = c_nll * (is_label ? p - 1.0f : p) - c_ent * p * (z - mean_z);
+  return g * ce_dlogit(z, logit_scale, softcap);
+}
+
+}  // namespace sloth
