@@ -20,4 +20,4 @@ K=${1:-}
 echo "== tests"
 python3 -m pytest -q -p no:cacheprovider tests ${K:+-k "$K"} 2>&1 | tee "$OUT/tests.log" | tail -25
 echo "== benchmarks"
-python3 -m pytest -q -p no:cacheprovider benchmarks --benchmark-disable ${K:+-k "$K"} 2>&1 | tee "$OUT/bench.log" | tail -40
+python3 -m pytest -q -p no:cacheprovider benchmarks/bench_*.py --benchmark-disable ${K:+-k "$K"} 2>&1 | tee "$OUT/bench.log" | tail -40

@@ -11,55 +11,47 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWordsPerThread = 4;                                 // 4 x 4 packed bytes in flight
-constexpr int kElemsPerCta = kThreads * kWordsPerThread * 8;       // 8192 elements
-constexpr int kMinBlocksize = 32;
-constexpr int kMaxAbsmaxPerCta = kElemsPerCta / kMinBlocksize;     // 256
 
 __device__ __forceinline__ float read_absmax(const Nf4Absmax& a, int64_t b) {
-  if (a.absmax) return a.absmax[b];
-  return add_rn(mul_rn(__ldg(a.code2 + a.absmax_q[b]), a.absmax2[b / a.blocksize2]), *a.offset);
+  if (a.absmax) return __ldg(a.absmax + b);
+  return add_rn(mul_rn(__ldg(a.code2 + __ldg(a.absmax_q + b)), __ldg(a.absmax2 + b / a.blocksize2)), __ldg(a.offset));
 }
 
-// Dequantizes the 8192 elements of one CTA: out[i] = NF4[q_i] * absmax[i / blocksize].
-// Traffic: 4096 packed bytes + <= 256 absmax reads in, 8192 * sizeof(out) bytes out; 4-byte loads and
-// 16-byte stores, both coalesced; the CTA's absmax values (double dequantized) are staged in shared memory.
+// out[i] = NF4[q_i] * absmax[i / blocksize] for 8 elements per packed 32-bit word, kWordsPerThread words per
+// thread. Traffic: n/2 packed bytes + one absmax lookup per word (L1-cached: 8 words share a 64-block) in,
+// n * sizeof(out) bytes out; 4-byte loads and 16-byte stores, both coalesced across the warp. Every global load is
+// issued before the one barrier (which only guards the 16-entry table), so no CTA waits on a gather.
 template <OutType T>
 __global__ void __launch_bounds__(kThreads) nf4_dequantize_vec_kernel(const uint32_t* __restrict__ packed,
                                                                       Nf4Absmax absmax, int64_t n_words,
                                                                       int log2_blocksize,
                                                                       typename OutStorage<T>::type* __restrict__ out) {
   __shared__ float lut[16];
-  __shared__ float s_absmax[kMaxAbsmaxPerCta];
-  const int64_t word0 = (int64_t)blockIdx.x * (kThreads * kWordsPerThread);
-  const int64_t elem0 = word0 * 8;
-  if (threadIdx.x < 16) {
-    constexpr float kNF4[16] = SLOTH_NF4_VALUES;
-    lut[threadIdx.x] = kNF4[threadIdx.x];
-  }
-  const int n_abs = kElemsPerCta >> log2_blocksize > 0 ? kElemsPerCta >> log2_blocksize : 1;
-  const int64_t blk0 = elem0 >> log2_blocksize;
-  const int64_t n_elems_total = n_words * 8;
-  const int64_t last_blk = (n_elems_total - 1) >> log2_blocksize;
-  for (int i = threadIdx.x; i < n_abs; i += kThreads)
-    if (blk0 + i <= last_blk) s_absmax[i] = read_absmax(absmax, blk0 + i);
+  const int64_t word0 = (int64_t)blockIdx.x * (kThreads * kWordsPerThread) + threadIdx.x;
   uint32_t w[kWordsPerThread];
+  float a[kWordsPerThread];
 #pragma unroll
   for (int k = 0; k < kWordsPerThread; ++k) {
-    const int64_t word = word0 + k * kThreads + threadIdx.x;
+    const int64_t word = word0 + k * kThreads;
     w[k] = word < n_words ? __ldg(packed + word) : 0u;
   }
-  __syncthreads();
 #pragma unroll
   for (int k = 0; k < kWordsPerThread; ++k) {
-    const int64_t word = word0 + k * kThreads + threadIdx.x;
+    const int64_t word = word0 + k * kThreads;
+    a[k] = word < n_words ? read_absmax(absmax, (word * 8) >> log2_blocksize) : 0.0f;
+  }
+  if (threadIdx.x < 16) lut[threadIdx.x] = nf4_value(threadIdx.x);
+  __syncthreads();  // only the table: the global loads above are already in flight
+#pragma unroll
+  for (int k = 0; k < kWordsPerThread; ++k) {
+    const int64_t word = word0 + k * kThreads;
     if (word >= n_words) break;
-    const float a = s_absmax[(int)(((word * 8) >> log2_blocksize) - blk0)];
     float v[8];
 #pragma unroll
     for (int b = 0; b < 4; ++b) {  // byte b holds elements 2b (high nibble) and 2b + 1 (low nibble)
       const uint32_t byte = (w[k] >> (8 * b)) & 0xffu;
-      v[2 * b] = mul_rn(lut[byte >> 4], a);
-      v[2 * b + 1] = mul_rn(lut[byte & 0xfu], a);
+      v[2 * b] = mul_rn(lut[byte >> 4], a[k]);
+      v[2 * b + 1] = mul_rn(lut[byte & 0xfu], a[k]);
     }
     store8<T>(out + word * 8, v);
   }
@@ -70,12 +62,11 @@ template <OutType T>
 __global__ void nf4_dequantize_scalar_kernel(const uint8_t* __restrict__ packed, Nf4Absmax absmax, int64_t start,
                                              int64_t n, int log2_blocksize,
                                              typename OutStorage<T>::type* __restrict__ out) {
-  constexpr float kNF4[16] = SLOTH_NF4_VALUES;
   const int64_t i = start + (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
   const uint8_t byte = packed[i >> 1];
   const uint8_t q = (i & 1) ? (byte & 0xf) : (byte >> 4);
-  out[i] = from_float<T>(mul_rn(kNF4[q], read_absmax(absmax, i >> log2_blocksize)));
+  out[i] = from_float<T>(mul_rn(nf4_value(q), read_absmax(absmax, i >> log2_blocksize)));
 }
 
 __device__ __forceinline__ float warp_max(float v) {

@@ -6,6 +6,21 @@
 
 namespace sloth::cuda {
 
+// Two floats -> two 16-bit values (lo in the low half), round to nearest even. On NVIDIA sm_80+ one
+// cvt instruction does the pair; elsewhere the portable bit arithmetic of numeric.h (same results for
+// all non-NaN inputs; NaN becomes the canonical NaN in hardware).
+template <OutType T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800 && !defined(SLOTH_HIP)
+  uint32_t r;
+  if constexpr (T == OutType::kBF16) asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  else asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+#else
+  return (uint32_t)from_float<T>(lo) | ((uint32_t)from_float<T>(hi) << 16);
+#endif
+}
+
 template <OutType T>
 __device__ __forceinline__ void store8(typename OutStorage<T>::type* dst, const float (&v)[8]) {
   if constexpr (T == OutType::kF32) {
@@ -15,8 +30,7 @@ __device__ __forceinline__ void store8(typename OutStorage<T>::type* dst, const 
   } else {
     uint32_t w[4];
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
-      w[i] = (uint32_t)from_float<T>(v[2 * i]) | ((uint32_t)from_float<T>(v[2 * i + 1]) << 16);
+    for (int i = 0; i < 4; ++i) w[i] = pack2<T>(v[2 * i], v[2 * i + 1]);
     *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
   }
 }

@@ -22,6 +22,25 @@
 
 namespace sloth {
 
+// NF4 value of code q (0..15) without a table: a balanced select tree over constants, so GPU code never
+// indexes a local array (which would go to local memory).
+SLOTH_HD float nf4_value(uint32_t q) {
+  if (q & 8) {
+    if (q & 4) {
+      if (q & 2) return (q & 1) ? 1.0f : 0.7229568362236023f;
+      return (q & 1) ? 0.5626170039176941f : 0.44070982933044434f;
+    }
+    if (q & 2) return (q & 1) ? 0.33791524171829224f : 0.24611230194568634f;
+    return (q & 1) ? 0.16093020141124725f : 0.07958029955625534f;
+  }
+  if (q & 4) {
+    if (q & 2) return (q & 1) ? 0.0f : -0.09105003625154495f;
+    return (q & 1) ? -0.18477343022823334f : -0.28444138169288635f;
+  }
+  if (q & 2) return (q & 1) ? -0.39491748809814453f : -0.5250730514526367f;
+  return (q & 1) ? -0.6961928009986877f : -1.0f;
+}
+
 // Index of the NF4 value nearest to x in [-1, 1]; a value exactly on a midpoint goes to
 // the lower code, NaN to code 0 (as bitsandbytes' decision tree does).
 SLOTH_HD uint8_t nf4_encode(float x) {

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from .. import _build_config
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_HAS_GPU_KERNELS = "cuda" in _build_config.BACKENDS or "hip" in _build_config.BACKENDS
 
 
 def check_tensor(name: str, t, *, dtypes=None, dim=None, device=None) -> None:
@@ -32,9 +35,7 @@ def check_device_supported(t: torch.Tensor, op: str) -> None:
     if t.device.type in ("cpu", "meta"):
         return
     if t.device.type == "cuda":
-        from .. import _build_config
-
-        if "cuda" not in _build_config.BACKENDS and "hip" not in _build_config.BACKENDS:
+        if not _HAS_GPU_KERNELS:
             raise RuntimeError(
                 f"sloth.{op}: this build of sloth has no GPU kernels (built for {_build_config.BACKENDS}); "
                 "install the wheel for your CUDA/ROCm version or rebuild from source with nvcc on PATH"

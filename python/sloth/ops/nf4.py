@@ -144,7 +144,8 @@ def nf4_dequantize(
         if absmax2.numel() != -(-absmax.numel() // blocksize2):
             raise ValueError(f"sloth: absmax2 has {absmax2.numel()} entries, expected "
                              f"ceil({absmax.numel()} / {blocksize2})")
-        offset = offset.reshape(())
+        if offset.dim():
+            offset = offset.reshape(())
     else:
         code2 = absmax2 = offset = None
     check_device_supported(packed, "nf4_dequantize")
