@@ -17,6 +17,11 @@ from .ops import (
     nf4_quantize,
 )
 
+# QLoRA linear, fused GLU activation, LoRA MLP (qlora branch)
+from . import nn
+from .nn import glu, lora_linear, lora_mlp
+from .nn.lora_mlp import LoraProj
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -28,3 +33,4 @@ __all__ = [
     "nf4_quantize",
     "ops",
 ]
+__all__ += ["LoraProj", "glu", "lora_linear", "lora_mlp", "nn"]
