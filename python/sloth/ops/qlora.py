@@ -31,6 +31,10 @@ class NF4Args:
     def from_state(cls, packed: torch.Tensor, quant_state) -> "NF4Args":
         if getattr(quant_state, "quant_type", "nf4") != "nf4":
             raise ValueError(f"sloth: only NF4 weights are supported, got quant_type {quant_state.quant_type!r}")
+        if getattr(quant_state, "packing_format_for_cpu", False):
+            raise ValueError("sloth: this bitsandbytes weight was repacked for bitsandbytes' CPU kernels "
+                             "(quant_state.packing_format_for_cpu); undo it with "
+                             "bitsandbytes.functional._convert_weight_packed_for_cpu_inverse first")
         packed = packed.data if isinstance(packed, torch.nn.Parameter) else packed
         packed = packed.as_subclass(torch.Tensor) if type(packed) is not torch.Tensor else packed
         if packed.dtype != torch.uint8:  # bitsandbytes' quant_storage: reinterpret the bytes
@@ -52,6 +56,13 @@ class NF4Args:
             if not isinstance(off, torch.Tensor):
                 off = torch.tensor(float(off), dtype=torch.float32, device=packed.device)
             args.offset = off.reshape(()).to(torch.float32)
+        blocks = -(-n // args.blocksize)
+        if args.absmax.dtype not in (torch.float32, torch.uint8) or args.absmax.numel() != blocks:
+            raise ValueError(f"sloth: quant_state.absmax must be fp32 or uint8 with {blocks} entries, got "
+                             f"{args.absmax.dtype} {tuple(args.absmax.shape)}")
+        if args.absmax.dtype == torch.uint8 and args.code2 is None:
+            raise ValueError("sloth: uint8 absmax (double quantization) needs quant_state.state2 and offset")
+        args.absmax = args.absmax.reshape(-1)
         for name in ("absmax", "code2", "absmax2", "offset"):
             t = getattr(args, name)
             if t is not None and t.device != packed.device:
