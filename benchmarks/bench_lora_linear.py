@@ -162,7 +162,9 @@ def peft_bnb_mlp_step(dense):
     m = MLP().cuda()
     m.is_loaded_in_4bit = True
     pm = get_peft_model(m, LoraConfig(r=R, lora_alpha=2 * R, target_modules=["gate", "up", "down"]))
-    pm.to(DT)
+    for n, p in pm.named_parameters():  # LoRA weights in bf16 (module.to(dtype) would cast the packed bytes)
+        if "lora_" in n:
+            p.data = p.data.to(DT)
     x = torch.randn(T, H, device="cuda", dtype=DT, requires_grad=True)
     dy = torch.randn(T, H, device="cuda", dtype=DT)
 
