@@ -36,7 +36,7 @@ Nf4Absmax absmax_args(const at::Tensor& absmax, const std::optional<at::Tensor>&
   return a;
 }
 
-at::Tensor nf4_dequantize(const at::Tensor& packed_, const at::Tensor& absmax_, at::IntArrayRef shape,
+at::Tensor nf4_dequantize_cuda(const at::Tensor& packed_, const at::Tensor& absmax_, at::IntArrayRef shape,
                           int64_t blocksize, at::ScalarType dtype, const std::optional<at::Tensor>& code2,
                           const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& offset,
                           int64_t blocksize2) {
@@ -54,7 +54,7 @@ at::Tensor nf4_dequantize(const at::Tensor& packed_, const at::Tensor& absmax_, 
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> nf4_quantize(const at::Tensor& x_, int64_t blocksize) {
+std::tuple<at::Tensor, at::Tensor> nf4_quantize_cuda(const at::Tensor& x_, int64_t blocksize) {
   c10::cuda::CUDAGuard guard(x_.device());
   at::Tensor x = x_.contiguous();
   const int64_t n = x.numel();
@@ -67,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor> nf4_quantize(const at::Tensor& x_, int64_t bl
   return {packed, absmax};
 }
 
-std::tuple<at::Tensor, at::Tensor> blockwise8_quantize(const at::Tensor& x_, const at::Tensor& code_,
+std::tuple<at::Tensor, at::Tensor> blockwise8_quantize_cuda(const at::Tensor& x_, const at::Tensor& code_,
                                                        int64_t blocksize) {
   c10::cuda::CUDAGuard guard(x_.device());
   at::Tensor x = x_.contiguous(), code = code_.contiguous();
@@ -81,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor> blockwise8_quantize(const at::Tensor& x_, con
   return {q, absmax};
 }
 
-std::tuple<at::Tensor, at::Tensor> mxfp4_quantize(const at::Tensor& x_) {
+std::tuple<at::Tensor, at::Tensor> mxfp4_quantize_cuda(const at::Tensor& x_) {
   c10::cuda::CUDAGuard guard(x_.device());
   at::Tensor x = x_.contiguous();
   const int64_t k = x.size(-1);
@@ -98,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor> mxfp4_quantize(const at::Tensor& x_) {
   return {blocks, scales};
 }
 
-at::Tensor mxfp4_dequantize(const at::Tensor& blocks_, const at::Tensor& scales_, at::ScalarType dtype) {
+at::Tensor mxfp4_dequantize_cuda(const at::Tensor& blocks_, const at::Tensor& scales_, at::ScalarType dtype) {
   c10::cuda::CUDAGuard guard(blocks_.device());
   at::Tensor blocks = blocks_.contiguous(), scales = scales_.contiguous();
   if (reinterpret_cast<uintptr_t>(blocks.data_ptr()) % 4 != 0) blocks = blocks.clone();  // 4-byte loads
@@ -114,11 +114,11 @@ at::Tensor mxfp4_dequantize(const at::Tensor& blocks_, const at::Tensor& scales_
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sloth, CUDA, m) {
-  m.impl("nf4_quantize", &nf4_quantize);
-  m.impl("nf4_dequantize", &nf4_dequantize);
-  m.impl("blockwise8_quantize", &blockwise8_quantize);
-  m.impl("mxfp4_quantize", &mxfp4_quantize);
-  m.impl("mxfp4_dequantize", &mxfp4_dequantize);
+  m.impl("nf4_quantize", &nf4_quantize_cuda);
+  m.impl("nf4_dequantize", &nf4_dequantize_cuda);
+  m.impl("blockwise8_quantize", &blockwise8_quantize_cuda);
+  m.impl("mxfp4_quantize", &mxfp4_quantize_cuda);
+  m.impl("mxfp4_dequantize", &mxfp4_dequantize_cuda);
 }
 
 }  // namespace sloth::cuda
