@@ -121,11 +121,11 @@ TORCH_LIBRARY_IMPL(sloth, CUDA, m) {
 
 }  // namespace sloth::cuda
 
-// ---- QLoRA linear and fused GLU (branch qlora) ----
+// ---- QLoRA linear and fused GLU (branch qlora); bindings named apart from the launchers (*_cuda) ----
 namespace sloth::cuda {
 namespace {
 
-void nf4_dequantize_out(const at::Tensor& packed_, const at::Tensor& absmax_, int64_t blocksize,
+void nf4_dequantize_out_cuda(const at::Tensor& packed_, const at::Tensor& absmax_, int64_t blocksize,
                         const std::optional<at::Tensor>& code2, const std::optional<at::Tensor>& absmax2,
                         const std::optional<at::Tensor>& offset, int64_t blocksize2, const at::Tensor& out) {
   c10::cuda::CUDAGuard guard(packed_.device());
@@ -145,7 +145,7 @@ void nf4_dequantize_out(const at::Tensor& packed_, const at::Tensor& absmax_, in
                "nf4_dequantize_out");
 }
 
-at::Tensor nf4_gemv_lora(const at::Tensor& x_, const at::Tensor& packed_, const at::Tensor& absmax_,
+at::Tensor nf4_gemv_lora_cuda(const at::Tensor& x_, const at::Tensor& packed_, const at::Tensor& absmax_,
                          int64_t out_features, int64_t blocksize, const std::optional<at::Tensor>& code2,
                          const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& offset,
                          int64_t blocksize2, const std::optional<at::Tensor>& lora_t,
@@ -204,7 +204,7 @@ void check_glu_pair(const at::Tensor& a, const at::Tensor& b, const char* an, co
   TORCH_CHECK(a.device() == b.device(), "sloth.", op, ": ", an, " and ", bn, " must be on one device");
 }
 
-at::Tensor glu_forward(const at::Tensor& gate_, const at::Tensor& up_, int64_t kind) {
+at::Tensor glu_forward_cuda(const at::Tensor& gate_, const at::Tensor& up_, int64_t kind) {
   c10::cuda::CUDAGuard guard(gate_.device());
   check_glu_pair(gate_, up_, "gate", "up", "glu_forward");
   TORCH_CHECK(kind >= 0 && kind <= 2, "sloth.glu_forward: kind must be 0, 1 or 2, got ", kind);
@@ -216,7 +216,7 @@ at::Tensor glu_forward(const at::Tensor& gate_, const at::Tensor& up_, int64_t k
   return out;
 }
 
-void glu_backward(const at::Tensor& grad_, const at::Tensor& gate, const at::Tensor& up, int64_t kind) {
+void glu_backward_cuda(const at::Tensor& grad_, const at::Tensor& gate, const at::Tensor& up, int64_t kind) {
   c10::cuda::CUDAGuard guard(gate.device());
   check_glu_pair(gate, up, "gate", "up", "glu_backward");
   check_glu_pair(grad_, gate, "grad", "gate", "glu_backward");
@@ -232,10 +232,10 @@ void glu_backward(const at::Tensor& grad_, const at::Tensor& gate, const at::Ten
 }  // namespace
 
 TORCH_LIBRARY_IMPL(sloth, CUDA, m) {
-  m.impl("nf4_dequantize_out", &nf4_dequantize_out);
-  m.impl("nf4_gemv_lora", &nf4_gemv_lora);
-  m.impl("glu_forward", &glu_forward);
-  m.impl("glu_backward", &glu_backward);
+  m.impl("nf4_dequantize_out", &nf4_dequantize_out_cuda);
+  m.impl("nf4_gemv_lora", &nf4_gemv_lora_cuda);
+  m.impl("glu_forward", &glu_forward_cuda);
+  m.impl("glu_backward", &glu_backward_cuda);
 }
 
 }  // namespace sloth::cuda
