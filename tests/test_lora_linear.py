@@ -180,3 +180,32 @@ def test_lora_linear_cuda(kind, M, in_f, out_f, r, dtype):
 
 
 test_lora_linear_cuda = pytest.mark.cuda(test_lora_linear_cuda)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_dequantize_out(device, dtype):
+    from sloth.ops.qlora import NF4Args
+
+    W, qs = make_weight("nf4", 100, 333, torch.float32, device)
+    out = torch.full((100 * 333 + 5,), float("nan"), dtype=dtype, device=device)[:100 * 333]
+    NF4Args.from_state(W, qs).dequantize_into(out)
+    assert torch.equal(out.view(100, 333), sloth.nf4_dequantize(W, qs, ).to(dtype))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+@pytest.mark.parametrize("M", [1, 5, 16])
+def test_nf4_gemv_lora_op(device, M):
+    # The op itself (CPU: dequantize + fp32 GEMM; CUDA: the fused kernel), bf16 in / out.
+    from sloth.ops.qlora import NF4Args
+
+    W, qs = make_weight("nf4", 200, 256, torch.bfloat16, device)
+    x = torch.randn(M, 256, device=device).to(torch.bfloat16)
+    t = torch.randn(M, 8, device=device).to(torch.bfloat16)
+    B = (torch.randn(200, 8, device=device) / 3).to(torch.bfloat16)
+    bias = torch.randn(200, device=device).to(torch.bfloat16)
+    y = sloth.ops.nf4_gemv_lora(x, NF4Args.from_state(W, qs), t, B, 0.25, bias)
+    Wf = reference.lora_linear.dequantize_weight(W, qs)
+    yr = x.float() @ Wf.t() + 0.25 * t.float() @ B.float().t() + bias.float()
+    assert y.shape == (M, 200) and y.dtype == torch.bfloat16
+    assert rel_err(y, yr) <= TOL[torch.bfloat16]
