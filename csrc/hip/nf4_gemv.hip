@@ -21,9 +21,21 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kGroupK = 128;        // k per warp step: 4 lanes (c) x 32 elements (16 packed bytes)
 constexpr int kUnroll = 2;          // groups in flight per warp
 
-__device__ __forceinline__ float gemv_absmax(Nf4Absmax a, int64_t b) {
-  if (a.absmax) return __ldg(a.absmax + b);
-  return __fadd_rn(__fmul_rn(__ldg(a.code2 + a.absmax_q[b]), __ldg(a.absmax2 + b / a.blocksize2)), __ldg(a.offset));
+// Raw absmax of block b, loaded with the weights (no dependent load): fp32 bits, or the uint8 code index and
+// absmax2 of double quantization; resolved by absmax_value once the loads have landed.
+struct RawAbsmax {
+  uint32_t bits;  // fp32 absmax bits, or the uint8 index into code2
+  float scale2;   // absmax2[b / blocksize2] (double quantization)
+};
+
+__device__ __forceinline__ RawAbsmax load_absmax(const Nf4Absmax& a, int64_t b) {
+  if (a.absmax) return {__float_as_uint(__ldg(a.absmax + b)), 0.0f};
+  return {(uint32_t)__ldg(a.absmax_q + b), __ldg(a.absmax2 + b / a.blocksize2)};
+}
+
+__device__ __forceinline__ float absmax_value(const Nf4Absmax& a, RawAbsmax r, const float* s_code2, float offset) {
+  if (a.absmax) return __uint_as_float(r.bits);
+  return __fadd_rn(__fmul_rn(s_code2[r.bits], r.scale2), offset);  // bitsandbytes' order: code2 * absmax2 + offset
 }
 
 // (lo, hi) -> packed pair of T (bf16x2 / f16x2), lo in the low 16 bits.
@@ -59,6 +71,12 @@ __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// The packed pair (NF4[hi nibble] low half, NF4[lo nibble] high half) of the byte in bits 0..7 of v: two
+// lookups into the 16-entry table (16 distinct words in 16 banks: conflict-free) merged with one PRMT.
+__device__ __forceinline__ uint32_t pair_of(const uint32_t* s_lut, uint32_t v) {
+  return __byte_perm(s_lut[(v >> 4) & 0xfu], s_lut[v & 0xfu], 0x7610);
+}
+
 __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
@@ -73,12 +91,14 @@ __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
 template <OutType T, int NT>
 __global__ void __launch_bounds__(kThreads, 2) nf4_gemv_lora_kernel(Nf4GemvArgs a, int rt) {
   using raw = typename OutStorage<T>::type;
-  __shared__ uint32_t s_lut[256];                // byte -> (NF4[hi], NF4[lo]) as a packed pair of T
+  __shared__ uint32_t s_lut[16];                 // nibble -> NF4 value of T in both 16-bit halves
+  __shared__ float s_code2[256];                 // double-quantization code
   __shared__ float s_red[kWarps][32][NT * 4];    // per-warp MMA accumulators
   {
     constexpr float kNF4[16] = SLOTH_NF4_VALUES;
     const int i = threadIdx.x;  // kThreads == 256
-    s_lut[i] = (uint32_t)from_float<T>(kNF4[i >> 4]) | ((uint32_t)from_float<T>(kNF4[i & 15]) << 16);
+    if (i < 16) s_lut[i] = (uint32_t)from_float<T>(kNF4[i]) * 0x10001u;
+    if (a.absmax.code2 != nullptr) s_code2[i] = a.absmax.code2[i];
   }
   __syncthreads();
 
@@ -93,6 +113,7 @@ __global__ void __launch_bounds__(kThreads, 2) nf4_gemv_lora_kernel(Nf4GemvArgs 
   const uint8_t* packed = a.packed;
   const raw* x = static_cast<const raw*>(a.x);
   const Nf4Absmax absmax = a.absmax;
+  const float offset = absmax.offset != nullptr ? __ldg(absmax.offset) : 0.0f;
 
   float acc[NT][4];
 #pragma unroll
@@ -101,7 +122,7 @@ __global__ void __launch_bounds__(kThreads, 2) nf4_gemv_lora_kernel(Nf4GemvArgs 
   for (int64_t g0 = kphase; g0 < n_groups; g0 += (int64_t)ks * kUnroll) {
     uint4 w[kUnroll][2];
     uint4 xv[kUnroll][NT][4];
-    float am[kUnroll][2];
+    RawAbsmax am[kUnroll][2];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t kk = (g0 + (int64_t)u * ks) * kGroupK + 32 * c;
@@ -109,8 +130,8 @@ __global__ void __launch_bounds__(kThreads, 2) nf4_gemv_lora_kernel(Nf4GemvArgs 
       const int64_t ea = rowA * a.k + kk, eb = rowB * a.k + kk;
       w[u][0] = valid ? __ldg(reinterpret_cast<const uint4*>(packed + ea / 2)) : make_uint4(0, 0, 0, 0);
       w[u][1] = valid ? __ldg(reinterpret_cast<const uint4*>(packed + eb / 2)) : make_uint4(0, 0, 0, 0);
-      am[u][0] = valid ? gemv_absmax(absmax, ea / a.blocksize) : 0.0f;
-      am[u][1] = valid ? gemv_absmax(absmax, eb / a.blocksize) : 0.0f;
+      am[u][0] = valid ? load_absmax(absmax, ea / a.blocksize) : RawAbsmax{0u, 0.0f};
+      am[u][1] = valid ? load_absmax(absmax, eb / a.blocksize) : RawAbsmax{0u, 0.0f};
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         const int tok = g + 8 * j;
@@ -122,15 +143,17 @@ __global__ void __launch_bounds__(kThreads, 2) nf4_gemv_lora_kernel(Nf4GemvArgs 
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      const uint32_t sa = pack2<T>(am[u][0], am[u][0]), sb = pack2<T>(am[u][1], am[u][1]);
+      const float fa = absmax_value(absmax, am[u][0], s_code2, offset);
+      const float fb = absmax_value(absmax, am[u][1], s_code2, offset);
+      const uint32_t sa = pack2<T>(fa, fa), sb = pack2<T>(fb, fb);
 #pragma unroll
       for (int t = 0; t < 8; ++t) {  // MMA tile t: elements 4t..4t+3 of the lane's 32 = bytes 2t, 2t+1
         const uint32_t wa = word_of(w[u][0], t >> 1), wb = word_of(w[u][1], t >> 1);
         const int sh = 16 * (t & 1);
-        const uint32_t a0 = mul2<T>(s_lut[(wa >> sh) & 0xffu], sa);
-        const uint32_t a2 = mul2<T>(s_lut[(wa >> (sh + 8)) & 0xffu], sa);
-        const uint32_t a1 = mul2<T>(s_lut[(wb >> sh) & 0xffu], sb);
-        const uint32_t a3 = mul2<T>(s_lut[(wb >> (sh + 8)) & 0xffu], sb);
+        const uint32_t a0 = mul2<T>(pair_of(s_lut, wa >> sh), sa);
+        const uint32_t a2 = mul2<T>(pair_of(s_lut, wa >> (sh + 8)), sa);
+        const uint32_t a1 = mul2<T>(pair_of(s_lut, wb >> sh), sb);
+        const uint32_t a3 = mul2<T>(pair_of(s_lut, wb >> (sh + 8)), sb);
 #pragma unroll
         for (int j = 0; j < NT; ++j)
           mma16816<T>(acc[j], a0, a1, a2, a3, word_of(xv[u][j][t >> 1], 2 * (t & 1)),
