@@ -35,6 +35,23 @@ TORCH_LIBRARY(sloth, m) {
       "cross_entropy_chunk(Tensor(a!) logits, Tensor labels, Tensor? grad_nll, Tensor? grad_entropy, "
       "float grad_scale, int ignore_index, float softcap, float logit_scale, bool compute_grad) "
       "-> (Tensor loss, Tensor lse, Tensor entropy)");
+
+  // ---- QLoRA linear and fused GLU activations (python/sloth/nn/lora_linear.py, python/sloth/ops/glu.py) ----
+  // nf4_dequantize into a preallocated contiguous `out` (any shape with the quantized numel; its dtype is
+  // the output dtype): the large-M QLoRA path dequantizes into a reusable workspace with it.
+  m.def(
+      "nf4_dequantize_out(Tensor packed, Tensor absmax, int blocksize, Tensor? code2, Tensor? absmax2, "
+      "Tensor? offset, int blocksize2, Tensor(a!) out) -> ()");
+  // Small-M fused QLoRA GEMV: x [M, K] (M <= 16, bf16/fp16), packed NF4 weight W [N, K] ->
+  // y [M, N] = x W^T + scaling * lora_t B^T + bias, with lora_t = x A^T [M, r], lora_B [N, r], bias [N].
+  m.def(
+      "nf4_gemv_lora(Tensor x, Tensor packed, Tensor absmax, int out_features, int blocksize, Tensor? code2, "
+      "Tensor? absmax2, Tensor? offset, int blocksize2, Tensor? lora_t, Tensor? lora_B, float scaling, "
+      "Tensor? bias) -> Tensor");
+  // GLU activations, kind: 0 SwiGLU silu(gate) * up, 1 GeGLU gelu_tanh(gate) * up, 2 GeGLU gelu_erf(gate) * up.
+  m.def("glu_forward(Tensor gate, Tensor up, int kind) -> Tensor");
+  // In place: gate <- d_gate = grad * up * act'(gate), up <- d_up = grad * act(gate) (same shape and dtype).
+  m.def("glu_backward(Tensor grad, Tensor(a!) gate, Tensor(b!) up, int kind) -> ()");
 }
 
 // `import sloth._C` loads the registrations above; the module itself is empty, which keeps the

@@ -121,6 +121,125 @@ TORCH_LIBRARY_IMPL(sloth, CUDA, m) {
 
 }  // namespace sloth::cuda
 
+// ---- QLoRA linear and fused GLU (branch qlora); bindings named apart from the launchers (*_cuda) ----
+namespace sloth::cuda {
+namespace {
+
+void nf4_dequantize_out_cuda(const at::Tensor& packed_, const at::Tensor& absmax_, int64_t blocksize,
+                        const std::optional<at::Tensor>& code2, const std::optional<at::Tensor>& absmax2,
+                        const std::optional<at::Tensor>& offset, int64_t blocksize2, const at::Tensor& out) {
+  c10::cuda::CUDAGuard guard(packed_.device());
+  TORCH_CHECK(out.is_cuda() && out.device() == packed_.device(), "sloth.nf4_dequantize_out: out must be on ",
+              packed_.device());
+  TORCH_CHECK(out.is_contiguous(), "sloth.nf4_dequantize_out: out must be contiguous");
+  TORCH_CHECK(packed_.numel() == (out.numel() + 1) / 2, "sloth.nf4_dequantize_out: packed holds ", packed_.numel(),
+              " bytes but out has ", out.numel(), " elements");
+  at::Tensor packed = packed_.contiguous(), absmax = absmax_.contiguous();
+  std::optional<at::Tensor> c2, a2, off;
+  if (code2) c2 = code2->contiguous();
+  if (absmax2) a2 = absmax2->contiguous();
+  if (offset) off = offset->contiguous();
+  check_launch(sloth::cuda::nf4_dequantize(packed.data_ptr<uint8_t>(), absmax_args(absmax, c2, a2, off, blocksize2),
+                                           out.numel(), (int)blocksize, out.data_ptr(),
+                                           out_type_of(out.scalar_type()), at::cuda::getCurrentCUDAStream()),
+               "nf4_dequantize_out");
+}
+
+at::Tensor nf4_gemv_lora_cuda(const at::Tensor& x_, const at::Tensor& packed_, const at::Tensor& absmax_,
+                         int64_t out_features, int64_t blocksize, const std::optional<at::Tensor>& code2,
+                         const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& offset,
+                         int64_t blocksize2, const std::optional<at::Tensor>& lora_t,
+                         const std::optional<at::Tensor>& lora_B, double scaling, const std::optional<at::Tensor>& bias) {
+  c10::cuda::CUDAGuard guard(x_.device());
+  TORCH_CHECK(x_.dim() == 2, "sloth.nf4_gemv_lora: x must be [M, K], got ", x_.sizes());
+  const int64_t m = x_.size(0), k = x_.size(1);
+  const OutType type = out_type_of(x_.scalar_type());
+  TORCH_CHECK(sloth::cuda::nf4_gemv_supported((int)m, k, type), "sloth.nf4_gemv_lora: needs 1 <= M <= 16, K % 32 == 0 "
+              "and bf16/fp16 x on an NVIDIA GPU; got x ", x_.sizes(), " ", x_.scalar_type(),
+              ". Use the dequantize + matmul path (sloth.lora_linear picks it for you)");
+  TORCH_CHECK(packed_.numel() == (out_features * k + 1) / 2, "sloth.nf4_gemv_lora: packed holds ", packed_.numel(),
+              " bytes, expected ", (out_features * k + 1) / 2, " for a [", out_features, ", ", k, "] weight");
+  at::Tensor x = x_.contiguous(), packed = packed_.contiguous(), absmax = absmax_.contiguous();
+  if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 != 0) x = x.clone();
+  if (reinterpret_cast<uintptr_t>(packed.data_ptr()) % 16 != 0) packed = packed.clone();
+  std::optional<at::Tensor> c2, a2, off;
+  if (code2) c2 = code2->contiguous();
+  if (absmax2) a2 = absmax2->contiguous();
+  if (offset) off = offset->contiguous();
+  at::Tensor y = at::empty({m, out_features}, x.options());
+  Nf4GemvArgs args;
+  args.x = x.data_ptr();
+  args.packed = packed.data_ptr<uint8_t>();
+  args.absmax = absmax_args(absmax, c2, a2, off, blocksize2);
+  args.blocksize = (int)blocksize;
+  at::Tensor t, b, bs;
+  if (lora_t && lora_B) {
+    t = lora_t->to(x.scalar_type()).contiguous();
+    b = lora_B->to(x.scalar_type()).contiguous();
+    TORCH_CHECK(t.dim() == 2 && b.dim() == 2 && t.size(0) == m && b.size(0) == out_features && t.size(1) == b.size(1),
+                "sloth.nf4_gemv_lora: lora_t must be [M, r] and lora_B [N, r]; got ", t.sizes(), " and ", b.sizes());
+    args.lora_t = t.data_ptr();
+    args.lora_B = b.data_ptr();
+    args.rank = (int)t.size(1);
+    args.scaling = (float)scaling;
+  }
+  if (bias) {
+    bs = bias->to(x.scalar_type()).contiguous();
+    TORCH_CHECK(bs.numel() == out_features, "sloth.nf4_gemv_lora: bias must have ", out_features, " entries");
+    args.bias = bs.data_ptr();
+  }
+  args.y = y.data_ptr();
+  args.m = (int)m;
+  args.n = out_features;
+  args.k = k;
+  check_launch(sloth::cuda::nf4_gemv_lora(args, type, at::cuda::getCurrentCUDAStream()), "nf4_gemv_lora");
+  return y;
+}
+
+void check_glu_pair(const at::Tensor& a, const at::Tensor& b, const char* an, const char* bn, const char* op) {
+  TORCH_CHECK(a.sizes() == b.sizes(), "sloth.", op, ": ", an, " ", a.sizes(), " and ", bn, " ", b.sizes(),
+              " must have the same shape");
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "sloth.", op, ": ", an, " and ", bn,
+              " must have the same dtype, got ", a.scalar_type(), " and ", b.scalar_type());
+  TORCH_CHECK(a.device() == b.device(), "sloth.", op, ": ", an, " and ", bn, " must be on one device");
+}
+
+at::Tensor glu_forward_cuda(const at::Tensor& gate_, const at::Tensor& up_, int64_t kind) {
+  c10::cuda::CUDAGuard guard(gate_.device());
+  check_glu_pair(gate_, up_, "gate", "up", "glu_forward");
+  TORCH_CHECK(kind >= 0 && kind <= 2, "sloth.glu_forward: kind must be 0, 1 or 2, got ", kind);
+  at::Tensor gate = gate_.contiguous(), up = up_.contiguous();
+  at::Tensor out = at::empty_like(gate);
+  check_launch(sloth::cuda::glu_forward(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel(),
+                                        out_type_of(gate.scalar_type()), (int)kind, at::cuda::getCurrentCUDAStream()),
+               "glu_forward");
+  return out;
+}
+
+void glu_backward_cuda(const at::Tensor& grad_, const at::Tensor& gate, const at::Tensor& up, int64_t kind) {
+  c10::cuda::CUDAGuard guard(gate.device());
+  check_glu_pair(gate, up, "gate", "up", "glu_backward");
+  check_glu_pair(grad_, gate, "grad", "gate", "glu_backward");
+  TORCH_CHECK(kind >= 0 && kind <= 2, "sloth.glu_backward: kind must be 0, 1 or 2, got ", kind);
+  TORCH_CHECK(gate.is_contiguous() && up.is_contiguous(),
+              "sloth.glu_backward: gate and up are written in place and must be contiguous");
+  at::Tensor grad = grad_.contiguous();
+  check_launch(sloth::cuda::glu_backward(grad.data_ptr(), gate.data_ptr(), up.data_ptr(), gate.numel(),
+                                         out_type_of(gate.scalar_type()), (int)kind, at::cuda::getCurrentCUDAStream()),
+               "glu_backward");
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sloth, CUDA, m) {
+  m.impl("nf4_dequantize_out", &nf4_dequantize_out_cuda);
+  m.impl("nf4_gemv_lora", &nf4_gemv_lora_cuda);
+  m.impl("glu_forward", &glu_forward_cuda);
+  m.impl("glu_backward", &glu_backward_cuda);
+}
+
+}  // namespace sloth::cuda
+
 // ---- chunked linear cross-entropy (branch ce) ----
 namespace sloth::cuda {
 namespace {

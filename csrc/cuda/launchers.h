@@ -51,5 +51,34 @@ struct CeChunkArgs {
 // logits: [rows, V] contiguous of `type`, overwritten in place by the gradient when args.compute_grad.
 cudaError_t cross_entropy_chunk(void* logits, OutType type, int64_t rows, int64_t V, CeChunkArgs args,
                                 cudaStream_t stream);
+// ---- QLoRA linear and fused GLU (csrc/cuda/nf4_gemv.cu, csrc/cuda/glu.cu) ----
+namespace sloth::cuda {
+
+// y [m, n] = x [m, k] W^T + scaling * lora_t [m, r] lora_B^T [r, n] + bias [n], W NF4-packed [n, k]
+// (row-major, bitsandbytes layout). x, lora_t, lora_B, bias, y have type `type` (bf16 or fp16);
+// lora_t / lora_B / bias may be null. Needs m <= 16, k % 32 == 0, 16-byte aligned packed and x.
+// Returns cudaErrorNotSupported where the GEMV cannot run (the caller then dequantizes + GEMMs).
+struct Nf4GemvArgs {
+  const void* x = nullptr;
+  const uint8_t* packed = nullptr;
+  Nf4Absmax absmax;
+  int blocksize = 64;
+  const void* lora_t = nullptr;
+  const void* lora_B = nullptr;
+  int rank = 0;
+  float scaling = 0.0f;
+  const void* bias = nullptr;
+  void* y = nullptr;
+  int m = 0;
+  int64_t n = 0;
+  int64_t k = 0;
+};
+bool nf4_gemv_supported(int m, int64_t k, OutType type);
+cudaError_t nf4_gemv_lora(const Nf4GemvArgs& args, OutType type, cudaStream_t stream);
+
+cudaError_t glu_forward(const void* gate, const void* up, void* out, int64_t n, OutType type, int kind,
+                        cudaStream_t stream);
+cudaError_t glu_backward(const void* grad, void* gate, void* up, int64_t n, OutType type, int kind,
+                         cudaStream_t stream);
 
 }  // namespace sloth::cuda

@@ -9,23 +9,22 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # noqa: F401  (registers torch.ops.sloth.*)
 from . import nn, ops
-from .nn import causal_lm_loss, linear_cross_entropy, linear_logprobs
-from .ops import (
-    NF4State,
-    mxfp4_dequantize,
-    mxfp4_quantize,
-    nf4_dequantize,
-    nf4_quantize,
-)
+from .nn import causal_lm_loss, glu, linear_cross_entropy, linear_logprobs, lora_linear, lora_mlp
+from .nn.lora_mlp import LoraProj
+from .ops import NF4State, mxfp4_dequantize, mxfp4_quantize, nf4_dequantize, nf4_quantize
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LoraProj",
     "NF4State",
     "__version__",
     "causal_lm_loss",
+    "glu",
     "linear_cross_entropy",
     "linear_logprobs",
+    "lora_linear",
+    "lora_mlp",
     "mxfp4_dequantize",
     "mxfp4_quantize",
     "nf4_dequantize",

@@ -1,12 +1,20 @@
 """Modules and autograd Functions built on torch.ops.sloth."""
 
+from .glu import glu
 from .linear_cross_entropy import LinearCrossEntropyFunction, causal_lm_loss, linear_cross_entropy
 from .linear_logprobs import LinearLogprobsFunction, linear_logprobs
+from .lora_linear import lora_linear
+from .lora_mlp import lora_mlp
+from .workspace import Workspace
 
 __all__ = [
     "LinearCrossEntropyFunction",
     "LinearLogprobsFunction",
+    "Workspace",
     "causal_lm_loss",
+    "glu",
     "linear_cross_entropy",
     "linear_logprobs",
+    "lora_linear",
+    "lora_mlp",
 ]

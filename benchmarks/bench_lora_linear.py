@@ -1,0 +1,211 @@
+"""QLoRA linear benchmarks (CUDA only), each next to the baseline a user would otherwise run, in one run.
+
+(a) small M (generation): W [14336, 4096] NF4 (double-quantized absmax), M = 1 and 8: sloth's fused GEMV
+    (with and without a r=16 LoRA term) vs bitsandbytes.matmul_4bit vs bf16 cuBLAS on the dense weight;
+    median per call over CUDA-graph replays, and GB/s over the packed weight (+ absmax).
+(b) large M (training): Llama-3.1-8B MLP (4096 -> 14336 -> 4096, gate / up / down), 4096 tokens, NF4 +
+    LoRA r=32, forward + backward (dx, dA, dB): sloth.lora_mlp vs the same GEMMs in bf16 cuBLAS without
+    LoRA (target ratio <= 1.15) vs PEFT + bitsandbytes (Linear4bit + LoRA).
+
+    pytest benchmarks/bench_lora_linear.py --benchmark-only      # pytest-benchmark
+    python benchmarks/bench_lora_linear.py                       # table
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+
+import sloth
+
+HAS_CUDA = torch.cuda.is_available()
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
+
+N, K = 14336, 4096
+DT = torch.bfloat16
+
+
+def time_graph(fn, calls=20, reps=25) -> float:
+    """Median ms per call of fn, captured `calls` times in one CUDA graph and replayed `reps` times."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / calls)
+    return statistics.median(times)
+
+
+def time_eager(fn, reps=20) -> float:
+    """Median ms per call with CUDA events (for work that cannot be graph-captured, e.g. autograd)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------- (a) small M
+def small_m_setup(M):
+    torch.manual_seed(0)
+    W = (torch.randn(N, K, device="cuda") / K**0.5).to(DT)
+    packed, qs = sloth.nf4_quantize(W, 64, compress_statistics=True)
+    x = torch.randn(M, K, device="cuda", dtype=DT)
+    A = (torch.randn(16, K, device="cuda") / K**0.5).to(DT)
+    B = (torch.randn(N, 16, device="cuda") / 4).to(DT)
+    nbytes = packed.numel() + qs.absmax.numel() * qs.absmax.element_size()
+    return W, packed, qs, x, A, B, nbytes
+
+
+def small_m_fns(M):
+    import bitsandbytes as bnb
+
+    W, packed, qs, x, A, B, nbytes = small_m_setup(M)
+    bqs = qs.to_bitsandbytes()
+    fns = {
+        "sloth gemv": lambda: sloth.lora_linear(x, packed, None, None, quant_state=qs),
+        "sloth gemv + lora r16": lambda: sloth.lora_linear(x, packed, A, B, 0.5, quant_state=qs),
+        "bnb matmul_4bit": lambda: bnb.matmul_4bit(x, packed.t(), quant_state=bqs),
+        "bf16 cublas (dense W)": lambda: torch.nn.functional.linear(x, W),
+    }
+    return fns, nbytes
+
+
+@pytest.mark.parametrize("M", [1, 8])
+@pytest.mark.parametrize("impl", ["sloth gemv", "sloth gemv + lora r16", "bnb matmul_4bit", "bf16 cublas (dense W)"])
+def test_small_m(benchmark, M, impl):
+    fns, nbytes = small_m_fns(M)
+    fn = fns[impl]
+    ms = time_graph(fn)
+    benchmark.extra_info.update(ms_graph_median=ms, gb_per_s=nbytes / ms / 1e6)
+    benchmark(lambda: (fn(), torch.cuda.synchronize()))
+
+
+# ---------------------------------------------------------------- (b) large M
+H, I, T, R = 4096, 14336, 4096, 32
+
+
+def mlp_weights():
+    torch.manual_seed(0)
+    dense = {n: (torch.randn(o, i, device="cuda") / i**0.5).to(DT) for n, o, i in
+             (("gate", I, H), ("up", I, H), ("down", H, I))}
+    return dense
+
+
+def sloth_mlp_step(dense):
+    from sloth.nn.lora_mlp import LoraProj
+
+    projs = {}
+    for n, W in dense.items():
+        packed, qs = sloth.nf4_quantize(W)
+        A = (torch.randn(R, W.shape[1], device="cuda") / W.shape[1] ** 0.5).to(DT).requires_grad_()
+        B = (torch.randn(W.shape[0], R, device="cuda") * 0.01).to(DT).requires_grad_()
+        projs[n] = LoraProj(packed, A, B, 2.0, None, qs)
+    x = torch.randn(T, H, device="cuda", dtype=DT, requires_grad=True)
+    dy = torch.randn(T, H, device="cuda", dtype=DT)
+
+    def step():
+        y = sloth.lora_mlp(x, projs["gate"], projs["up"], projs["down"], "swiglu")
+        y.backward(dy)
+    return step
+
+
+def dense_mlp_step(dense):
+    x = torch.randn(T, H, device="cuda", dtype=DT, requires_grad=True)
+    dy = torch.randn(T, H, device="cuda", dtype=DT)
+    F = torch.nn.functional
+
+    def step():
+        y = F.linear(F.silu(F.linear(x, dense["gate"])) * F.linear(x, dense["up"]), dense["down"])
+        y.backward(dy)
+    return step
+
+
+def peft_bnb_mlp_step(dense):
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+
+    class MLP(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for n, W in dense.items():
+                lin = bnb.nn.Linear4bit(W.shape[1], W.shape[0], bias=False, compute_dtype=DT, quant_type="nf4",
+                                        compress_statistics=True)
+                lin.weight = bnb.nn.Params4bit(W.cpu(), requires_grad=False, quant_type="nf4",
+                                               compress_statistics=True)
+                setattr(self, n, lin)
+
+        def forward(self, x):
+            return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+
+    m = MLP().cuda()
+    m.is_loaded_in_4bit = True
+    pm = get_peft_model(m, LoraConfig(r=R, lora_alpha=2 * R, target_modules=["gate", "up", "down"]))
+    for n, p in pm.named_parameters():  # LoRA weights in bf16 (module.to(dtype) would cast the packed bytes)
+        if "lora_" in n:
+            p.data = p.data.to(DT)
+    x = torch.randn(T, H, device="cuda", dtype=DT, requires_grad=True)
+    dy = torch.randn(T, H, device="cuda", dtype=DT)
+
+    def step():
+        pm(x).backward(dy)
+    return step
+
+
+LARGE = {"sloth lora_mlp (nf4 + lora r32)": sloth_mlp_step, "bf16 cublas, no lora": dense_mlp_step,
+         "peft + bitsandbytes (nf4 + lora r32)": peft_bnb_mlp_step}
+
+
+@pytest.mark.parametrize("impl", list(LARGE))
+def test_large_m_mlp(benchmark, impl):
+    step = LARGE[impl](mlp_weights())
+    benchmark.extra_info["ms_median"] = time_eager(step)
+    benchmark(lambda: (step(), torch.cuda.synchronize()))
+
+
+def main():
+    print(f"device: {torch.cuda.get_device_name()}")
+    print(f"\n(a) small M, W [{N}, {K}] NF4 double-quant (median ms per call, CUDA graphs)")
+    print(f"{'impl':32s} {'M':>3s} {'ms':>9s} {'GB/s packed':>12s}")
+    for M in (1, 8):
+        fns, nbytes = small_m_fns(M)
+        for name, fn in fns.items():
+            ms = time_graph(fn)
+            print(f"{name:32s} {M:3d} {ms:9.4f} {nbytes / ms / 1e6:12.0f}")
+    print(f"\n(b) Llama-3.1-8B MLP {H}->{I}->{H}, {T} tokens, forward + backward (median ms)")
+    dense = mlp_weights()
+    res = {}
+    for name, make in LARGE.items():
+        try:
+            res[name] = time_eager(make(dense))
+        except Exception as e:  # noqa: BLE001  (a missing baseline must not hide the others)
+            print(f"{name}: failed: {e}")
+    base = res.get("bf16 cublas, no lora")
+    for name, ms in res.items():
+        ratio = f"{ms / base:6.2f}x" if base else ""
+        print(f"{name:40s} {ms:9.3f} {ratio}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Integrations of sloth's kernels into Transformers, PEFT and TRL (each imported on demand)."""

@@ -1,0 +1,129 @@
+"""PEFT LoRA layers on sloth.lora_linear: ``patch_peft_model(model)`` / ``unpatch_peft_model(model)``.
+
+The forward of every ``peft.tuners.lora.Linear`` (over an ``nn.Linear``) and ``peft.tuners.lora.Linear4bit``
+(bitsandbytes NF4) becomes one that calls :func:`sloth.lora_linear` when the layer is on the fast path:
+exactly one active adapter, vanilla LoRA (no DoRA / other variant, no LoRA bias), not merged, adapters
+enabled, no mixed-batch ``adapter_names``. Anything else runs PEFT's original forward, so a patched model
+never gives a different answer. ``scaling`` is PEFT's ``layer.scaling[adapter]`` (rsLoRA included).
+LoRA dropout with p > 0 in training is applied to x for the LoRA branch only, as PEFT does.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+
+import torch
+
+from ..nn.lora_linear import lora_linear
+
+logger = logging.getLogger("sloth.peft")
+
+_ORIG = "_sloth_orig_forward"   # PEFT's forward as it was bound before patching
+_SAVED = "_sloth_saved_forward"  # the instance-level `forward` entry we replaced (None: there was none)
+
+
+def _lora_classes():
+    from peft.tuners import lora
+
+    classes = [lora.Linear]
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+
+        classes.append(Linear4bit)
+    except (ImportError, AttributeError):  # peft without bitsandbytes support
+        pass
+    return tuple(classes)
+
+
+def _base_weight(layer):
+    """(weight, quant_state, bias, compute_dtype) of the base layer, or None if it is not a supported linear."""
+    base = layer.get_base_layer()
+    if getattr(layer, "fan_in_fan_out", False):
+        return None
+    w = base.weight
+    qs = getattr(w, "quant_state", None)
+    if qs is not None:  # bitsandbytes Linear4bit (quantized); not its AVX512 CPU repacking
+        if getattr(qs, "quant_type", None) != "nf4" or getattr(qs, "packing_format_for_cpu", False):
+            return None
+        return w, qs, base.bias, getattr(base, "compute_dtype", None)
+    if type(base) is torch.nn.Linear and w.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return w, None, base.bias, None
+    return None
+
+
+def _fast_adapter(layer, args, kwargs):
+    """The one active adapter name if the layer can take the sloth path for this call, else None."""
+    if args or any(k != "adapter_names" for k in kwargs) or kwargs.get("adapter_names") is not None:
+        return None
+    if layer.disable_adapters or layer.merged:
+        return None
+    active = [a for a in layer.active_adapters if a in layer.lora_A.keys()]
+    if len(active) != 1:
+        if len(active) > 1 and not getattr(layer, "_sloth_noted", False):
+            layer._sloth_noted = True
+            logger.info("sloth: %s has %d active adapters; using PEFT's forward for it", type(layer).__name__,
+                        len(active))
+        return None
+    a = active[0]
+    if a in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(a, False):
+        return None
+    if getattr(layer.lora_B[a], "bias", None) is not None or not isinstance(layer.lora_A[a], torch.nn.Linear):
+        return None
+    return a
+
+
+def _sloth_forward(self, x, *args, **kwargs):
+    adapter = _fast_adapter(self, args, kwargs)
+    base = _base_weight(self) if adapter is not None else None
+    if base is None:
+        return getattr(self, _ORIG)(x, *args, **kwargs)
+    weight, qs, bias, compute_dtype = base
+    A, B = self.lora_A[adapter].weight, self.lora_B[adapter].weight  # [r, in], [out, r]
+    scaling = float(self.scaling[adapter])
+    dropout = self.lora_dropout[adapter]
+    in_dtype = x.dtype
+    dt = compute_dtype or x.dtype
+    if torch.is_autocast_enabled(x.device.type):  # as autocast would run the linears
+        dt = torch.get_autocast_dtype(x.device.type)
+    with torch.autocast(x.device.type, enabled=False):
+        xc = x.to(dt)
+        drop = isinstance(dropout, torch.nn.Dropout) and dropout.p > 0 and dropout.training
+        if not drop:
+            y = lora_linear(xc, weight, A, B, scaling, bias=bias, quant_state=qs)
+        else:  # dropout on the LoRA branch only: y = base(x) + s * B(A(dropout(x)))
+            y = lora_linear(xc, weight, None, None, bias=bias, quant_state=qs)
+            xd = dropout(x).to(dt)
+            y = y + torch.nn.functional.linear(torch.nn.functional.linear(xd, A.to(dt)), B.to(dt)) * scaling
+    return y.to(in_dtype) if qs is not None else y
+
+
+def patch_peft_model(model) -> int:
+    """Route the forward of every PEFT LoRA Linear / Linear4bit in ``model`` through sloth.lora_linear.
+
+    Idempotent; returns the number of layers patched by this call. Undo with :func:`unpatch_peft_model`.
+    """
+    n = 0
+    for module in model.modules():
+        if isinstance(module, _lora_classes()) and not hasattr(module, _ORIG):
+            setattr(module, _SAVED, module.__dict__.get("forward"))
+            setattr(module, _ORIG, module.forward)
+            module.forward = types.MethodType(_sloth_forward, module)
+            n += 1
+    return n
+
+
+def unpatch_peft_model(model) -> int:
+    """Restore the forwards that :func:`patch_peft_model` replaced; returns the number of layers restored."""
+    n = 0
+    for module in model.modules():
+        if hasattr(module, _ORIG):
+            saved = module.__dict__.get(_SAVED)
+            if saved is None:
+                module.__dict__.pop("forward", None)
+            else:
+                module.forward = saved
+            for name in (_ORIG, _SAVED, "_sloth_noted"):
+                module.__dict__.pop(name, None)
+            n += 1
+    return n

@@ -1,0 +1,144 @@
+"""QLoRA / LoRA linear: y = x W^T + s (x A^T) B^T (+ bias) with W frozen (NF4 or dense), A and B trainable.
+
+Paths (same semantics, fp32 accumulation everywhere):
+- small M (<= 16 rows, CUDA, bf16/fp16, NF4): one fused kernel reads the packed weight once
+  (torch.ops.sloth.nf4_gemv_lora); the tiny t = x A^T is a torch.mm.
+- otherwise: dequantize W into a reusable per-device workspace (no per-call allocation), cuBLAS GEMM,
+  then y.addmm_(t, B^T, alpha=s). CPU runs this path with the CPU kernels.
+Backward: dx = dy W + s (dy B) A (W dequantized again into the workspace), dA = s (dy B)^T x,
+dB = s dy^T t. Saved: x and t = x A^T (never the dequantized W).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..ops._checks import FLOAT_DTYPES, check_device_supported, check_tensor
+from ..ops.qlora import NF4Args, gemv_available, nf4_gemv_lora
+from .workspace import Workspace
+
+
+class _Weight:
+    """The frozen weight: dense [out, in] or NF4 (NF4Args); ``materialize`` gives a dense [out, in] of dtype."""
+
+    def __init__(self, weight: torch.Tensor, quant_state):
+        if quant_state is None:
+            self.dense, self.nf4 = weight, None
+            self.shape = tuple(weight.shape)
+        else:
+            self.dense, self.nf4 = None, NF4Args.from_state(weight, quant_state)
+            self.shape = self.nf4.shape
+
+    def materialize(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.nf4 is None:
+            return self.dense if self.dense.dtype == dtype else self.dense.to(dtype)
+        out, inn = self.shape
+        buf = Workspace.get(out * inn, dtype, self.nf4.packed.device)
+        return self.nf4.dequantize_into(buf).view(out, inn)  # [out, in], valid until the next Workspace.get
+
+
+def _forward(x2d, w: _Weight, A, B, scaling, bias):
+    # x2d [M, in], A [r, in] or None, B [out, r] or None, bias [out] or None -> (y [M, out], t [M, r] or None)
+    t = torch.mm(x2d, A.t()) if A is not None else None  # [M, r]
+    if w.nf4 is not None and gemv_available(x2d, w.nf4):
+        return nf4_gemv_lora(x2d, w.nf4, t, B, scaling, bias), t
+    W = w.materialize(x2d.dtype)  # [out, in]
+    y = torch.mm(x2d, W.t()) if bias is None else torch.addmm(bias.to(x2d.dtype), x2d, W.t())  # [M, out]
+    if t is not None:
+        y.addmm_(t, B.t(), alpha=scaling)
+    return y, t
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """Autograd for lora_linear on 2-d x; the frozen weight gets no gradient unless it is dense and requires it."""
+
+    @staticmethod
+    def forward(ctx, x2d, A, B, bias, weight_t, w: _Weight, scaling: float):
+        y, t = _forward(x2d, w, A, B, scaling, bias)
+        ctx.w, ctx.scaling = w, scaling
+        ctx.save_for_backward(x2d, t, A, B)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, t, A, B = ctx.saved_tensors
+        w, s = ctx.w, ctx.scaling
+        need_x, need_A, need_B, need_bias, need_w = ctx.needs_input_grad[:5]
+        dy = dy.contiguous()  # [M, out]
+        dx = dA = dB = dbias = dW = None
+        dyB = torch.mm(dy, B) if (A is not None and (need_x or need_A)) else None  # [M, r]
+        if need_x:
+            W = w.materialize(dy.dtype)  # [out, in]
+            dx = torch.mm(dy, W)  # [M, in]
+            if dyB is not None:
+                dx.addmm_(dyB, A, alpha=s)
+        if need_A:
+            dA = torch.mm(dyB.t(), x2d).mul_(s)  # [r, in]
+        if need_B:
+            dB = torch.mm(dy.t(), t).mul_(s)  # [out, r]
+        if need_bias:
+            dbias = dy.sum(0)
+        if need_w:
+            dW = torch.mm(dy.t(), x2d)  # [out, in] (dense trainable weight only)
+        return dx, dA, dB, dbias, dW, None, None
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: Optional[torch.Tensor],
+    lora_B: Optional[torch.Tensor],
+    scaling: float = 1.0,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    quant_state=None,
+) -> torch.Tensor:
+    """``y = x W^T + scaling * (x A^T) B^T + bias`` with a frozen W, differentiable in x, A, B (and bias).
+
+    Shapes: ``x [..., in]``, ``weight`` dense ``[out, in]`` (bf16 / fp16 / fp32) or packed NF4 (bitsandbytes
+    ``Params4bit`` data, any storage dtype) with ``quant_state`` (bitsandbytes ``QuantState`` or sloth
+    ``NF4State``, shape ``[out, in]``), ``lora_A [r, in]``, ``lora_B [out, r]``, ``bias [out]`` -> ``y [..., out]``
+    in x's dtype. A, B and bias are cast to x's dtype (gradients flow back to their own dtype). Pass
+    ``lora_A = lora_B = None`` for a plain (quantized) linear.
+    """
+    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    check_device_supported(x, "lora_linear")
+    if quant_state is None:
+        check_tensor("weight", weight, dtypes=FLOAT_DTYPES, dim=2, device=x.device)
+    else:
+        check_tensor("weight", weight, device=x.device)
+    w = _Weight(weight, quant_state)
+    out_f, in_f = w.shape
+    if x.dim() == 0 or x.shape[-1] != in_f:
+        raise ValueError(f"sloth: x has shape {tuple(x.shape)} but the weight is [out={out_f}, in={in_f}]; "
+                         f"the last dimension of x must be {in_f}")
+    if (lora_A is None) != (lora_B is None):
+        raise ValueError("sloth: pass both lora_A and lora_B, or neither")
+    dt = x.dtype
+    if lora_A is not None:
+        check_tensor("lora_A", lora_A, dtypes=FLOAT_DTYPES, dim=2, device=x.device)
+        check_tensor("lora_B", lora_B, dtypes=FLOAT_DTYPES, dim=2, device=x.device)
+        if lora_A.shape[1] != in_f:
+            raise ValueError(f"sloth: lora_A must be [r, in={in_f}], got {tuple(lora_A.shape)}")
+        if lora_B.shape[0] != out_f:
+            raise ValueError(f"sloth: lora_B must be [out={out_f}, r], got {tuple(lora_B.shape)}")
+        if lora_B.shape[1] != lora_A.shape[0]:
+            raise ValueError(f"sloth: rank mismatch: lora_A is {tuple(lora_A.shape)} (r={lora_A.shape[0]}) but "
+                             f"lora_B is {tuple(lora_B.shape)} (r={lora_B.shape[1]})")
+        lora_A, lora_B = lora_A.to(dt), lora_B.to(dt)
+    if bias is not None:
+        check_tensor("bias", bias, dtypes=FLOAT_DTYPES, device=x.device)
+        if bias.shape != (out_f,):
+            raise ValueError(f"sloth: bias must be [out={out_f}], got {tuple(bias.shape)}")
+        bias = bias.to(dt)
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, in_f)  # [tokens, in]
+    if not x2d.is_contiguous():
+        x2d = x2d.contiguous()
+    weight_t = w.dense if (w.dense is not None and w.dense.requires_grad) else None
+    if x2d.shape[0] == 0:
+        return x.new_zeros((*lead, out_f))
+    y = LoraLinearFunction.apply(x2d, lora_A, lora_B, bias, weight_t, w, float(scaling))  # [tokens, out]
+    return y.view(*lead, out_f)

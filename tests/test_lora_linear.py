@@ -1,0 +1,211 @@
+"""sloth.lora_linear against the plain-torch reference (dequantize to fp32, then matmuls): forward, dx, dA, dB."""
+
+import pytest
+import torch
+
+import sloth
+from sloth import reference
+
+HAS_CUDA = torch.cuda.is_available()
+cuda = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
+
+# Tolerances are relative to max |reference| of each output, so they do not depend on the output scale.
+# fp32: the weight dequantizes bit-exactly, only the GEMM summation order differs -> 1e-5.
+# bf16 / fp16: inputs are the same values; the differences are the rounding of W, t = x A^T, dy B and the
+# outputs to 8 (bf16) / 11 (fp16) mantissa bits, each <= 2^-9 / 2^-12 relative, summed over K terms with
+# random signs -> a few units of 2^-8 / 2^-11 of the output scale.
+TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-6)).item()
+
+
+def make_weight(kind, out_f, in_f, dtype, device="cpu", seed=0):
+    """(weight, quant_state) for kind "dense", "nf4" (sloth.nf4_quantize) or "bnb" (bitsandbytes quantize_4bit)."""
+    g = torch.Generator().manual_seed(seed)
+    W = (torch.randn(out_f, in_f, generator=g) / in_f**0.5).to(dtype).to(device)
+    if kind == "dense":
+        return W, None
+    if kind == "nf4":
+        return sloth.nf4_quantize(W, 64, compress_statistics=True)
+    if kind == "nf4_fp32absmax":
+        return sloth.nf4_quantize(W, 64, compress_statistics=False)
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    return bnbf.quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4")
+
+
+def run_case(kind, M, in_f, out_f, r, dtype, device="cpu", bias=False, lead=()):
+    g = torch.Generator().manual_seed(1)
+    weight, qs = make_weight(kind, out_f, in_f, dtype, device)
+    x = torch.randn(*lead, M, in_f, generator=g).to(dtype).to(device)
+    A = (torch.randn(r, in_f, generator=g) / in_f**0.5).to(dtype).to(device)
+    B = (torch.randn(out_f, r, generator=g) / r**0.5).to(dtype).to(device)
+    b = torch.randn(out_f, generator=g).to(dtype).to(device) if bias else None
+    s = 2.0 / r**0.5
+    dy = torch.randn(*lead, M, out_f, generator=g).to(dtype).to(device)
+
+    xs, As, Bs = (t.clone().requires_grad_() for t in (x, A, B))
+    y = sloth.lora_linear(xs, weight, As, Bs, s, bias=b, quant_state=qs)
+    y.backward(dy)
+
+    xr, Ar, Br = (t.float().clone().requires_grad_() for t in (x, A, B))
+    yr = reference.lora_linear.lora_linear(xr, weight, Ar, Br, s, bias=b, quant_state=qs)
+    yr.backward(dy.float())
+
+    tol = TOL[dtype]
+    assert y.shape == (*lead, M, out_f) and y.dtype == dtype
+    for name, got, ref in (("y", y, yr), ("dx", xs.grad, xr.grad), ("dA", As.grad, Ar.grad), ("dB", Bs.grad, Br.grad)):
+        assert got.dtype == dtype, name
+        e = rel_err(got, ref)
+        assert e <= tol, f"{name}: relative error {e:.2e} > {tol:.0e}"
+
+
+# (kind, M, in, out, r, dtype): tails in every dimension, ranks 8..128, M from generation to training sizes.
+CASES = [
+    ("nf4", 1, 100, 333, 8, torch.float32),
+    ("nf4", 3, 333, 100, 16, torch.float32),
+    ("nf4", 16, 128, 64, 128, torch.float32),
+    ("nf4", 257, 100, 333, 32, torch.float32),
+    ("nf4_fp32absmax", 3, 256, 96, 8, torch.float32),
+    ("dense", 257, 333, 100, 64, torch.float32),
+    ("dense", 1, 100, 333, 8, torch.float32),
+    ("nf4", 1, 128, 333, 8, torch.bfloat16),
+    ("nf4", 16, 333, 100, 64, torch.bfloat16),
+    ("nf4", 257, 256, 96, 128, torch.bfloat16),
+    ("nf4", 3, 100, 333, 16, torch.float16),
+    ("nf4", 257, 128, 100, 32, torch.float16),
+    ("dense", 16, 100, 333, 8, torch.bfloat16),
+    ("dense", 257, 128, 64, 32, torch.float16),
+    ("bnb", 3, 128, 333, 8, torch.float32),
+    ("bnb", 257, 100, 333, 32, torch.bfloat16),
+    ("bnb", 16, 256, 100, 128, torch.float16),
+]
+
+
+@pytest.mark.parametrize("kind,M,in_f,out_f,r,dtype", CASES)
+def test_lora_linear_cpu(kind, M, in_f, out_f, r, dtype):
+    run_case(kind, M, in_f, out_f, r, dtype)
+
+
+def test_bias_and_leading_dims():
+    run_case("nf4", 5, 128, 100, 8, torch.float32, bias=True, lead=(2,))
+    run_case("dense", 5, 100, 64, 8, torch.bfloat16, bias=True, lead=(3,))
+
+
+def test_no_lora_and_no_grad():
+    W, qs = make_weight("nf4", 64, 128, torch.float32)
+    x = torch.randn(4, 128)
+    y = sloth.lora_linear(x, W, None, None, quant_state=qs)
+    yr = reference.lora_linear.lora_linear(x, W, None, None, 1.0, quant_state=qs)
+    assert rel_err(y, yr) <= 1e-5
+
+
+def test_fp32_lora_params_with_bf16_activations():
+    # PEFT keeps LoRA weights in fp32 next to a bf16 base: grads must come back in fp32.
+    W, qs = make_weight("nf4", 64, 128, torch.bfloat16)
+    x = torch.randn(4, 128, dtype=torch.bfloat16)
+    A = torch.randn(8, 128, requires_grad=True)
+    B = torch.randn(64, 8, requires_grad=True)
+    y = sloth.lora_linear(x, W, A, B, 0.5, quant_state=qs)
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and A.grad.dtype == torch.float32 and B.grad.dtype == torch.float32
+
+
+def test_workspace_reused():
+    from sloth.nn import Workspace
+
+    W, qs = make_weight("nf4", 64, 128, torch.float32)
+    x = torch.randn(32, 128)
+    sloth.lora_linear(x, W, None, None, quant_state=qs)
+    buf = Workspace._buffers[(torch.device("cpu"), torch.float32)]
+    sloth.lora_linear(x, W, None, None, quant_state=qs)
+    assert Workspace._buffers[(torch.device("cpu"), torch.float32)] is buf
+
+
+def test_bad_inputs():
+    W, qs = make_weight("nf4", 64, 128, torch.float32)
+    x = torch.randn(4, 128)
+    A, B = torch.randn(8, 128), torch.randn(64, 8)
+    with pytest.raises(ValueError, match="rank mismatch"):
+        sloth.lora_linear(x, W, A, torch.randn(64, 4), quant_state=qs)
+    with pytest.raises(ValueError, match="last dimension"):
+        sloth.lora_linear(torch.randn(4, 100), W, A, B, quant_state=qs)
+    with pytest.raises(ValueError, match="lora_A must be"):
+        sloth.lora_linear(x, W, torch.randn(8, 100), B, quant_state=qs)
+    with pytest.raises(ValueError, match="lora_B must be"):
+        sloth.lora_linear(x, W, A, torch.randn(60, 8), quant_state=qs)
+    with pytest.raises(TypeError, match="dtype"):
+        sloth.lora_linear(x.int(), W, A, B, quant_state=qs)
+    with pytest.raises(ValueError, match="both"):
+        sloth.lora_linear(x, W, A, None, quant_state=qs)
+    with pytest.raises(ValueError, match="bias"):
+        sloth.lora_linear(x, W, A, B, bias=torch.randn(3), quant_state=qs)
+
+
+# ---- CUDA ----
+
+@pytest.mark.parametrize("M", list(range(1, 17)))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(4096, 1000), (96, 333), (2048, 4104)])  # (in, out): odd N, K % 128 != 0
+@pytest.mark.parametrize("kind", ["nf4", "bnb", "nf4_fp32absmax"])
+def test_gemv_cuda(M, dtype, shape, kind):
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA GPU")
+    in_f, out_f = shape
+    W, qs = make_weight(kind, out_f, in_f, dtype, "cuda")
+    x = torch.randn(M, in_f, device="cuda").to(dtype)
+    A = (torch.randn(16, in_f, device="cuda") / in_f**0.5).to(dtype)
+    B = (torch.randn(out_f, 16, device="cuda") / 4).to(dtype)
+    bias = torch.randn(out_f, device="cuda").to(dtype)
+    from sloth.ops.qlora import NF4Args, gemv_available
+
+    assert gemv_available(x, NF4Args.from_state(W, qs))
+    y = sloth.lora_linear(x, W, A, B, 0.7, bias=bias, quant_state=qs)
+    yr = reference.lora_linear.lora_linear(x, W, A, B, 0.7, bias=bias, quant_state=qs)
+    # The kernel rounds W to dtype via (NF4 value in dtype) * (absmax in dtype): up to 3 roundings instead of 1.
+    assert rel_err(y, yr) <= TOL[dtype] * 1.5
+
+
+test_gemv_cuda = pytest.mark.cuda(test_gemv_cuda)
+
+
+@pytest.mark.parametrize("kind,M,in_f,out_f,r,dtype", [c for c in CASES if c[5] != torch.float32] + [
+    ("nf4", 8, 4096, 1024, 32, torch.bfloat16), ("nf4", 4096, 1024, 3584, 64, torch.bfloat16),
+    ("nf4", 200, 1024, 1000, 16, torch.float32)])
+def test_lora_linear_cuda(kind, M, in_f, out_f, r, dtype):
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA GPU")
+    run_case(kind, M, in_f, out_f, r, dtype, device="cuda")
+
+
+test_lora_linear_cuda = pytest.mark.cuda(test_lora_linear_cuda)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_dequantize_out(device, dtype):
+    from sloth.ops.qlora import NF4Args
+
+    W, qs = make_weight("nf4", 100, 333, torch.float32, device)
+    out = torch.full((100 * 333 + 5,), float("nan"), dtype=dtype, device=device)[:100 * 333]
+    NF4Args.from_state(W, qs).dequantize_into(out)
+    assert torch.equal(out.view(100, 333), sloth.nf4_dequantize(W, qs, ).to(dtype))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+@pytest.mark.parametrize("M", [1, 5, 16])
+def test_nf4_gemv_lora_op(device, M):
+    # The op itself (CPU: dequantize + fp32 GEMM; CUDA: the fused kernel), bf16 in / out.
+    from sloth.ops.qlora import NF4Args
+
+    W, qs = make_weight("nf4", 200, 256, torch.bfloat16, device)
+    x = torch.randn(M, 256, device=device).to(torch.bfloat16)
+    t = torch.randn(M, 8, device=device).to(torch.bfloat16)
+    B = (torch.randn(200, 8, device=device) / 3).to(torch.bfloat16)
+    bias = torch.randn(200, device=device).to(torch.bfloat16)
+    y = sloth.ops.nf4_gemv_lora(x, NF4Args.from_state(W, qs), t, B, 0.25, bias)
+    Wf = reference.lora_linear.dequantize_weight(W, qs)
+    yr = x.float() @ Wf.t() + 0.25 * t.float() @ B.float().t() + bias.float()
+    assert y.shape == (M, 200) and y.dtype == torch.bfloat16
+    assert rel_err(y, yr) <= TOL[torch.bfloat16]
