@@ -51,6 +51,8 @@ struct CeChunkArgs {
 // logits: [rows, V] contiguous of `type`, overwritten in place by the gradient when args.compute_grad.
 cudaError_t cross_entropy_chunk(void* logits, OutType type, int64_t rows, int64_t V, CeChunkArgs args,
                                 cudaStream_t stream);
+}  // namespace sloth::cuda
+
 // ---- QLoRA linear and fused GLU (csrc/cuda/nf4_gemv.cu, csrc/cuda/glu.cu) ----
 namespace sloth::cuda {
 

@@ -53,6 +53,8 @@ struct CeChunkArgs {
 // logits: [rows, V] contiguous of `type`, overwritten in place by the gradient when args.compute_grad.
 hipError_t cross_entropy_chunk(void* logits, OutType type, int64_t rows, int64_t V, CeChunkArgs args,
                                 hipStream_t stream);
+}  // namespace sloth::cuda
+
 // ---- QLoRA linear and fused GLU (csrc/cuda/nf4_gemv.cu, csrc/cuda/glu.cu) ----
 namespace sloth::cuda {
 
