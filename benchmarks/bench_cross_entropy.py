@@ -37,12 +37,12 @@ def make_inputs(n, v, h, trainable, device="cuda", dtype=torch.bfloat16):
     return hidden, weight, labels
 
 
-def step_fn(impl, hidden, weight, labels):
+def step_fn(impl, hidden, weight, labels, chunk_size=None):
     if impl == "sloth":
         import sloth
 
         def step():
-            sloth.linear_cross_entropy(hidden, weight, labels).backward()
+            sloth.linear_cross_entropy(hidden, weight, labels, chunk_size=chunk_size).backward()
     else:
         def step():
             logits = (hidden @ weight.t()).float()  # [tokens, V] fp32, as Transformers' loss upcasts
@@ -55,10 +55,10 @@ def clear_grads(*ts):
         t.grad = None
 
 
-def measure(impl, n, v, h, trainable, iters=5, warmup=2):
+def measure(impl, n, v, h, trainable, iters=5, warmup=2, chunk_size=None):
     """(median ms, extra peak GiB, TFLOP/s) of one forward + backward step; None values on OOM."""
     hidden, weight, labels = make_inputs(n, v, h, trainable)
-    step = step_fn(impl, hidden, weight, labels)
+    step = step_fn(impl, hidden, weight, labels, chunk_size)
     try:
         for _ in range(warmup):
             clear_grads(hidden, weight)
@@ -125,7 +125,22 @@ def main():
                 print(f"{n:>6} {v:>7} {h:>5} {w:>9} {impl:>6} {ms:>9.2f} {extra:>10.3f} {tflops:>8.1f}")
 
 
+def sweep():
+    """Chunk size x dh split-K at N = 8192 (frozen W): the time / memory trade-off behind the defaults."""
+    from sloth.nn import _chunking
+
+    print(f"{'chunk':>6} {'splitK':>6} {'ms':>9} {'extra GiB':>10} {'TFLOP/s':>8}")
+    for chunk in (128, 256, 512, 1024):
+        for split in (1, None):
+            _chunking.DH_SPLIT_K = split
+            ms, extra, tflops = measure("sloth", 8192, 128256, 4096, False, chunk_size=chunk)
+            print(f"{chunk:>6} {split or 'auto':>6} {ms:>9.2f} {extra:>10.3f} {tflops:>8.1f}")
+    _chunking.DH_SPLIT_K = None
+
+
 if __name__ == "__main__":
+    import sys
+
     if not torch.cuda.is_available():
         raise SystemExit("bench_cross_entropy needs a CUDA GPU")
-    main()
+    sweep() if "--sweep" in sys.argv else main()

@@ -36,6 +36,15 @@ def test_copy_bandwidth(benchmark):
     benchmark.pedantic(lambda: dst.copy_(src), rounds=5, iterations=10)
 
 
+def test_write_bandwidth(benchmark):
+    """The write-only ceiling: dequantization is 80% writes, so a fill of the output size bounds it too."""
+    dst = torch.empty(NF4_SHAPE, dtype=torch.bfloat16, device="cuda")
+    ms = cuda_median_ms(lambda: dst.fill_(1.0))
+    record(benchmark, "nf4 dequant [14336,4096] bf16", "bf16 fill (write ceiling)", ms,
+           TBps=_tbps(dst.numel() * 2, ms))
+    benchmark.pedantic(lambda: dst.fill_(1.0), rounds=5, iterations=10)
+
+
 def test_nf4_dequant_sloth(benchmark, nf4_weight):
     w, packed, state = nf4_weight
     out_bytes = w.numel() * 2 + packed.numel() + state.absmax.numel()

@@ -1,4 +1,6 @@
 // CUDA kernels for NF4 dequantize / quantize and blockwise 8-bit quantize (bitsandbytes layout).
+#include <stdlib.h>
+
 #include <algorithm>
 
 #include "launchers.h"
@@ -10,7 +12,6 @@ namespace sloth::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kWordsPerThread = 4;                                 // 4 x 4 packed bytes in flight
 
 __device__ __forceinline__ float read_absmax(const Nf4Absmax& a, int64_t b) {
   if (a.absmax) return __ldg(a.absmax + b);
@@ -21,7 +22,7 @@ __device__ __forceinline__ float read_absmax(const Nf4Absmax& a, int64_t b) {
 // thread. Traffic: n/2 packed bytes + one absmax lookup per word (L1-cached: 8 words share a 64-block) in,
 // n * sizeof(out) bytes out; 4-byte loads and 16-byte stores, both coalesced across the warp. Every global load is
 // issued before the one barrier (which only guards the 16-entry table), so no CTA waits on a gather.
-template <OutType T>
+template <OutType T, int kWordsPerThread, bool kStreaming>
 __global__ void __launch_bounds__(kThreads) nf4_dequantize_vec_kernel(const uint32_t* __restrict__ packed,
                                                                       Nf4Absmax absmax, int64_t n_words,
                                                                       int log2_blocksize,
@@ -53,7 +54,7 @@ __global__ void __launch_bounds__(kThreads) nf4_dequantize_vec_kernel(const uint
       v[2 * b] = mul_rn(lut[byte >> 4], a[k]);
       v[2 * b + 1] = mul_rn(lut[byte & 0xfu], a[k]);
     }
-    store8<T>(out + word * 8, v);
+    store8<T, kStreaming>(out + word * 8, v);
   }
 }
 
@@ -135,9 +136,17 @@ cudaError_t nf4_dequantize(const uint8_t* packed, Nf4Absmax absmax, int64_t n, i
     const bool aligned = (reinterpret_cast<uintptr_t>(packed) % 4 == 0) && (reinterpret_cast<uintptr_t>(o) % 16 == 0);
     const int64_t n_words = aligned ? n / 8 : 0;
     if (n_words > 0) {
-      const int64_t grid = (n_words + kThreads * kWordsPerThread - 1) / (kThreads * kWordsPerThread);
-      nf4_dequantize_vec_kernel<T><<<(unsigned)grid, kThreads, 0, stream>>>(
-          reinterpret_cast<const uint32_t*>(packed), absmax, n_words, lb, o);
+      // Variant (SLOTH_NF4_DEQUANT_VARIANT, read once; for A/B measurements): 0 = 4 words per thread,
+      // plain stores; 1 = 8 words per thread, evict-first stores (the default).
+      static const int variant = getenv("SLOTH_NF4_DEQUANT_VARIANT") ? atoi(getenv("SLOTH_NF4_DEQUANT_VARIANT")) : 1;
+      const uint32_t* p = reinterpret_cast<const uint32_t*>(packed);
+      if (variant == 0) {
+        const int64_t grid = (n_words + kThreads * 4 - 1) / (kThreads * 4);
+        nf4_dequantize_vec_kernel<T, 4, false><<<(unsigned)grid, kThreads, 0, stream>>>(p, absmax, n_words, lb, o);
+      } else {
+        const int64_t grid = (n_words + kThreads * 8 - 1) / (kThreads * 8);
+        nf4_dequantize_vec_kernel<T, 8, true><<<(unsigned)grid, kThreads, 0, stream>>>(p, absmax, n_words, lb, o);
+      }
     }
     const int64_t rest = n - n_words * 8;
     if (rest > 0)

@@ -21,17 +21,29 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
 #endif
 }
 
-template <OutType T>
+// 16-byte store; kStreaming marks it evict-first (st.global.cs): output that no one reads soon.
+template <bool kStreaming>
+__device__ __forceinline__ void store16(uint4* dst, uint4 v) {
+#if !defined(SLOTH_HIP)
+  if constexpr (kStreaming) {
+    __stcs(dst, v);
+    return;
+  }
+#endif
+  *dst = v;
+}
+
+template <OutType T, bool kStreaming = false>
 __device__ __forceinline__ void store8(typename OutStorage<T>::type* dst, const float (&v)[8]) {
+  uint4* d = reinterpret_cast<uint4*>(dst);
   if constexpr (T == OutType::kF32) {
-    uint4* d = reinterpret_cast<uint4*>(dst);
-    d[0] = make_uint4(float_bits(v[0]), float_bits(v[1]), float_bits(v[2]), float_bits(v[3]));
-    d[1] = make_uint4(float_bits(v[4]), float_bits(v[5]), float_bits(v[6]), float_bits(v[7]));
+    store16<kStreaming>(d, make_uint4(float_bits(v[0]), float_bits(v[1]), float_bits(v[2]), float_bits(v[3])));
+    store16<kStreaming>(d + 1, make_uint4(float_bits(v[4]), float_bits(v[5]), float_bits(v[6]), float_bits(v[7])));
   } else {
     uint32_t w[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) w[i] = pack2<T>(v[2 * i], v[2 * i + 1]);
-    *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+    store16<kStreaming>(d, make_uint4(w[0], w[1], w[2], w[3]));
   }
 }
 

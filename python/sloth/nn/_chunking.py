@@ -34,3 +34,42 @@ def chunk_rows(n: int, v: int, dtype: torch.dtype, device: torch.device, *, need
     if rows >= ROW_MULTIPLE:
         rows -= rows % ROW_MULTIPLE
     return max(1, min(rows, max(n, 1)))
+
+
+#: Split-K factor for the dh GEMM; None chooses from the GPU's multiprocessor count (see dh_matmul).
+DH_SPLIT_K: Optional[int] = None
+
+
+def _split_k(rows: int, h: int, v: int, device: torch.device) -> int:
+    if DH_SPLIT_K is not None:
+        return DH_SPLIT_K
+    if device.type != "cuda":
+        return 1
+    tiles = -(-rows // 128) * -(-h // 128)  # output tiles of a 128 x 128 GEMM kernel
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    split = 1
+    while tiles * split < 2 * sms and v // (split * 2) >= 2048 and split < 16:
+        split *= 2
+    return split
+
+
+def dh_matmul(grad: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
+    """out [rows, H] = grad [rows, V] @ weight [V, H].
+
+    With small chunks this GEMM has few output tiles (128 x 4096 is 32 tiles of 128 x 128 on 132 SMs) and a
+    long K = V, which cuBLAS runs on a fraction of the GPU. Splitting K into `split` slices (one batched GEMM,
+    [split, rows, H] partials summed in fp32) fills the GPU at the cost of split * rows * H * 2 bytes.
+    """
+    rows, v = grad.shape
+    split = _split_k(rows, weight.shape[1], v, grad.device)
+    if split <= 1:
+        torch.mm(grad, weight, out=out)
+        return
+    vs = v // split
+    main = vs * split
+    parts = torch.bmm(grad[:, :main].unflatten(1, (split, vs)).transpose(0, 1),  # [split, rows, vs]
+                      weight[:main].view(split, vs, -1))  # [split, vs, H] -> [split, rows, H]
+    acc = parts.sum(0, dtype=torch.float32)  # [rows, H]
+    if main < v:
+        acc.addmm_(grad[:, main:].float(), weight[main:].float())
+    out.copy_(acc)
