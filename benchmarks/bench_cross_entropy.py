@@ -126,16 +126,11 @@ def main():
 
 
 def sweep():
-    """Chunk size x dh split-K at N = 8192 (frozen W): the time / memory trade-off behind the defaults."""
-    from sloth.nn import _chunking
-
-    print(f"{'chunk':>6} {'splitK':>6} {'ms':>9} {'extra GiB':>10} {'TFLOP/s':>8}")
+    """Rows per chunk at N = 8192 (frozen W): the time / memory trade-off behind the default chunk size."""
+    print(f"{'chunk':>6} {'ms':>9} {'extra GiB':>10} {'TFLOP/s':>8}")
     for chunk in (128, 256, 512, 1024):
-        for split in (1, None):
-            _chunking.DH_SPLIT_K = split
-            ms, extra, tflops = measure("sloth", 8192, 128256, 4096, False, chunk_size=chunk)
-            print(f"{chunk:>6} {split or 'auto':>6} {ms:>9.2f} {extra:>10.3f} {tflops:>8.1f}")
-    _chunking.DH_SPLIT_K = None
+        ms, extra, tflops = measure("sloth", 8192, 128256, 4096, False, chunk_size=chunk)
+        print(f"{chunk:>6} {ms:>9.2f} {extra:>10.3f} {tflops:>8.1f}")
 
 
 if __name__ == "__main__":

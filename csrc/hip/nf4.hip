@@ -23,32 +23,41 @@ __device__ __forceinline__ float read_absmax(const Nf4Absmax& a, int64_t b) {
 
 // out[i] = NF4[q_i] * absmax[i / blocksize] for 8 elements per packed 32-bit word, kWordsPerThread words per
 // thread. Traffic: n/2 packed bytes + one absmax lookup per word (L1-cached: 8 words share a 64-block) in,
-// n * sizeof(out) bytes out; 4-byte loads and 16-byte stores, both coalesced across the warp. Every global load is
-// issued before the one barrier (which only guards the 16-entry table), so no CTA waits on a gather.
-template <OutType T, int kWordsPerThread, bool kStreaming>
+// n * sizeof(out) bytes out. kContiguous: a thread's words are adjacent (one 16-byte load, 64 contiguous
+// output bytes); otherwise they are kThreads apart (4-byte loads, stores coalesced across the warp). Every
+// global load is issued before the one barrier (which only guards the 16-entry table).
+template <OutType T, int kWordsPerThread, bool kStreaming, bool kContiguous>
 __global__ void __launch_bounds__(kThreads) nf4_dequantize_vec_kernel(const uint32_t* __restrict__ packed,
                                                                       Nf4Absmax absmax, int64_t n_words,
                                                                       int log2_blocksize,
                                                                       typename OutStorage<T>::type* __restrict__ out) {
   __shared__ float lut[16];
-  const int64_t word0 = (int64_t)blockIdx.x * (kThreads * kWordsPerThread) + threadIdx.x;
+  const int64_t cta0 = (int64_t)blockIdx.x * (kThreads * kWordsPerThread);
+  auto word_of = [&](int k) -> int64_t {
+    return kContiguous ? cta0 + (int64_t)threadIdx.x * kWordsPerThread + k : cta0 + k * kThreads + threadIdx.x;
+  };
   uint32_t w[kWordsPerThread];
   float a[kWordsPerThread];
+  if constexpr (kContiguous && kWordsPerThread == 4) {
+    if (word_of(3) < n_words) {
+      const uint4 v = __ldg(reinterpret_cast<const uint4*>(packed + word_of(0)));
+      w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+    } else {
 #pragma unroll
-  for (int k = 0; k < kWordsPerThread; ++k) {
-    const int64_t word = word0 + k * kThreads;
-    w[k] = word < n_words ? __ldg(packed + word) : 0u;
+      for (int k = 0; k < 4; ++k) w[k] = word_of(k) < n_words ? __ldg(packed + word_of(k)) : 0u;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < kWordsPerThread; ++k) w[k] = word_of(k) < n_words ? __ldg(packed + word_of(k)) : 0u;
   }
 #pragma unroll
-  for (int k = 0; k < kWordsPerThread; ++k) {
-    const int64_t word = word0 + k * kThreads;
-    a[k] = word < n_words ? read_absmax(absmax, (word * 8) >> log2_blocksize) : 0.0f;
-  }
+  for (int k = 0; k < kWordsPerThread; ++k)
+    a[k] = word_of(k) < n_words ? read_absmax(absmax, (word_of(k) * 8) >> log2_blocksize) : 0.0f;
   if (threadIdx.x < 16) lut[threadIdx.x] = nf4_value(threadIdx.x);
-  __syncthreads();  // only the table: the global loads above are already in flight
+  __syncthreads();
 #pragma unroll
   for (int k = 0; k < kWordsPerThread; ++k) {
-    const int64_t word = word0 + k * kThreads;
+    const int64_t word = word_of(k);
     if (word >= n_words) break;
     float v[8];
 #pragma unroll
@@ -139,16 +148,24 @@ hipError_t nf4_dequantize(const uint8_t* packed, Nf4Absmax absmax, int64_t n, in
     const bool aligned = (reinterpret_cast<uintptr_t>(packed) % 4 == 0) && (reinterpret_cast<uintptr_t>(o) % 16 == 0);
     const int64_t n_words = aligned ? n / 8 : 0;
     if (n_words > 0) {
-      // Variant (SLOTH_NF4_DEQUANT_VARIANT, read once; for A/B measurements): 0 = 4 words per thread,
-      // plain stores; 1 = 8 words per thread, evict-first stores (the default).
-      static const int variant = getenv("SLOTH_NF4_DEQUANT_VARIANT") ? atoi(getenv("SLOTH_NF4_DEQUANT_VARIANT")) : 1;
+      // Variant (SLOTH_NF4_DEQUANT_VARIANT, read once; for A/B measurements): words per thread, streaming
+      // stores, contiguous words. 0: 4 strided (default), 1: 8 strided + streaming, 2: 2 strided,
+      // 3: 4 strided + streaming, 4: 4 contiguous (16-byte loads; needs 16-byte aligned packed data).
+      static const int variant = getenv("SLOTH_NF4_DEQUANT_VARIANT") ? atoi(getenv("SLOTH_NF4_DEQUANT_VARIANT")) : 0;
       const uint32_t* p = reinterpret_cast<const uint32_t*>(packed);
-      if (variant == 0) {
-        const int64_t grid = (n_words + kThreads * 4 - 1) / (kThreads * 4);
-       hipLaunchKernelGGL(( nf4_dequantize_vec_kernel<T, 4, false>), dim3((unsigned)grid), dim3(kThreads), 0, stream, p, absmax, n_words, lb, o);
-      } else {
-        const int64_t grid = (n_words + kThreads * 8 - 1) / (kThreads * 8);
-       hipLaunchKernelGGL(( nf4_dequantize_vec_kernel<T, 8, true>), dim3((unsigned)grid), dim3(kThreads), 0, stream, p, absmax, n_words, lb, o);
+      auto launch = [&](auto kernel, int words) {
+        const int64_t grid = (n_words + kThreads * words - 1) / (kThreads * words);
+       hipLaunchKernelGGL(( kernel), dim3((unsigned)grid), dim3(kThreads), 0, stream, p, absmax, n_words, lb, o);
+      };
+      const bool aligned16 = reinterpret_cast<uintptr_t>(packed) % 16 == 0;
+      switch (variant) {
+        case 1: launch(nf4_dequantize_vec_kernel<T, 8, true, false>, 8); break;
+        case 2: launch(nf4_dequantize_vec_kernel<T, 2, false, false>, 2); break;
+        case 3: launch(nf4_dequantize_vec_kernel<T, 4, true, false>, 4); break;
+        case 4:
+          if (aligned16) { launch(nf4_dequantize_vec_kernel<T, 4, false, true>, 4); break; }
+          [[fallthrough]];
+        default: launch(nf4_dequantize_vec_kernel<T, 4, false, false>, 4);
       }
     }
     const int64_t rest = n - n_words * 8;

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import check_linear_head
-from ._chunking import chunk_rows, dh_matmul
+from ._chunking import chunk_rows
 
 REDUCTIONS = ("mean", "sum")
 
@@ -51,7 +51,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                     lg, labels[s:e], None, None, 1.0, ignore_index, softcap, logit_scale, grad)
                 loss_rows[s:e] = loss_c
                 if need_dh:
-                    dh_matmul(lg, weight, dh[s:e])
+                    torch.mm(lg, weight, out=dh[s:e])
                 if need_dw:
                     dw.addmm_(lg.t(), h_c)
                 if need_db:
