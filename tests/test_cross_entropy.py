@@ -230,7 +230,8 @@ def test_auto_chunk_size():
     from sloth.nn._chunking import chunk_rows
 
     cpu = torch.device("cpu")
-    assert chunk_rows(8192, 128256, torch.bfloat16, cpu) == 128  # 32 MiB / 250 KiB = 130 -> 128
+    assert chunk_rows(8192, 128256, torch.bfloat16, cpu) == 256  # 64 MiB / 250 KiB = 261 -> 256
+    assert chunk_rows(8192, 262144, torch.bfloat16, cpu) == 128  # 64 MiB / 512 KiB (the GPU floor is 256 rows)
     assert chunk_rows(8192, 128256, torch.bfloat16, cpu, need_dw=True) == 1024
     assert chunk_rows(5, 128256, torch.bfloat16, cpu) == 5
     assert chunk_rows(0, 10, torch.float32, cpu) == 1
