@@ -148,10 +148,12 @@ hipError_t nf4_dequantize(const uint8_t* packed, Nf4Absmax absmax, int64_t n, in
     const bool aligned = (reinterpret_cast<uintptr_t>(packed) % 4 == 0) && (reinterpret_cast<uintptr_t>(o) % 16 == 0);
     const int64_t n_words = aligned ? n / 8 : 0;
     if (n_words > 0) {
-      // Variant (SLOTH_NF4_DEQUANT_VARIANT, read once; for A/B measurements): words per thread, streaming
-      // stores, contiguous words. 0: 4 strided (default), 1: 8 strided + streaming, 2: 2 strided,
-      // 3: 4 strided + streaming, 4: 4 contiguous (16-byte loads; needs 16-byte aligned packed data).
-      static const int variant = getenv("SLOTH_NF4_DEQUANT_VARIANT") ? atoi(getenv("SLOTH_NF4_DEQUANT_VARIANT")) : 0;
+      // Variant (SLOTH_NF4_DEQUANT_VARIANT, read once; for A/B measurements on other GPUs): words per thread,
+      // streaming stores, contiguous words. 0: 4 strided, 1: 8 strided + streaming, 2: 2 strided (default),
+      // 3: 4 strided + streaming, 4: 4 contiguous (16-byte loads). H100, [14336, 4096] -> bf16, TB/s of
+      // bytes read + written (one run each; the bf16 copy ran at 2.61-2.73): 0: 1.93-2.21, 1: 1.95, 2: 2.26,
+      // 3: 1.76, 4: 1.38.
+      static const int variant = getenv("SLOTH_NF4_DEQUANT_VARIANT") ? atoi(getenv("SLOTH_NF4_DEQUANT_VARIANT")) : 2;
       const uint32_t* p = reinterpret_cast<const uint32_t*>(packed);
       auto launch = [&](auto kernel, int words) {
         const int64_t grid = (n_words + kThreads * words - 1) / (kThreads * words);
@@ -160,12 +162,12 @@ hipError_t nf4_dequantize(const uint8_t* packed, Nf4Absmax absmax, int64_t n, in
       const bool aligned16 = reinterpret_cast<uintptr_t>(packed) % 16 == 0;
       switch (variant) {
         case 1: launch(nf4_dequantize_vec_kernel<T, 8, true, false>, 8); break;
-        case 2: launch(nf4_dequantize_vec_kernel<T, 2, false, false>, 2); break;
         case 3: launch(nf4_dequantize_vec_kernel<T, 4, true, false>, 4); break;
         case 4:
           if (aligned16) { launch(nf4_dequantize_vec_kernel<T, 4, false, true>, 4); break; }
           [[fallthrough]];
-        default: launch(nf4_dequantize_vec_kernel<T, 4, false, false>, 4);
+        case 0: launch(nf4_dequantize_vec_kernel<T, 4, false, false>, 4); break;
+        default: launch(nf4_dequantize_vec_kernel<T, 2, false, false>, 2);
       }
     }
     const int64_t rest = n - n_words * 8;
