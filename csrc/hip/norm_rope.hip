@@ -197,7 +197,7 @@ RowPlan plan_rows(int64_t H, int elem_bytes, bool aligned) {
     const int64_t per = (nvec + it - 1) / it;
     if (per <= 256 || (it == (p.vec > 1 ? 8 : 16) && per <= kMaxThreads)) {
       p.iters = it;
-      p.threads = (int)((per + 31) / 32 * 32);
+      p.threads = (int)((per + kWarpSize - 1) / kWarpSize * kWarpSize);  // whole warps / wavefronts: block_sum
       p.ok = true;
       return p;
     }
