@@ -52,6 +52,19 @@ TORCH_LIBRARY(sloth, m) {
   m.def("glu_forward(Tensor gate, Tensor up, int kind) -> Tensor");
   // In place: gate <- d_gate = grad * up * act'(gate), up <- d_up = grad * act(gate) (same shape and dtype).
   m.def("glu_backward(Tensor grad, Tensor(a!) gate, Tensor(b!) up, int kind) -> ()");
+  // ---- RMSNorm and RoPE (branch integrate; python/sloth/ops/norm_rope.py) ----
+  // x [rows, H], weight [H] (same dtype, fp32/fp16/bf16) -> y [rows, H] (x's dtype), rstd [rows] fp32; fp32 math:
+  //   rstd = 1 / sqrt(mean(x^2) + eps), y = x * rstd * (offset + w); cast_before_weight rounds x * rstd to
+  //   x's dtype before the weight multiply (LlamaRMSNorm), else one rounding at the end (Gemma3RMSNorm).
+  m.def("rms_norm_forward(Tensor x, Tensor weight, float eps, float offset, bool cast_before_weight) "
+        "-> (Tensor y, Tensor rstd)");
+  // dx [rows, H] (x's dtype), dw [H] fp32 summed over rows ([0] when not compute_dw).
+  m.def("rms_norm_backward(Tensor dy, Tensor x, Tensor weight, Tensor rstd, float offset, bool cast_before_weight, "
+        "bool compute_dw) -> (Tensor dx, Tensor dw)");
+  // In place on q [tokens, heads, D], k [tokens, kv_heads, D] (last dim contiguous): rotate the first
+  // rot_dim dims (HF rotate_half), cos / sin [tokens, rot_dim]; inverse applies the transposed rotation (backward).
+  m.def("rope_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, bool inverse) -> ()");
+  // ---- end RMSNorm and RoPE ----
 }
 
 // `import sloth._C` loads the registrations above; the module itself is empty, which keeps the

@@ -283,3 +283,88 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_chunk_cuda(
 TORCH_LIBRARY_IMPL(sloth, CUDA, m) { m.impl("cross_entropy_chunk", &cross_entropy_chunk_cuda); }
 
 }  // namespace sloth::cuda
+
+// ---- RMSNorm and RoPE (branch integrate); bindings named apart from the launchers (*_cuda) ----
+namespace sloth::cuda {
+namespace {
+
+void check_norm_cuda(const at::Tensor& x, const at::Tensor& w, const char* op) {
+  TORCH_CHECK(x.dim() == 2, "sloth.", op, ": x must be [rows, H], got ", x.sizes());
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == x.size(1), "sloth.", op, ": weight must be [", x.size(1), "], got ",
+              w.sizes());
+  TORCH_CHECK(w.scalar_type() == x.scalar_type(), "sloth.", op, ": weight and x must have one dtype, got ",
+              w.scalar_type(), " and ", x.scalar_type());
+  TORCH_CHECK(w.device() == x.device(), "sloth.", op, ": weight and x must be on one device");
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_forward_cuda(const at::Tensor& x_, const at::Tensor& w_, double eps,
+                                                         double offset, bool cast_before_weight) {
+  c10::cuda::CUDAGuard guard(x_.device());
+  check_norm_cuda(x_, w_, "rms_norm_forward");
+  at::Tensor x = x_.contiguous(), w = w_.contiguous();
+  at::Tensor y = at::empty_like(x);
+  at::Tensor rstd = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
+  check_launch(sloth::cuda::rms_norm_forward(x.data_ptr(), w.data_ptr(), y.data_ptr(), rstd.data_ptr<float>(),
+                                             x.size(0), x.size(1), out_type_of(x.scalar_type()), (float)eps,
+                                             (float)offset, cast_before_weight, at::cuda::getCurrentCUDAStream()),
+               "rms_norm_forward");
+  return {y, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda(const at::Tensor& dy_, const at::Tensor& x_,
+                                                          const at::Tensor& w_, const at::Tensor& rstd_,
+                                                          double offset, bool cast_before_weight, bool compute_dw) {
+  c10::cuda::CUDAGuard guard(x_.device());
+  check_norm_cuda(x_, w_, "rms_norm_backward");
+  TORCH_CHECK(dy_.sizes() == x_.sizes() && dy_.scalar_type() == x_.scalar_type(),
+              "sloth.rms_norm_backward: dy must match x in shape and dtype");
+  TORCH_CHECK(rstd_.numel() == x_.size(0) && rstd_.scalar_type() == at::kFloat,
+              "sloth.rms_norm_backward: rstd must be [rows] float32");
+  at::Tensor dy = dy_.contiguous(), x = x_.contiguous(), w = w_.contiguous(), rstd = rstd_.contiguous();
+  const int64_t rows = x.size(0), H = x.size(1);
+  at::Tensor dx = at::empty_like(x);
+  auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor dw = at::empty({compute_dw ? H : 0}, f32);
+  const int nparts = sloth::cuda::rms_norm_backward_parts(rows);
+  at::Tensor partial = compute_dw ? at::empty({nparts, H}, f32) : at::Tensor();
+  check_launch(sloth::cuda::rms_norm_backward(dy.data_ptr(), x.data_ptr(), w.data_ptr(), rstd.data_ptr<float>(),
+                                              dx.data_ptr(), compute_dw ? dw.data_ptr<float>() : nullptr,
+                                              compute_dw ? partial.data_ptr<float>() : nullptr, nparts, rows, H,
+                                              out_type_of(x.scalar_type()), (float)offset, cast_before_weight,
+                                              at::cuda::getCurrentCUDAStream()),
+               "rms_norm_backward");
+  return {dx, dw};
+}
+
+void rope_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos_, const at::Tensor& sin_,
+               bool inverse) {
+  c10::cuda::CUDAGuard guard(q.device());
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3, "sloth.rope_: q and k must be [tokens, heads, D]");
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(2) == k.size(2), "sloth.rope_: q ", q.sizes(), " and k ", k.sizes(),
+              " must share tokens and head_dim");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.device() == k.device(),
+              "sloth.rope_: q and k must have one dtype and device");
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1, "sloth.rope_: the last dim of q and k must be contiguous");
+  TORCH_CHECK(cos_.dim() == 2 && cos_.sizes() == sin_.sizes() && cos_.size(0) == q.size(0),
+              "sloth.rope_: cos and sin must be [tokens, rot_dim]");
+  TORCH_CHECK(cos_.size(1) % 2 == 0 && cos_.size(1) <= q.size(2), "sloth.rope_: rot_dim must be even and <= head_dim");
+  at::Tensor cos = cos_.to(q.device(), at::kFloat).contiguous(), sin = sin_.to(q.device(), at::kFloat).contiguous();
+  const OutType type = out_type_of(q.scalar_type());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  check_launch(sloth::cuda::rope_inplace(q.data_ptr(), cos.data_ptr<float>(), sin.data_ptr<float>(), q.size(0),
+                                         q.size(1), q.stride(0), q.stride(1), cos.size(1), type, inverse, stream),
+               "rope_");
+  check_launch(sloth::cuda::rope_inplace(k.data_ptr(), cos.data_ptr<float>(), sin.data_ptr<float>(), k.size(0),
+                                         k.size(1), k.stride(0), k.stride(1), cos.size(1), type, inverse, stream),
+               "rope_");
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sloth, CUDA, m) {
+  m.impl("rms_norm_forward", &rms_norm_forward_cuda);
+  m.impl("rms_norm_backward", &rms_norm_backward_cuda);
+  m.impl("rope_", &rope_cuda);
+}
+
+}  // namespace sloth::cuda

@@ -86,3 +86,24 @@ hipError_t glu_backward(const void* grad, void* gate, void* up, int64_t n, OutTy
                          hipStream_t stream);
 
 }  // namespace sloth::cuda
+
+// ---- RMSNorm and RoPE (branch integrate): norm_rope.cu ----
+namespace sloth::cuda {
+
+// x, w, y: [rows, H] / [H] / [rows, H] contiguous of `type`; rstd [rows] fp32 out.
+// hipErrorNotSupported when H is too large for one CTA per row (H > 16384 unaligned, > 65536 aligned).
+hipError_t rms_norm_forward(const void* x, const void* w, void* y, float* rstd, int64_t rows, int64_t H,
+                             OutType type, float eps, float offset, bool cast_before_weight, hipStream_t stream);
+// Number of CTAs (= fp32 partial rows of dw, [nparts, H] workspace) that rms_norm_backward uses for `rows`.
+int rms_norm_backward_parts(int64_t rows);
+// dx [rows, H] out; dw [H] fp32 out (null: not computed), partial [nparts, H] fp32 workspace.
+hipError_t rms_norm_backward(const void* dy, const void* x, const void* w, const float* rstd, void* dx,
+                              float* dw, float* partial, int nparts, int64_t rows, int64_t H, OutType type,
+                              float offset, bool cast_before_weight, hipStream_t stream);
+// In place on x [tokens, heads, D] with strides (stride_t, stride_h, 1): rotates the first rot_dim dims;
+// cos / sin [tokens, rot_dim] fp32 contiguous.
+hipError_t rope_inplace(void* x, const float* cos, const float* sin, int64_t tokens, int64_t heads,
+                         int64_t stride_t, int64_t stride_h, int64_t rot_dim, OutType type, bool inverse,
+                         hipStream_t stream);
+
+}  // namespace sloth::cuda

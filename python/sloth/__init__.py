@@ -13,6 +13,10 @@ from .nn import causal_lm_loss, glu, linear_cross_entropy, linear_logprobs, lora
 from .nn.lora_mlp import LoraProj
 from .ops import NF4State, mxfp4_dequantize, mxfp4_quantize, nf4_dequantize, nf4_quantize
 
+# ---- model integration (branch integrate): sloth.patch / sloth.unpatch, RMSNorm, RoPE ----
+from .integrations.transformers import patch, unpatch
+from .nn.norm_rope import rms_norm, rope
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -31,4 +35,8 @@ __all__ = [
     "nf4_quantize",
     "nn",
     "ops",
+    "patch",
+    "rms_norm",
+    "rope",
+    "unpatch",
 ]

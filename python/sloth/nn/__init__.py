@@ -6,6 +6,7 @@ from .linear_logprobs import LinearLogprobsFunction, linear_logprobs
 from .lora_linear import lora_linear
 from .lora_mlp import lora_mlp
 from .workspace import Workspace
+from .norm_rope import RMSNormFunction, RopeFunction, rms_norm, rope  # RMSNorm / RoPE (integrate)
 
 __all__ = [
     "LinearCrossEntropyFunction",
@@ -17,4 +18,8 @@ __all__ = [
     "linear_logprobs",
     "lora_linear",
     "lora_mlp",
+    "RMSNormFunction",
+    "RopeFunction",
+    "rms_norm",
+    "rope",
 ]

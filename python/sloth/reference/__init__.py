@@ -1,5 +1,6 @@
 """Plain-PyTorch implementations of every sloth op: the oracle of the tests, written for clarity."""
 
 from . import cross_entropy, glu, lora_linear, mxfp4, nf4
+from . import norm_rope  # RMSNorm / RoPE (integrate)
 
-__all__ = ["cross_entropy", "glu", "lora_linear", "mxfp4", "nf4"]
+__all__ = ["cross_entropy", "glu", "lora_linear", "mxfp4", "nf4", "norm_rope"]

@@ -1,0 +1,313 @@
+// CUDA kernels for RMSNorm (forward / backward) and in-place RoPE. Math: csrc/include/sloth/norm_rope.h.
+#include "launchers.h"
+#include "sloth/norm_rope.h"
+#include "sloth/numeric.h"
+#include "sloth/portability.h"
+
+namespace sloth::cuda {
+namespace {
+
+constexpr int kMaxThreads = 1024;
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// VEC contiguous elements of type T -> fp32 (one 16-byte load when VEC * sizeof(T) == 16).
+template <OutType T, int VEC>
+__device__ __forceinline__ void loadv(const typename OutStorage<T>::type* src, float (&v)[VEC]) {
+  using raw = typename OutStorage<T>::type;
+  if constexpr (VEC * sizeof(raw) == 16) {
+    const uint4 w = *reinterpret_cast<const uint4*>(src);
+    if constexpr (T == OutType::kF32) {
+      v[0] = bits_float(w.x), v[1] = bits_float(w.y), v[2] = bits_float(w.z), v[3] = bits_float(w.w);
+    } else {
+      const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        v[2 * i] = to_float<T>((uint16_t)(ws[i] & 0xffffu));
+        v[2 * i + 1] = to_float<T>((uint16_t)(ws[i] >> 16));
+      }
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) v[i] = to_float<T>(src[i]);
+  }
+}
+
+template <OutType T, int VEC>
+__device__ __forceinline__ void storev(typename OutStorage<T>::type* dst, const float (&v)[VEC]) {
+  using raw = typename OutStorage<T>::type;
+  if constexpr (VEC * sizeof(raw) == 16) {
+    if constexpr (T == OutType::kF32) {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(float_bits(v[0]), float_bits(v[1]), float_bits(v[2]), float_bits(v[3]));
+    } else {
+      uint32_t w[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        w[i] = (uint32_t)from_float<T>(v[2 * i]) | ((uint32_t)from_float<T>(v[2 * i + 1]) << 16);
+      *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) dst[i] = from_float<T>(v[i]);
+  }
+}
+
+// Sum of v over the CTA (every thread gets the result). `red` holds kMaxThreads / kWarpSize floats.
+__device__ __forceinline__ float block_sum(float v, float* red) {
+#pragma unroll
+  for (int m = kWarpSize / 2; m > 0; m >>= 1) v += shfl_xor(v, m);
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int warps = (blockDim.x + kWarpSize - 1) / kWarpSize;
+  __syncthreads();  // red may still be read from a previous call
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float s = 0.f;
+  for (int i = 0; i < warps; ++i) s += red[i];  // same order in every thread: one result
+  return s;
+}
+
+// RMSNorm forward, one CTA per row (grid-stride over rows). Each thread keeps its ITERS chunks of VEC
+// elements of x in registers, so x is read once. Traffic per row: reads H (x) + H (w, L2-resident) elements,
+// writes H elements of y and 4 bytes of rstd: about 2 H sizeof(T) bytes from / to DRAM.
+template <OutType T, int VEC, int ITERS>
+__global__ void rms_norm_forward_kernel(const typename OutStorage<T>::type* __restrict__ x,
+                                        const typename OutStorage<T>::type* __restrict__ w,
+                                        typename OutStorage<T>::type* __restrict__ y, float* __restrict__ rstd,
+                                        int64_t rows, int64_t H, float eps, float offset, bool cast_before_weight) {
+  __shared__ float red[kMaxThreads / 32];
+  const int64_t nvec = H / VEC;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const typename OutStorage<T>::type* xr = x + row * H;
+    float v[ITERS][VEC];
+    float ss = 0.f;
+#pragma unroll
+    for (int it = 0; it < ITERS; ++it) {
+      const int64_t c = threadIdx.x + (int64_t)it * blockDim.x;
+      if (c < nvec) {
+        loadv<T, VEC>(xr + c * VEC, v[it]);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) ss += v[it][i] * v[it][i];
+      }
+    }
+    const float rs = rms_norm_rstd(block_sum(ss, red), H, eps);
+    if (threadIdx.x == 0) rstd[row] = rs;
+#pragma unroll
+    for (int it = 0; it < ITERS; ++it) {
+      const int64_t c = threadIdx.x + (int64_t)it * blockDim.x;
+      if (c < nvec) {
+        float wv[VEC], o[VEC];
+        loadv<T, VEC>(w + c * VEC, wv);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) o[i] = rms_norm_n<T>(v[it][i], rs, cast_before_weight) * (offset + wv[i]);
+        storev<T, VEC>(y + row * H + c * VEC, o);
+      }
+    }
+  }
+}
+
+// RMSNorm backward, one CTA per row (grid-stride): dx = rstd (dy g - n D); each CTA sums dy * n' of its rows
+// over its columns in registers and writes one fp32 partial row of dw (partial[blockIdx.x, H]), reduced by
+// rms_norm_dw_reduce_kernel. Traffic per row: reads 2 H elements (x, dy) + w (L2), writes H elements of dx;
+// plus gridDim.x * H * 4 bytes of partials written once and read once.
+template <OutType T, int VEC, int ITERS>
+__global__ void rms_norm_backward_kernel(const typename OutStorage<T>::type* __restrict__ dy,
+                                         const typename OutStorage<T>::type* __restrict__ x,
+                                         const typename OutStorage<T>::type* __restrict__ w,
+                                         const float* __restrict__ rstd, typename OutStorage<T>::type* __restrict__ dx,
+                                         float* __restrict__ partial, int64_t rows, int64_t H, float offset,
+                                         bool cast_before_weight) {
+  __shared__ float red[kMaxThreads / 32];
+  const int64_t nvec = H / VEC;
+  float acc[ITERS][VEC];
+#pragma unroll
+  for (int it = 0; it < ITERS; ++it)
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) acc[it][i] = 0.f;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const float rs = rstd[row];
+    float xv[ITERS][VEC], dv[ITERS][VEC];
+    float dot = 0.f;
+#pragma unroll
+    for (int it = 0; it < ITERS; ++it) {
+      const int64_t c = threadIdx.x + (int64_t)it * blockDim.x;
+      if (c < nvec) {
+        float wv[VEC];
+        loadv<T, VEC>(x + row * H + c * VEC, xv[it]);
+        loadv<T, VEC>(dy + row * H + c * VEC, dv[it]);
+        loadv<T, VEC>(w + c * VEC, wv);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+          dot += dv[it][i] * (offset + wv[i]) * (xv[it][i] * rs);
+          if (partial) acc[it][i] += dv[it][i] * rms_norm_n<T>(xv[it][i], rs, cast_before_weight);
+        }
+      }
+    }
+    dot = block_sum(dot, red) / (float)H;
+#pragma unroll
+    for (int it = 0; it < ITERS; ++it) {
+      const int64_t c = threadIdx.x + (int64_t)it * blockDim.x;
+      if (c < nvec) {
+        float wv[VEC], o[VEC];
+        loadv<T, VEC>(w + c * VEC, wv);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) o[i] = rs * (dv[it][i] * (offset + wv[i]) - xv[it][i] * rs * dot);
+        storev<T, VEC>(dx + row * H + c * VEC, o);
+      }
+    }
+  }
+  if (partial) {
+#pragma unroll
+    for (int it = 0; it < ITERS; ++it) {
+      const int64_t c = threadIdx.x + (int64_t)it * blockDim.x;
+      if (c < nvec)
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) partial[(int64_t)blockIdx.x * H + c * VEC + i] = acc[it][i];
+    }
+  }
+}
+
+// dw[j] = sum_b partial[b, j], in a fixed order (deterministic). Traffic: reads nparts * H * 4, writes H * 4 bytes.
+__global__ void rms_norm_dw_reduce_kernel(const float* __restrict__ partial, float* __restrict__ dw, int nparts,
+                                          int64_t H) {
+  for (int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; j < H; j += (int64_t)gridDim.x * blockDim.x) {
+    float s = 0.f;
+    for (int b = 0; b < nparts; ++b) s += partial[(int64_t)b * H + j];
+    dw[j] = s;
+  }
+}
+
+struct RowPlan {
+  int vec = 1, iters = 1, threads = 32;
+  bool ok = false;
+};
+
+// Chunks of VEC (16 bytes when aligned and H % VEC == 0, else 1 element), ITERS chunks per thread held in
+// registers, at most kMaxThreads threads.
+RowPlan plan_rows(int64_t H, int elem_bytes, bool aligned) {
+  RowPlan p;
+  const int v16 = 16 / elem_bytes;
+  p.vec = (aligned && H % v16 == 0) ? v16 : 1;
+  const int64_t nvec = H / p.vec;
+  const int options[] = {1, 2, 4, 8, 16};
+  for (int it : options) {
+    if (p.vec > 1 && it > 8) break;
+    const int64_t per = (nvec + it - 1) / it;
+    if (per <= 256 || (it == (p.vec > 1 ? 8 : 16) && per <= kMaxThreads)) {
+      p.iters = it;
+      p.threads = (int)((per + kWarpSize - 1) / kWarpSize * kWarpSize);  // whole warps / wavefronts: block_sum
+      p.ok = true;
+      return p;
+    }
+  }
+  return p;
+}
+
+template <OutType T, typename Fn>
+bool dispatch_plan(const RowPlan& p, Fn&& fn) {
+  constexpr int V16 = 16 / sizeof(typename OutStorage<T>::type);
+#define SLOTH_PLAN_CASE(VEC, IT) \
+  if (p.vec == VEC && p.iters == IT) { fn(std::integral_constant<int, VEC>{}, std::integral_constant<int, IT>{}); return true; }
+  SLOTH_PLAN_CASE(V16, 1) SLOTH_PLAN_CASE(V16, 2) SLOTH_PLAN_CASE(V16, 4) SLOTH_PLAN_CASE(V16, 8)
+  SLOTH_PLAN_CASE(1, 1) SLOTH_PLAN_CASE(1, 2) SLOTH_PLAN_CASE(1, 4) SLOTH_PLAN_CASE(1, 8) SLOTH_PLAN_CASE(1, 16)
+#undef SLOTH_PLAN_CASE
+  return false;
+}
+
+int elem_bytes(OutType t) { return t == OutType::kF32 ? 4 : 2; }
+
+unsigned row_grid(int64_t rows, int64_t cap) { return (unsigned)(rows < cap ? (rows > 0 ? rows : 1) : cap); }
+
+// RoPE: one thread per rotary pair (token, head, i < rot_dim / 2); adjacent threads take adjacent i, so the
+// loads of x[i], x[i + h], cos and sin are coalesced. Traffic: reads and writes rot_dim elements per
+// (token, head) of q and k; cos / sin (rot_dim fp32 per token) are read once per head from L2.
+template <OutType T>
+__global__ void rope_kernel(typename OutStorage<T>::type* __restrict__ x, const float* __restrict__ cos,
+                            const float* __restrict__ sin, int64_t tokens, int64_t heads, int64_t stride_t,
+                            int64_t stride_h, int64_t half, bool inverse) {
+  const int64_t n = tokens * heads * half;
+  for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t j = i % half, th = i / half, h = th % heads, t = th / heads;
+    typename OutStorage<T>::type* v = x + t * stride_t + h * stride_h;
+    const float* c = cos + t * 2 * half;
+    const float* s = sin + t * 2 * half;
+    const RopePair p = rope_pair(to_float<T>(v[j]), to_float<T>(v[j + half]), c[j], c[j + half], s[j], s[j + half],
+                                 inverse);
+    v[j] = from_float<T>(p.a);
+    v[j + half] = from_float<T>(p.b);
+  }
+}
+
+}  // namespace
+
+int rms_norm_backward_parts(int64_t rows) {
+  int dev = 0, sms = 108;
+  if (cudaGetDevice(&dev) == cudaSuccess) (void)cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  const int64_t cap = 2 * (int64_t)sms;
+  return (int)(rows < cap ? (rows > 0 ? rows : 1) : cap);
+}
+
+cudaError_t rms_norm_forward(const void* x, const void* w, void* y, float* rstd, int64_t rows, int64_t H,
+                             OutType type, float eps, float offset, bool cast_before_weight, cudaStream_t stream) {
+  if (rows == 0 || H == 0) return cudaSuccess;
+  const RowPlan p = plan_rows(H, elem_bytes(type), aligned16(x) && aligned16(w) && aligned16(y));
+  if (!p.ok) return cudaErrorNotSupported;
+  bool launched = false;
+  dispatch_out_type(type, [&](auto t) {
+    constexpr OutType T = decltype(t)::value;
+    using raw = typename OutStorage<T>::type;
+    launched = dispatch_plan<T>(p, [&](auto vc, auto ic) {
+      constexpr int VEC = decltype(vc)::value, IT = decltype(ic)::value;
+      rms_norm_forward_kernel<T, VEC, IT><<<row_grid(rows, 65535), p.threads, 0, stream>>>(
+          static_cast<const raw*>(x), static_cast<const raw*>(w), static_cast<raw*>(y), rstd, rows, H, eps, offset,
+          cast_before_weight);
+    });
+  });
+  if (!launched) return cudaErrorNotSupported;
+  return cudaGetLastError();
+}
+
+cudaError_t rms_norm_backward(const void* dy, const void* x, const void* w, const float* rstd, void* dx,
+                              float* dw, float* partial, int nparts, int64_t rows, int64_t H, OutType type,
+                              float offset, bool cast_before_weight, cudaStream_t stream) {
+  if (H == 0) return cudaSuccess;
+  if (rows == 0) {
+    if (dw) return cudaMemsetAsync(dw, 0, H * sizeof(float), stream);
+    return cudaSuccess;
+  }
+  const RowPlan p = plan_rows(H, elem_bytes(type), aligned16(x) && aligned16(w) && aligned16(dy) && aligned16(dx));
+  if (!p.ok) return cudaErrorNotSupported;
+  bool launched = false;
+  dispatch_out_type(type, [&](auto t) {
+    constexpr OutType T = decltype(t)::value;
+    using raw = typename OutStorage<T>::type;
+    launched = dispatch_plan<T>(p, [&](auto vc, auto ic) {
+      constexpr int VEC = decltype(vc)::value, IT = decltype(ic)::value;
+      rms_norm_backward_kernel<T, VEC, IT><<<(unsigned)nparts, p.threads, 0, stream>>>(
+          static_cast<const raw*>(dy), static_cast<const raw*>(x), static_cast<const raw*>(w), rstd,
+          static_cast<raw*>(dx), dw ? partial : nullptr, rows, H, offset, cast_before_weight);
+    });
+  });
+  if (!launched) return cudaErrorNotSupported;
+  if (dw) {
+    const unsigned grid = row_grid((H + 255) / 256, 65535);
+    rms_norm_dw_reduce_kernel<<<grid, 256, 0, stream>>>(partial, dw, nparts, H);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t rope_inplace(void* x, const float* cos, const float* sin, int64_t tokens, int64_t heads,
+                         int64_t stride_t, int64_t stride_h, int64_t rot_dim, OutType type, bool inverse,
+                         cudaStream_t stream) {
+  const int64_t half = rot_dim / 2, n = tokens * heads * half;
+  if (n == 0) return cudaSuccess;
+  const unsigned grid = row_grid((n + 255) / 256, 65535 * 8);  // grid-stride loop covers the rest
+  dispatch_out_type(type, [&](auto t) {
+    constexpr OutType T = decltype(t)::value;
+    using raw = typename OutStorage<T>::type;
+    rope_kernel<T><<<grid, 256, 0, stream>>>(
+        static_cast<raw*>(x), cos, sin, tokens, heads, stride_t, stride_h, half, inverse);
+  });
+  return cudaGetLastError();
+}
+
+}  // namespace sloth::cuda

@@ -1,0 +1,179 @@
+"""Put sloth's kernels into Transformers models: ``sloth.patch(model)`` / ``sloth.unpatch(model)``.
+
+Supported: Llama 3, Qwen3, Mistral and Gemma 3 text models (``*ForCausalLM``), bare or wrapped in a PEFT
+``PeftModel``. What is replaced (each listed with ``verbose=True``):
+
+- every RMSNorm module (``LlamaRMSNorm``, ``Qwen3RMSNorm`` incl. the q_norm / k_norm of attention,
+  ``MistralRMSNorm``, ``Gemma3RMSNorm``): its ``forward`` becomes :func:`sloth.nn.rms_norm` with the family's
+  rounding order (Llama / Qwen / Mistral: ``w * round(x * rstd)``; Gemma 3: ``round(x * rstd * (1 + w))``,
+  all in fp32). Transformers has no registry for norms, so the module's forward is replaced on the instance.
+- the causal-LM head + loss: the ``*ForCausalLM`` instance's ``forward`` is wrapped. When ``labels`` is
+  given, it runs the base model, takes the last hidden state (sliced by ``logits_to_keep`` as the model
+  does) and computes the loss with :func:`sloth.causal_lm_loss` (chunked linear cross-entropy, with the
+  config's ``final_logit_softcapping`` for Gemma 3, ``num_items_in_batch`` / ``shift_labels`` from the
+  kwargs, ignore_index -100) **without materializing the logits: the output's ``logits`` is None**. Without
+  labels the original forward runs unchanged (logits are returned as usual).
+- PEFT LoRA layers (when the model is a ``PeftModel``): :func:`sloth.integrations.peft.patch_peft_model`.
+
+Attention stays the model's own (SDPA / eager); Gemma 3's embedding scale sqrt(hidden) and sliding-window
+layers are untouched. :func:`unpatch` restores every replaced attribute exactly.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+
+import torch
+
+from ..nn.linear_cross_entropy import causal_lm_loss
+from ..nn.norm_rope import rms_norm
+
+_RECORD = "_sloth_patches"  # on the patched (top-level) model: list of (module, attr, had_own, old, what)
+
+#: RMSNorm class name -> (offset, cast_before_weight, eps attribute)
+RMS_NORMS = {
+    "LlamaRMSNorm": (0.0, True, "variance_epsilon"),
+    "Qwen3RMSNorm": (0.0, True, "variance_epsilon"),
+    "MistralRMSNorm": (0.0, True, "variance_epsilon"),
+    "Gemma3RMSNorm": (1.0, False, "eps"),
+}
+
+#: ForCausalLM classes whose loss is computed by sloth's chunked linear cross-entropy
+CAUSAL_LMS = ("LlamaForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM", "Gemma3ForCausalLM")
+
+_LOSS_ONLY_KWARGS = ("num_items_in_batch", "shift_labels", "ignore_index")
+
+
+def _rms_norm_forward(self, x):
+    offset, cast_before_weight, eps_attr = RMS_NORMS[type(self).__name__]
+    w = self.weight
+    if w.dtype != x.dtype and not cast_before_weight and x.dtype == torch.float32:
+        w = w.float()  # Gemma computes (1 + w.float()) anyway: exact
+    if w.dtype != x.dtype or x.device.type not in ("cpu", "cuda") or x.shape[-1] != w.shape[0] or x.numel() == 0:
+        return self._sloth_orig_forward(x)  # mixed dtypes promote in Llama's order: keep the model's own code
+    return rms_norm(x, w, getattr(self, eps_attr), offset, cast_before_weight)
+
+
+def _slice_to_keep(hidden, logits_to_keep):
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep
+
+        return slice_logits_to_keep(hidden, logits_to_keep)
+    except ImportError:  # older Transformers: the int / 1-D tensor forms
+        if isinstance(logits_to_keep, int):
+            return hidden[:, -logits_to_keep:, :] if logits_to_keep else hidden
+        return hidden[:, logits_to_keep, :]
+
+
+def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                       inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, **kwargs):
+    """sloth's ForCausalLM forward: with ``labels``, the loss from the last hidden state through the chunked
+    linear cross-entropy, and ``logits=None`` (never materialized); without, the model's own forward."""
+    lm_head = self.get_output_embeddings()
+    if labels is None or type(lm_head) is not torch.nn.Linear:
+        return self._sloth_orig_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                        past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                                        use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return_dict = kwargs.pop("return_dict", None)
+    loss_kwargs = {k: kwargs.pop(k) for k in _LOSS_ONLY_KWARGS if k in kwargs}
+    base = getattr(self, self.base_model_prefix)
+    outputs = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+    hidden = _slice_to_keep(outputs.last_hidden_state, logits_to_keep)
+    loss = causal_lm_loss(
+        hidden, lm_head.weight, labels, num_items_in_batch=loss_kwargs.get("num_items_in_batch"),
+        ignore_index=loss_kwargs.get("ignore_index", -100), shift_labels=loss_kwargs.get("shift_labels"),
+        bias=lm_head.bias, final_logit_softcapping=getattr(self.config, "final_logit_softcapping", None))
+    out = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
+                                 hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+    if return_dict is False or (return_dict is None and not getattr(self.config, "return_dict", True)):
+        return out.to_tuple()
+    return out
+
+
+def _replace_forward(record, module, fn, what):
+    had_own = "forward" in module.__dict__
+    old = module.__dict__.get("forward")
+    module._sloth_orig_forward = module.forward
+    module.forward = types.MethodType(fn, module)
+    record.append((module, had_own, old, what))
+
+
+def _peft_base(model):
+    """(the Transformers model inside, is_peft) for a PeftModel; (model, False) otherwise."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return model, False
+    if isinstance(model, PeftModel):
+        return model.get_base_model(), True
+    return model, False
+
+
+def patch(model, verbose: bool = False):
+    """Route ``model``'s RMSNorms and causal-LM loss through sloth (see the module docstring); LoRA layers
+    too when ``model`` is a PeftModel. Idempotent; returns ``model``. Undo with :func:`unpatch`."""
+    if _RECORD in model.__dict__:
+        if verbose:
+            print(f"sloth.patch: {type(model).__name__} is already patched")
+        return model
+    base, is_peft = _peft_base(model)
+    record: list = []
+    names = {m: n for n, m in base.named_modules()}
+    for module in base.modules():
+        cls = type(module).__name__
+        if cls in RMS_NORMS and "_sloth_orig_forward" not in module.__dict__:
+            offset, cast, _ = RMS_NORMS[cls]
+            order = "round(x*rstd)*w" if cast else "round(x*rstd*(1+w))"
+            _replace_forward(record, module, _rms_norm_forward,
+                             f"{names[module] or '<root>'}: {cls}.forward -> sloth.rms_norm (offset={offset:g}, {order})")
+        elif cls in CAUSAL_LMS and "_sloth_orig_forward" not in module.__dict__:
+            softcap = getattr(module.config, "final_logit_softcapping", None)
+            _replace_forward(record, module, _causal_lm_forward,
+                             f"{names[module] or '<root>'}: {cls}.forward -> loss by sloth.causal_lm_loss "
+                             f"(chunked linear cross-entropy, softcap={softcap}; logits=None when labels are given)")
+    n_lora = 0
+    if is_peft:
+        from .peft import patch_peft_model
+
+        n_lora = patch_peft_model(model)
+    model.__dict__[_RECORD] = (record, is_peft)
+    if not record and not n_lora:
+        warnings.warn(f"sloth.patch: nothing to patch in {type(model).__name__}; supported: "
+                      f"{', '.join(CAUSAL_LMS)} (norms: {', '.join(RMS_NORMS)})", stacklevel=2)
+    if verbose:
+        print(f"sloth.patch: {len(record)} replacements in {type(base).__name__}" + (f", {n_lora} LoRA layers" if is_peft else ""))
+        for _, _, _, what in record:
+            print(f"  {what}")
+        if is_peft:
+            print(f"  {n_lora} PEFT LoRA layers: forward -> sloth.lora_linear (sloth.integrations.peft)")
+    return model
+
+
+def unpatch(model) -> int:
+    """Restore everything :func:`patch` replaced on ``model``; returns the number of restored replacements."""
+    entry = model.__dict__.pop(_RECORD, None)
+    if entry is None:
+        return 0
+    record, is_peft = entry
+    for module, had_own, old, _ in reversed(record):
+        if had_own:
+            module.forward = old
+        else:
+            module.__dict__.pop("forward", None)
+        module.__dict__.pop("_sloth_orig_forward", None)
+    n = len(record)
+    if is_peft:
+        from .peft import unpatch_peft_model
+
+        n += unpatch_peft_model(model)
+    return n
+
+
+def patched_modules(model) -> list[str]:
+    """The descriptions of the replacements :func:`patch` made on ``model`` (empty when not patched)."""
+    entry = model.__dict__.get(_RECORD)
+    return [what for *_, what in entry[0]] if entry else []

@@ -1,0 +1,166 @@
+"""RMSNorm and RoPE: forward and backward against the fp32 reference (sloth.reference.norm_rope)."""
+
+import pytest
+import torch
+
+import sloth
+from sloth import reference
+from sloth.ops import rms_norm_backward, rms_norm_forward, rope_
+
+from conftest import DEVICES
+
+# Relative to max |reference|: fp32 math from the same rounded inputs; the difference is the final rounding
+# (2^-8 bf16, 2^-11 fp16) plus fp32 reduction-order noise.
+TOL = {torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-6)).item()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+@pytest.mark.parametrize("shape", [(1, 8), (3, 333), (17, 64), (5, 1000), (2, 4096), (0, 24)])
+def test_rms_norm(device, dtype, family, shape):
+    offset, cast = (0.0, True) if family == "llama" else (1.0, False)
+    g = torch.Generator().manual_seed(1)
+    x = (2 * torch.randn(shape, generator=g)).to(dtype).to(device)
+    w = (1 + 0.3 * torch.randn(shape[1], generator=g)).to(dtype).to(device)
+    dy = torch.randn(shape, generator=g).to(dtype).to(device)
+    y, rstd = rms_norm_forward(x, w, 1e-6, offset, cast)
+    y_ref, rstd_ref = reference.norm_rope.rms_norm_forward(x, w, 1e-6, offset, cast)
+    assert y.dtype == dtype and y.shape == x.shape and rstd.dtype == torch.float32 and rstd.shape == (shape[0],)
+    dx, dw = rms_norm_backward(dy, x, w, rstd, offset, cast)
+    assert dx.dtype == dtype and dw.dtype == torch.float32 and dw.shape == (shape[1],)
+    if shape[0] == 0:
+        assert torch.equal(dw, torch.zeros_like(dw))
+        return
+    assert rel_err(rstd, rstd_ref) <= 4e-6  # fp32 sums in another order
+    assert rel_err(y, y_ref) <= TOL[dtype]
+    dx_ref, dw_ref = reference.norm_rope.rms_norm_backward(dy, x, w, 1e-6, offset, cast)
+    assert rel_err(dx, dx_ref) <= TOL[dtype] * 2
+    # fp32 accumulation of the same products; in the Llama order round(x * rstd) may flip by one ulp
+    assert rel_err(dw, dw_ref) <= (TOL[dtype] if cast and dtype != torch.float32 else 1e-5)
+    _, dw_none = rms_norm_backward(dy, x, w, rstd, offset, cast, compute_dw=False)
+    assert dw_none.numel() == 0
+
+
+def test_rms_norm_matches_transformers_rounding():
+    """bf16: Llama rounds x * rstd before the weight multiply, Gemma 3 rounds once: match each exactly-ish."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    x = torch.randn(64, 333).bfloat16()
+    for cls, offset, cast in ((LlamaRMSNorm, 0.0, True), (Gemma3RMSNorm, 1.0, False)):
+        m = cls(333, eps=1e-6)
+        with torch.no_grad():
+            m.weight.copy_(torch.randn(333))
+        m = m.bfloat16()
+        want = m(x)
+        got = sloth.rms_norm(x, m.weight, 1e-6, offset, cast)
+        # at most one bf16 ulp apart (rstd differs in the last fp32 bits), almost all equal
+        diff = (got.float() - want.float()).abs() / want.float().abs().clamp(min=1e-3)
+        assert diff.max() <= 2 ** -7 and (got == want).float().mean() > 0.97, cls.__name__
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_autograd(device, dtype):
+    x = torch.randn(2, 5, 48, device=device).to(dtype).requires_grad_()
+    w = (1 + 0.1 * torch.randn(48, device=device)).to(dtype).requires_grad_()
+    y = sloth.rms_norm(x, w, 1e-5, 1.0, False)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    dx_ref, dw_ref = reference.norm_rope.rms_norm_backward(dy.reshape(10, 48), x.reshape(10, 48), w, 1e-5, 1.0, False)
+    assert x.grad.shape == x.shape and w.grad.dtype == dtype
+    assert rel_err(x.grad.reshape(10, 48), dx_ref) <= TOL[dtype] * 2
+    assert rel_err(w.grad, dw_ref) <= max(TOL[dtype], 1e-5)
+
+
+def test_rms_norm_bad_inputs():
+    with pytest.raises(ValueError, match="entries"):
+        rms_norm_forward(torch.randn(3, 4), torch.randn(5), 1e-6)
+    with pytest.raises(TypeError, match="dtype"):
+        rms_norm_forward(torch.randn(3, 4), torch.randn(4, dtype=torch.float16), 1e-6)
+    with pytest.raises(ValueError, match="dimensions"):
+        rms_norm_forward(torch.randn(3), torch.randn(3), 1e-6)
+
+
+def hf_cos_sin(tokens, rot, base=10000.0, scale=1.0):
+    inv = 1.0 / (base ** (torch.arange(0, rot, 2).float() / rot))
+    freqs = torch.arange(tokens).float()[:, None] * inv[None] / scale
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,heads,kv_heads,D,rot", [(7, 4, 2, 64, 64), (5, 3, 1, 80, 32), (1, 2, 2, 256, 256),
+                                                         (0, 4, 2, 64, 64), (9, 2, 1, 6, 4)])
+def test_rope(device, dtype, tokens, heads, kv_heads, D, rot):
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(tokens, heads, D, generator=g).to(dtype).to(device)
+    k = torch.randn(tokens, kv_heads, D, generator=g).to(dtype).to(device)
+    cos, sin = hf_cos_sin(tokens, rot)
+    cos, sin = cos.to(device), sin.to(device)
+    q2, k2 = q.clone(), k.clone()
+    rope_(q2, k2, cos, sin)
+    assert rel_err(q2, reference.norm_rope.rope(q, cos, sin)) <= TOL[dtype] if tokens else q2.numel() == 0
+    assert rel_err(k2, reference.norm_rope.rope(k, cos, sin)) <= TOL[dtype] if tokens else True
+    if tokens:
+        assert torch.equal(q2[..., rot:], q[..., rot:])  # the pass-through dims are untouched
+    # inverse: the transpose (= -sin for HF's cos / sin) undoes the rotation
+    rope_(q2, k2, cos, sin, inverse=True)
+    if tokens:
+        assert rel_err(q2, q) <= 4 * TOL[dtype] and rel_err(k2, k) <= 4 * TOL[dtype]
+        q3, k3 = q.clone(), k.clone()
+        rope_(q3, k3, cos, -sin)
+        q4, k4 = q.clone(), k.clone()
+        rope_(q4, k4, cos, sin, inverse=True)
+        assert torch.equal(q3, q4) and torch.equal(k3, k4)
+
+
+def test_rope_matches_transformers_apply_rotary_pos_emb():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    T, H, KV, D = 6, 4, 2, 32
+    q, k = torch.randn(1, H, T, D), torch.randn(1, KV, T, D)
+    cos, sin = hf_cos_sin(T, D, scale=8.0)
+    qe, ke = apply_rotary_pos_emb(q, k, cos[None], sin[None])
+    qs, ks = q[0].transpose(0, 1).contiguous(), k[0].transpose(0, 1).contiguous()
+    rope_(qs, ks, cos, sin)
+    assert rel_err(qs, qe[0].transpose(0, 1)) <= 1e-6 and rel_err(ks, ke[0].transpose(0, 1)) <= 1e-6
+
+
+def test_rope_strided_and_autograd():
+    T, H, D = 5, 4, 16
+    qkv = torch.randn(T, 2 * H, D)  # q and k as strided views of one buffer
+    cos, sin = hf_cos_sin(T, 8)
+    q_ref, k_ref = reference.norm_rope.rope(qkv[:, :H], cos, sin), reference.norm_rope.rope(qkv[:, H:], cos, sin)
+    buf = qkv.clone()
+    rope_(buf[:, :H], buf[:, H:], cos, sin)
+    assert rel_err(buf[:, :H], q_ref) <= 1e-6 and rel_err(buf[:, H:], k_ref) <= 1e-6
+
+    q0 = torch.randn(T, H, D, requires_grad=True)
+    k0 = torch.randn(T, 2, D, requires_grad=True)
+    q, k = sloth.rope(q0 * 1.0, k0 * 1.0, cos, sin)
+    (q.square().sum() + (k * 3).sum()).backward()
+    qr, kr = q0.detach().clone().requires_grad_(), k0.detach().clone().requires_grad_()
+    (reference.norm_rope.rope(qr, cos, sin).square().sum() + (reference.norm_rope.rope(kr, cos, sin) * 3).sum()).backward()
+    assert rel_err(q0.grad, qr.grad) <= 1e-5 and rel_err(k0.grad, kr.grad) <= 1e-5
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_norm_rope_opcheck(device):
+    x, w = torch.randn(4, 40, device=device), torch.randn(40, device=device)
+    y, rstd = torch.ops.sloth.rms_norm_forward(x, w, 1e-6, 0.0, True)
+    checks = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+    torch.library.opcheck(torch.ops.sloth.rms_norm_forward.default, (x, w, 1e-6, 1.0, False), test_utils=checks)
+    torch.library.opcheck(torch.ops.sloth.rms_norm_backward.default, (torch.randn_like(x), x, w, rstd, 0.0, True, True),
+                          test_utils=checks)
+    cos, sin = hf_cos_sin(4, 16)
+    torch.library.opcheck(torch.ops.sloth.rope_.default,
+                          (torch.randn(4, 2, 16, device=device), torch.randn(4, 1, 16, device=device),
+                           cos.to(device), sin.to(device), False), test_utils=checks)

@@ -1,0 +1,187 @@
+"""sloth.patch / sloth.unpatch on tiny random-weight Llama 3, Qwen3, Mistral and Gemma 3 models (CPU, fp32):
+patched vs unpatched loss and gradients (full fine-tuning and LoRA), optimizer steps, gradient accumulation."""
+
+import copy
+
+import pytest
+import torch
+
+import sloth
+
+transformers = pytest.importorskip("transformers")
+
+FAMILIES = ["llama", "qwen3", "mistral", "gemma3"]
+COMMON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+              intermediate_size=96, max_position_embeddings=128, tie_word_embeddings=False)
+
+
+def make_model(family, seed=0):
+    torch.manual_seed(seed)
+    if family == "llama":
+        cfg = transformers.LlamaConfig(**COMMON, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+        cls = transformers.LlamaForCausalLM
+    elif family == "qwen3":
+        cfg, cls = transformers.Qwen3Config(**COMMON, head_dim=16), transformers.Qwen3ForCausalLM
+    elif family == "mistral":
+        cfg, cls = transformers.MistralConfig(**COMMON, sliding_window=None), transformers.MistralForCausalLM
+    else:
+        cfg = transformers.Gemma3TextConfig(**COMMON, head_dim=256, sliding_window=4, final_logit_softcapping=30.0,
+                                            layer_types=["sliding_attention", "full_attention"])
+        cls = transformers.Gemma3ForCausalLM
+    cfg._attn_implementation = "eager"
+    model = cls(cfg).float()
+    with torch.no_grad():  # norms start at 0 (Gemma) / 1 (Llama): randomize every parameter a little
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+LENGTHS = [12, 9, 6, 3]
+
+
+def make_batch(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    B, T = len(LENGTHS), max(LENGTHS)
+    ids = torch.randint(0, 256, (B, T), generator=g)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for b, n in enumerate(LENGTHS):
+        mask[b, :n] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    return ids, mask, labels
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-6)).item()
+
+
+def grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def assert_grads_close(ga, gb, tol):
+    assert ga.keys() == gb.keys() and ga
+    for n in ga:
+        assert rel_err(ga[n], gb[n]) <= tol, n
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_finetune_loss_and_grads(family):
+    ref = make_model(family)
+    model = sloth.patch(copy.deepcopy(ref))
+    ids, mask, labels = make_batch()
+    out_ref = ref(input_ids=ids, attention_mask=mask, labels=labels)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.logits is None and out_ref.logits is not None  # logits are never materialized with labels
+    assert rel_err(out.loss, out_ref.loss) <= 1e-5
+    out_ref.loss.backward()
+    out.loss.backward()
+    assert_grads_close(grads(model), grads(ref), 1e-4)
+    # without labels: the model's own forward, logits as usual (norms through sloth)
+    with torch.no_grad():
+        lg, lg_ref = model(input_ids=ids, attention_mask=mask).logits, ref(input_ids=ids, attention_mask=mask).logits
+    assert rel_err(lg, lg_ref) <= 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_grads(family):
+    peft = pytest.importorskip("peft")
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+    def lora(m):
+        cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets, init_lora_weights=False)
+        return peft.get_peft_model(m, cfg)
+
+    base = make_model(family)
+    ref = lora(copy.deepcopy(base))
+    torch.manual_seed(5)
+    model = lora(copy.deepcopy(base))
+    model.load_state_dict(ref.state_dict())
+    sloth.patch(model)
+    assert sloth.integrations.transformers.patched_modules(model)
+    ids, mask, labels = make_batch()
+    out_ref = ref(input_ids=ids, attention_mask=mask, labels=labels)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.logits is None
+    assert rel_err(out.loss, out_ref.loss) <= 1e-5
+    out_ref.loss.backward()
+    out.loss.backward()
+    g, g_ref = grads(model), grads(ref)
+    assert all("lora_" in n for n in g) and len(g) == 2 * len(targets) * 2
+    assert_grads_close(g, g_ref, 1e-4)
+    sloth.unpatch(model)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, ref(input_ids=ids, attention_mask=mask).logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adamw_steps(family):
+    ref = make_model(family)
+    model = sloth.patch(copy.deepcopy(ref))
+    ids, mask, labels = make_batch()
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (ref, model)]
+    for step in range(3):
+        losses = []
+        for m, opt in zip((ref, model), opts):
+            opt.zero_grad()
+            loss = m(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert abs(losses[0] - losses[1]) <= 1e-5 * abs(losses[0]), (step, losses)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradient_accumulation(family):
+    """4 micro-batches of 1 (unpadded) with num_items_in_batch = all target tokens == one padded batch of 4."""
+    ref = make_model(family)
+    model = sloth.patch(copy.deepcopy(ref))
+    ids, mask, labels = make_batch()
+    n_items = int((labels[:, 1:] != -100).sum())
+    model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=n_items).loss.backward()
+    g_full = grads(model)
+    ref(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=n_items).loss.backward()
+    assert_grads_close(g_full, grads(ref), 1e-4)
+    model.zero_grad()
+    total = 0.0
+    for b, n in enumerate(LENGTHS):
+        loss = model(input_ids=ids[b:b + 1, :n], labels=labels[b:b + 1, :n], num_items_in_batch=n_items).loss
+        loss.backward()
+        total += loss.item()
+    assert_grads_close(grads(model), g_full, 1e-4)
+    full = model(input_ids=ids, attention_mask=mask, labels=labels, num_items_in_batch=n_items).loss.item()
+    assert abs(total - full) <= 1e-5 * abs(full)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unpatch_restores(family, capsys):
+    ref = make_model(family)
+    model = copy.deepcopy(ref)
+    ids, mask, labels = make_batch()
+    sloth.patch(model, verbose=True)
+    printed = capsys.readouterr().out
+    norms = [n for n, m in model.named_modules() if type(m).__name__.endswith("RMSNorm")]
+    assert len(norms) >= 2 * 2 + 1
+    for n in norms:
+        assert f"{n}: " in printed and "sloth.rms_norm" in printed
+    assert "ForCausalLM.forward -> loss by sloth.causal_lm_loss" in printed
+    assert sloth.patch(model) is model  # idempotent
+    assert len(sloth.integrations.transformers.patched_modules(model)) == len(norms) + 1
+    assert sloth.unpatch(model) == len(norms) + 1
+    assert all("forward" not in m.__dict__ and "_sloth_orig_forward" not in m.__dict__ for m in model.modules())
+    out, out_ref = model(input_ids=ids, attention_mask=mask, labels=labels), ref(input_ids=ids, attention_mask=mask,
+                                                                                 labels=labels)
+    assert torch.equal(out.logits, out_ref.logits) and torch.equal(out.loss, out_ref.loss)
+    assert sloth.unpatch(model) == 0
+
+
+def test_return_dict_false_and_logits_to_keep():
+    ref = make_model("llama")
+    model = sloth.patch(copy.deepcopy(ref))
+    ids, mask, labels = make_batch()
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, return_dict=False)
+    assert isinstance(out, tuple) and rel_err(out[0], ref(input_ids=ids, attention_mask=mask, labels=labels).loss) <= 1e-5
+    with torch.no_grad():
+        lg = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits
+    assert lg.shape == (4, 1, 256)
