@@ -45,10 +45,9 @@ def load_tokenizer(model: str, chat_template: Optional[str]):
     return tok
 
 
-def load_model(path: str, method: str, dtype: torch.dtype, device: torch.device):
-    """The causal LM at ``path`` on ``device``: weights in ``dtype`` (fp32 master weights for full fine-tuning in
-    fp16), NF4 for QLoRA."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def check_causal_lm(path: str) -> None:
+    """Raise FinetuneError unless ``path`` (a directory or hub id) holds the config of a causal-LM family."""
+    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     try:
@@ -58,7 +57,15 @@ def load_model(path: str, method: str, dtype: torch.dtype, device: torch.device)
                             f"model directory or a hub id that is in the local cache") from None
     if cfg.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise FinetuneError(f"--model {path!r} is a {cfg.model_type!r} model, which is not a causal language model "
-                            f"family Transformers can load with AutoModelForCausalLM; pick a decoder-only LM")
+                            f"family (AutoModelForCausalLM cannot load it); pick a decoder-only LM")
+
+
+def load_model(path: str, method: str, dtype: torch.dtype, device: torch.device):
+    """The causal LM at ``path`` on ``device``: weights in ``dtype`` (fp32 master weights for full fine-tuning in
+    fp16), NF4 for QLoRA."""
+    from transformers import AutoModelForCausalLM
+
+    check_causal_lm(path)
     kwargs = {}
     if method == "qlora":
         if device.type != "cuda":

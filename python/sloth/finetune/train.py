@@ -14,7 +14,7 @@ import torch
 
 from .config import FinetuneConfig
 from .data import bundled_data_path, prepare_data
-from .loading import load_model, load_tokenizer, make_trainable, read_chat_template
+from .loading import check_causal_lm, load_model, load_tokenizer, make_trainable, read_chat_template
 from .loss import count_items, sloth_loss
 from .model import bundled_model_path
 from .outputs import save_outputs
@@ -71,13 +71,30 @@ def train_step(model, micro_batches: List[dict], compute_dtype: torch.dtype, sca
     return total
 
 
+def quiet_libraries() -> None:
+    """Silence the progress bars and advisory warnings of transformers / peft / datasets (ours is the only bar)."""
+    import warnings
+
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"peft\.")
+
+
 def finetune(config: FinetuneConfig, log=None) -> FinetuneResult:
     """Run a fine-tune as ``config`` says and write its outputs to ``config.output_dir``; returns the result.
     Ctrl-C stops training, saves what was trained so far and returns (``summary["interrupted"]`` is True)."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     config.validate()
+    quiet_libraries()
     device = resolve_device(config.device)
     compute_dtype, dtype_name = resolve_dtype(config.dtype, device)
+    if config.method == "qlora" and device.type != "cuda":
+        from .errors import FinetuneError
+
+        raise FinetuneError("--method qlora needs a CUDA GPU (and bitsandbytes); use --method lora on the CPU")
     out = config.output_dir
     try:
         os.makedirs(out, exist_ok=True)
@@ -94,6 +111,7 @@ def finetune(config: FinetuneConfig, log=None) -> FinetuneResult:
         model_path = bundled_model_path(os.path.join(out, "bundled", "model"), tokenizer, BUNDLED_SEED)
         lr = config.lr or 2e-3
     else:
+        check_causal_lm(config.model)
         tokenizer = load_tokenizer(config.model, template)
         model_path = config.model
         lr = config.lr or 2e-4
