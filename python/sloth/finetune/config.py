@@ -46,7 +46,7 @@ class FinetuneConfig:
     progress: bool = True
 
     #: optimizer steps when neither steps nor epochs is given
-    DEFAULT_STEPS = 60
+    DEFAULT_STEPS = 120
 
     def validate(self) -> "FinetuneConfig":
         """Raise FinetuneError on settings that cannot work; returns self."""
