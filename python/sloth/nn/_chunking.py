@@ -41,3 +41,22 @@ def chunk_rows(n: int, v: int, dtype: torch.dtype, device: torch.device, *, need
         rows -= rows % ROW_MULTIPLE
     return max(1, min(rows, max(n, 1)))
 
+
+
+def prepare_head_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor,
+                        chunk_size: Optional[int]):
+    """Flatten ``hidden [..., H]`` / ``targets [...]`` for a chunked linear head, and decide what to compute.
+
+    Returns ``(h2 [tokens, H] contiguous, targets [tokens] int64, needs, chunk)``: ``needs`` = whether dh, dW,
+    db are wanted (grad mode on and the tensor requires grad), ``chunk`` = rows per chunk (see chunk_rows).
+    """
+    h2 = hidden.reshape(-1, hidden.shape[-1])  # [tokens, hidden]
+    if not h2.is_contiguous():
+        h2 = h2.contiguous()
+    t = targets.reshape(-1).to(torch.int64)  # [tokens]
+    grad_on = torch.is_grad_enabled()
+    needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
+             grad_on and bias is not None and bias.requires_grad)
+    chunk = chunk_rows(h2.shape[0], weight.shape[0], hidden.dtype, hidden.device, need_dw=needs[1],
+                       chunk_size=chunk_size)
+    return h2, t, needs, chunk

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import check_linear_head
-from ._chunking import chunk_rows
+from ._chunking import prepare_head_inputs
 
 REDUCTIONS = ("mean", "sum")
 
@@ -115,22 +115,15 @@ def linear_cross_entropy(
     non-ignored tokens (``reduction="mean"``) or 1 (``"sum"``). An all-ignored batch gives loss 0 and zero grads.
     Differentiable in hidden, weight and bias; gradients are computed in the forward pass, only for inputs that
     require grad (a frozen weight costs no dW work). Labels outside ``[0, V)`` other than ``ignore_index`` give NaN.
-    ``chunk_size`` (rows per chunk) defaults to ~32 MiB of logits (256 MiB when the weight is trainable).
+    ``chunk_size`` (rows per chunk) defaults to ~64 MiB of logits but at least 256 rows on a GPU (256 MiB
+    when the weight is trainable), at most a quarter of the free GPU memory.
     """
     check_linear_head("linear_cross_entropy", hidden, weight, labels, bias)
     if reduction not in REDUCTIONS:
         raise ValueError(f"sloth.linear_cross_entropy: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if softcap is not None and softcap < 0:
         raise ValueError(f"sloth.linear_cross_entropy: softcap must be positive, got {softcap}")
-    h2 = hidden.reshape(-1, hidden.shape[-1])  # [tokens, hidden]
-    if not h2.is_contiguous():
-        h2 = h2.contiguous()
-    lab = labels.reshape(-1).to(torch.int64)  # [tokens]
-    grad_on = torch.is_grad_enabled()
-    needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
-             grad_on and bias is not None and bias.requires_grad)
-    chunk = chunk_rows(h2.shape[0], weight.shape[0], hidden.dtype, hidden.device, need_dw=needs[1],
-                       chunk_size=chunk_size)
+    h2, lab, needs, chunk = prepare_head_inputs(hidden, weight, bias, labels, chunk_size)
     divisor = _divisor(lab, ignore_index, reduction, num_items_in_batch, hidden.device)
     return LinearCrossEntropyFunction.apply(
         h2, weight, bias, lab, divisor, int(ignore_index), float(softcap) if softcap else 0.0,

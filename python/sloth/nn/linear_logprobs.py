@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from ._checks import check_linear_head
-from ._chunking import chunk_rows
+from ._chunking import prepare_head_inputs
 
 #: Tokens equal to this give log-prob 0, entropy still computed, and no gradient (padding).
 PAD_TOKEN = -100
@@ -100,15 +100,7 @@ def linear_logprobs(
     if not temperature > 0:
         raise ValueError(f"sloth.linear_logprobs: temperature must be positive, got {temperature}")
     lead = hidden.shape[:-1]
-    h2 = hidden.reshape(-1, hidden.shape[-1])  # [tokens, hidden]
-    if not h2.is_contiguous():
-        h2 = h2.contiguous()
-    tok = tokens.reshape(-1).to(torch.int64)  # [tokens]
-    grad_on = torch.is_grad_enabled()
-    needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
-             grad_on and bias is not None and bias.requires_grad)
-    chunk = chunk_rows(h2.shape[0], weight.shape[0], hidden.dtype, hidden.device, need_dw=needs[1],
-                       chunk_size=chunk_size)
+    h2, tok, needs, chunk = prepare_head_inputs(hidden, weight, bias, tokens, chunk_size)
     logp, entropy = LinearLogprobsFunction.apply(h2, weight, bias, tok, 1.0 / float(temperature), chunk, needs)
     logp = logp.reshape(lead)
     if return_entropy:
