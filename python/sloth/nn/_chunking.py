@@ -60,3 +60,21 @@ def prepare_head_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias, target
     chunk = chunk_rows(h2.shape[0], weight.shape[0], hidden.dtype, hidden.device, need_dw=needs[1],
                        chunk_size=chunk_size)
     return h2, t, needs, chunk
+
+
+def chunk_logits(hidden_c: torch.Tensor, weight: torch.Tensor, bias, out: torch.Tensor) -> torch.Tensor:
+    """out [c, vocab] = hidden_c [c, hidden] @ weight^T (+ bias), in the input dtype (one cuBLAS GEMM)."""
+    if bias is None:
+        return torch.mm(hidden_c, weight.t(), out=out)
+    return torch.addmm(bias, hidden_c, weight.t(), out=out)
+
+
+def fold_chunk_grads(grad_c: torch.Tensor, hidden_c: torch.Tensor, weight: torch.Tensor, dh_c, dw, db) -> None:
+    """Fold d loss / d logits of one chunk, grad_c [c, vocab], into dh_c [c, hidden] (written), dW [vocab, hidden]
+    and db [vocab] fp32 (accumulated); each may be None when not wanted."""
+    if dh_c is not None:
+        torch.mm(grad_c, weight, out=dh_c)
+    if dw is not None:
+        dw.addmm_(grad_c.t(), hidden_c)
+    if db is not None:
+        db.add_(grad_c.sum(0, dtype=torch.float32))

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import check_linear_head
-from ._chunking import prepare_head_inputs
+from ._chunking import chunk_logits, fold_chunk_grads, prepare_head_inputs
 
 REDUCTIONS = ("mean", "sum")
 
@@ -38,24 +38,15 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         db = torch.zeros((v,), dtype=torch.float32, device=hidden.device) if need_db else None  # [vocab] fp32
         if n > 0:
             buf = hidden.new_empty((min(chunk, n), v))  # [chunk, vocab] logits, then their gradient
-            wt = weight.t()  # [hidden, vocab]
             for s in range(0, n, chunk):
                 e = min(n, s + chunk)
                 h_c = hidden[s:e]  # [c, hidden]
-                lg = buf[: e - s]  # [c, vocab]
-                if bias is None:
-                    torch.mm(h_c, wt, out=lg)
-                else:
-                    torch.addmm(bias, h_c, wt, out=lg)
+                lg = chunk_logits(h_c, weight, bias, buf[: e - s])  # [c, vocab]
                 loss_c, _, _ = torch.ops.sloth.cross_entropy_chunk(
                     lg, labels[s:e], None, None, 1.0, ignore_index, softcap, logit_scale, grad)
                 loss_rows[s:e] = loss_c
-                if need_dh:
-                    torch.mm(lg, weight, out=dh[s:e])
-                if need_dw:
-                    dw.addmm_(lg.t(), h_c)
-                if need_db:
-                    db.add_(lg.sum(0, dtype=torch.float32))
+                if grad:
+                    fold_chunk_grads(lg, h_c, weight, dh[s:e] if need_dh else None, dw, db)
             del buf
         ctx.divisor = divisor
         ctx.grads = (dh, dw, db)

@@ -7,17 +7,10 @@ from typing import Optional
 import torch
 
 from ._checks import check_linear_head
-from ._chunking import prepare_head_inputs
+from ._chunking import chunk_logits, fold_chunk_grads, prepare_head_inputs
 
 #: Tokens equal to this give log-prob 0, entropy still computed, and no gradient (padding).
 PAD_TOKEN = -100
-
-
-def _chunk_logits(hidden_c, weight, bias, out):
-    """out [c, vocab] = hidden_c [c, hidden] @ weight^T (+ bias), in the input dtype."""
-    if bias is None:
-        return torch.mm(hidden_c, weight.t(), out=out)
-    return torch.addmm(bias, hidden_c, weight.t(), out=out)
 
 
 class LinearLogprobsFunction(torch.autograd.Function):
@@ -33,7 +26,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
             buf = hidden.new_empty((min(chunk, n), v))  # [chunk, vocab]
             for s in range(0, n, chunk):
                 e = min(n, s + chunk)
-                lg = _chunk_logits(hidden[s:e], weight, bias, buf[: e - s])
+                lg = chunk_logits(hidden[s:e], weight, bias, buf[: e - s])
                 nll, _, ent = torch.ops.sloth.cross_entropy_chunk(
                     lg, tokens[s:e], None, None, 1.0, PAD_TOKEN, 0.0, logit_scale, False)
                 torch.neg(nll, out=logp[s:e])
@@ -64,16 +57,11 @@ class LinearLogprobsFunction(torch.autograd.Function):
             for s in range(0, n, chunk):
                 e = min(n, s + chunk)
                 h_c = hidden[s:e]
-                lg = _chunk_logits(h_c, weight, bias, buf[: e - s])
+                lg = chunk_logits(h_c, weight, bias, buf[: e - s])
                 torch.ops.sloth.cross_entropy_chunk(
                     lg, tokens[s:e], g_nll[s:e], None if g_ent is None else g_ent[s:e], 1.0, PAD_TOKEN, 0.0,
                     ctx.logit_scale, True)
-                if need_dh:
-                    torch.mm(lg, weight, out=dh[s:e])
-                if need_dw:
-                    dw.addmm_(lg.t(), h_c)
-                if need_db:
-                    db.add_(lg.sum(0, dtype=torch.float32))
+                fold_chunk_grads(lg, h_c, weight, dh[s:e] if need_dh else None, dw, db)
         if db is not None:
             db = db.to(bias.dtype)
         return dh, dw, db, None, None, None, None
