@@ -29,7 +29,10 @@ Nf4Absmax absmax_args(const at::Tensor& absmax, const std::optional<at::Tensor>&
     a.code2 = code2->data_ptr<float>();
     a.absmax2 = absmax2->data_ptr<float>();
     a.offset = offset->data_ptr<float>();
-    a.blocksize2 = (int)blocksize2;
+    TORCH_CHECK(blocksize2 > 0 && (blocksize2 & (blocksize2 - 1)) == 0,
+                "sloth: blocksize2 (absmax blocks per absmax2 entry) must be a power of two, got ", blocksize2);
+    while ((int64_t{1} << a.log2_blocksize2) < blocksize2) ++a.log2_blocksize2;
+    while ((int64_t{1} << a.log2_blocksize2) > blocksize2) --a.log2_blocksize2;
   }
   return a;
 }

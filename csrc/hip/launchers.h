@@ -18,7 +18,7 @@ struct Nf4Absmax {
   const float* code2 = nullptr;
   const float* absmax2 = nullptr;
   const float* offset = nullptr;
-  int blocksize2 = 256;
+  int log2_blocksize2 = 8;  // absmax2 covers 2^log2_blocksize2 blocks (bitsandbytes: 256)
 };
 
 hipError_t nf4_dequantize(const uint8_t* packed, Nf4Absmax absmax, int64_t n, int blocksize, void* out,

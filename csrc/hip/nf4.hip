@@ -18,7 +18,7 @@ constexpr int kThreads = 256;
 
 __device__ __forceinline__ float read_absmax(const Nf4Absmax& a, int64_t b) {
   if (a.absmax) return __ldg(a.absmax + b);
-  return add_rn(mul_rn(__ldg(a.code2 + __ldg(a.absmax_q + b)), __ldg(a.absmax2 + b / a.blocksize2)), __ldg(a.offset));
+  return add_rn(mul_rn(__ldg(a.code2 + __ldg(a.absmax_q + b)), __ldg(a.absmax2 + (b >> a.log2_blocksize2))), __ldg(a.offset));
 }
 
 // out[i] = NF4[q_i] * absmax[i / blocksize] for 8 elements per packed 32-bit word, kWordsPerThread words per
@@ -151,8 +151,10 @@ hipError_t nf4_dequantize(const uint8_t* packed, Nf4Absmax absmax, int64_t n, in
       // Variant (SLOTH_NF4_DEQUANT_VARIANT, read once; for A/B measurements on other GPUs): words per thread,
       // streaming stores, contiguous words. 0: 4 strided, 1: 8 strided + streaming, 2: 2 strided (default),
       // 3: 4 strided + streaming, 4: 4 contiguous (16-byte loads). H100, [14336, 4096] -> bf16, TB/s of
-      // bytes read + written (one run each; the bf16 copy ran at 2.61-2.73): 0: 1.93-2.21, 1: 1.95, 2: 2.26,
-      // 3: 1.76, 4: 1.38.
+      // bytes read + written, 20 back-to-back calls (bf16 copy 2.85-2.89, write-only fill 2.99-3.04 in the
+      // same runs): 2: 2.56-2.64, 0: 2.54-2.57, 3: 2.57; a persistent grid-stride version of 2 / 4 words
+      // per thread: 2.12-2.45 (removed). Single-call timings (launch latency included) had ranked 1 and 4
+      // at 1.95 and 1.38.
       static const int variant = getenv("SLOTH_NF4_DEQUANT_VARIANT") ? atoi(getenv("SLOTH_NF4_DEQUANT_VARIANT")) : 2;
       const uint32_t* p = reinterpret_cast<const uint32_t*>(packed);
       auto launch = [&](auto kernel, int words) {

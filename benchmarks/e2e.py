@@ -1,0 +1,190 @@
+"""End-to-end QLoRA training steps: HF + PEFT + bitsandbytes vs the same model patched by sloth, in one run.
+
+Builds a random-weight model of the real configuration on the device (no download), quantizes every decoder
+linear layer to bitsandbytes NF4 with double quantization, adds LoRA (r = 32, alpha = 32 on q, k, v, o, gate,
+up, down) with PEFT, and times full optimizer steps (forward, backward with gradient checkpointing, AdamW on
+the LoRA weights) on the same random token batch: first unpatched, then with ``sloth.patch`` applied to the same
+model, restarted from the same LoRA initialization and optimizer state. Reports the median step time after
+warm-up, the peak memory of the steps (``torch.cuda.max_memory_allocated``) and the per-step losses of both.
+
+    python benchmarks/e2e.py                                  # Llama-3.1-8B config, seq 2048, batch 2
+    python benchmarks/e2e.py --config qwen3-8b
+    python benchmarks/e2e.py --seq 8192 --batch 1
+    python benchmarks/e2e.py --config tiny --device cpu --steps 2 --warmup 1   # smoke test without a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+CONFIGS = {
+    "llama-3.1-8b": dict(
+        family="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5,
+        rope_theta=500000.0, tie_word_embeddings=False,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=8192)),
+    "qwen3-8b": dict(
+        family="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960, rms_norm_eps=1e-6,
+        rope_theta=1000000.0, tie_word_embeddings=False),
+    "tiny": dict(
+        family="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096, tie_word_embeddings=False),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GIB = 2**30
+
+
+def build_model(name: str, device: str, dtype: torch.dtype):
+    """A random-weight *ForCausalLM of configuration ``name`` on ``device`` in ``dtype``."""
+    import transformers
+
+    cfg = dict(CONFIGS[name])
+    family = cfg.pop("family")
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    }[family]
+    config = config_cls(**cfg)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = model_cls._from_config(config, torch_dtype=dtype)
+    return model
+
+
+def quantize_nf4(model, dtype: torch.dtype) -> None:
+    """Replace every decoder linear layer by a bitsandbytes Linear4bit (NF4, double quantization, blocksize 64),
+    as ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)``
+    produces; embeddings, norms and lm_head stay in ``dtype``."""
+    import bitsandbytes as bnb
+
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, lin in list(parent.named_children()):
+                if not isinstance(lin, torch.nn.Linear):
+                    continue
+                device = lin.weight.device
+                q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                      compute_dtype=dtype, compress_statistics=True, quant_type="nf4",
+                                      device="meta")
+                q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True, blocksize=64).to(device)
+                if lin.bias is not None:
+                    q.bias = torch.nn.Parameter(lin.bias.data, requires_grad=False)
+                setattr(parent, name, q)
+                del lin
+    model.is_loaded_in_4bit = True
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def add_lora(model, r: int, alpha: int):
+    from peft import LoraConfig, get_peft_model
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(1)
+    pm = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=TARGETS,
+                                          bias="none", task_type="CAUSAL_LM"))
+    dtype = model.get_input_embeddings().weight.dtype
+    for n, p in pm.named_parameters():
+        if "lora_" in n:
+            p.data = p.data.to(dtype)  # LoRA weights in the compute dtype, as Unsloth / TRL recipes run them
+    return pm
+
+
+def run_steps(pm, batch, steps: int, warmup: int, device: str, lr: float = 2e-4):
+    """(losses, step times in s, peak GiB) of warmup + steps AdamW steps on ``batch``."""
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    losses, times = [], []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        out = pm(input_ids=batch, labels=batch)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        losses.append(float(out.loss.detach()))
+        del out
+    peak = torch.cuda.max_memory_allocated() / GIB if cuda else float("nan")
+    del opt
+    return losses, times[warmup:], peak
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="llama-3.1-8b", choices=sorted(CONFIGS))
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--alpha", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--only", choices=["hf", "sloth"], default=None, help="run one side only")
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args(argv)
+
+    import sloth
+
+    dtype = torch.bfloat16
+    model = build_model(args.config, args.device, dtype)
+    quantize_nf4(model, dtype)
+    pm = add_lora(model, args.rank, args.alpha)
+    enable = getattr(pm, "activation_checkpointing_enable", None) or pm.gradient_checkpointing_enable
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    pm.enable_input_require_grads()
+    pm.config.use_cache = False
+    pm.train()
+    init = {n: p.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}
+    g = torch.Generator(device="cpu").manual_seed(2)
+    batch = torch.randint(0, pm.config.vocab_size, (args.batch, args.seq), generator=g).to(args.device)
+    ntok = args.batch * args.seq
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        print(f"device: {torch.cuda.get_device_name()}; model memory {torch.cuda.memory_allocated() / GIB:.2f} GiB")
+
+    results = {}
+    for side in ("hf", "sloth"):
+        if args.only and side != args.only:
+            continue
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if n in init:
+                    p.copy_(init[n])
+        if side == "sloth":
+            sloth.patch(pm)
+        losses, times, peak = run_steps(pm, batch, args.steps, args.warmup, args.device)
+        med = statistics.median(times)
+        results[side] = dict(s_per_step=med, peak_gib=peak, tokens_per_s=ntok / med, losses=losses)
+        print(f"{side:6s} {med:8.3f} s/step  {peak:7.2f} GiB peak  {ntok / med:9.0f} tok/s  "
+              f"losses {' '.join(f'{x:.4f}' for x in losses)}", flush=True)
+    if "hf" in results and "sloth" in results:
+        h, s = results["hf"], results["sloth"]
+        diff = max(abs(a - b) for a, b in zip(h["losses"], s["losses"]))
+        print(f"sloth vs hf: {h['s_per_step'] / s['s_per_step']:.2f}x speed, "
+              f"{s['peak_gib'] - h['peak_gib']:+.2f} GiB, max |loss diff| {diff:.4f}")
+        results["max_loss_diff"] = diff
+    results["workload"] = vars(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main()
