@@ -173,6 +173,7 @@ def test_cuda_offload_grads_and_memory():
     cfg = transformers.LlamaConfig(hidden_size=256, num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2,
                                    intermediate_size=512, vocab_size=256, max_position_embeddings=2048,
                                    tie_word_embeddings=False)
+    cfg._attn_implementation = "eager"  # deterministic backward (SDPA's fp32 kernels may accumulate atomically)
     ref = sloth.patch(transformers.LlamaForCausalLM(cfg).cuda().float()).train()
     model = copy.deepcopy(ref)
     sloth.set_gradient_checkpointing(model, "sloth")
