@@ -14,16 +14,24 @@ from .nn.lora_mlp import LoraProj
 from .ops import NF4State, mxfp4_dequantize, mxfp4_quantize, nf4_dequantize, nf4_quantize
 
 # ---- model integration (branch integrate): sloth.patch / sloth.unpatch, RMSNorm, RoPE ----
-from .integrations.transformers import patch, unpatch
+from .integrations.transformers import patch, patched_modules, unpatch
 from .nn.norm_rope import rms_norm, rope
+
+# ---- model-level API (branch api): loading, LoRA, offloaded checkpointing, FastLanguageModel shim ----
+from .api import FastLanguageModel, from_pretrained, get_peft_model
+from .integrations.checkpointing import set_gradient_checkpointing
+from .nn.offload_checkpoint import offloaded_checkpoint
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FastLanguageModel",
     "LoraProj",
     "NF4State",
     "__version__",
     "causal_lm_loss",
+    "from_pretrained",
+    "get_peft_model",
     "glu",
     "linear_cross_entropy",
     "linear_logprobs",
@@ -34,9 +42,12 @@ __all__ = [
     "nf4_dequantize",
     "nf4_quantize",
     "nn",
+    "offloaded_checkpoint",
     "ops",
     "patch",
+    "patched_modules",
     "rms_norm",
     "rope",
+    "set_gradient_checkpointing",
     "unpatch",
 ]

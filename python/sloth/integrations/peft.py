@@ -113,11 +113,16 @@ def patch_peft_model(model) -> int:
     return n
 
 
+def patched_lora_layers(model) -> list:
+    """``(name, layer)`` of every LoRA layer of ``model`` whose forward :func:`patch_peft_model` replaced."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, _lora_classes()) and _ORIG in m.__dict__]
+
+
 def unpatch_peft_model(model) -> int:
     """Restore the forwards that :func:`patch_peft_model` replaced; returns the number of layers restored."""
     n = 0
     for module in model.modules():
-        if hasattr(module, _ORIG):
+        if isinstance(module, _lora_classes()) and hasattr(module, _ORIG):
             saved = module.__dict__.get(_SAVED)
             if saved is None:
                 module.__dict__.pop("forward", None)

@@ -21,6 +21,7 @@ layers are untouched. :func:`unpatch` restores every replaced attribute exactly.
 
 from __future__ import annotations
 
+import logging
 import types
 import warnings
 
@@ -29,7 +30,9 @@ import torch
 from ..nn.linear_cross_entropy import causal_lm_loss
 from ..nn.norm_rope import rms_norm
 
-_RECORD = "_sloth_patches"  # on the patched (top-level) model: list of (module, attr, had_own, old, what)
+logger = logging.getLogger("sloth")
+
+_RECORD = "_sloth_patches"  # on the patched (top-level) model: ([(module, had_own, old, what)], is_peft, [LoRA lines])
 
 #: RMSNorm class name -> (offset, cast_before_weight, eps attribute)
 RMS_NORMS = {
@@ -113,9 +116,24 @@ def _peft_base(model):
     return model, False
 
 
+def _lora_descriptions(model) -> list[str]:
+    """One line per PEFT LoRA layer of ``model`` that :func:`sloth.integrations.peft.patch_peft_model` patched."""
+    from .peft import patched_lora_layers
+
+    out = []
+    for name, module in patched_lora_layers(model):
+        base = module.get_base_layer()
+        kind = "NF4" if getattr(base.weight, "quant_state", None) is not None else str(base.weight.dtype).replace("torch.", "")
+        out.append(f"{name}: {type(module).__name__}.forward ({kind} base) -> sloth.lora_linear")
+    return out
+
+
 def patch(model, verbose: bool = False):
     """Route ``model``'s RMSNorms and causal-LM loss through sloth (see the module docstring); LoRA layers
-    too when ``model`` is a PeftModel. Idempotent; returns ``model``. Undo with :func:`unpatch`."""
+    too when ``model`` is a PeftModel. Idempotent; returns ``model``. Undo with :func:`unpatch`.
+
+    Every replacement is logged (logger ``sloth``, INFO) and, with ``verbose=True``, printed one per line;
+    :func:`patched_modules` returns the same list."""
     if _RECORD in model.__dict__:
         if verbose:
             print(f"sloth.patch: {type(model).__name__} is already patched")
@@ -135,21 +153,26 @@ def patch(model, verbose: bool = False):
             _replace_forward(record, module, _causal_lm_forward,
                              f"{names[module] or '<root>'}: {cls}.forward -> loss by sloth.causal_lm_loss "
                              f"(chunked linear cross-entropy, softcap={softcap}; logits=None when labels are given)")
-    n_lora = 0
+    lora: list = []
     if is_peft:
         from .peft import patch_peft_model
 
-        n_lora = patch_peft_model(model)
-    model.__dict__[_RECORD] = (record, is_peft)
-    if not record and not n_lora:
+        patch_peft_model(model)
+        lora = _lora_descriptions(model)
+    model.__dict__[_RECORD] = (record, is_peft, lora)
+    if not record and not lora:
         warnings.warn(f"sloth.patch: nothing to patch in {type(model).__name__}; supported: "
                       f"{', '.join(CAUSAL_LMS)} (norms: {', '.join(RMS_NORMS)})", stacklevel=2)
+    whats = patched_modules(model)
+    summary = f"sloth.patch: {len(record)} replacements in {type(base).__name__}" + \
+        (f", {len(lora)} LoRA layers" if is_peft else "")
+    logger.info(summary)
+    for what in whats:
+        logger.info("  %s", what)
     if verbose:
-        print(f"sloth.patch: {len(record)} replacements in {type(base).__name__}" + (f", {n_lora} LoRA layers" if is_peft else ""))
-        for _, _, _, what in record:
+        print(summary)
+        for what in whats:
             print(f"  {what}")
-        if is_peft:
-            print(f"  {n_lora} PEFT LoRA layers: forward -> sloth.lora_linear (sloth.integrations.peft)")
     return model
 
 
@@ -158,7 +181,7 @@ def unpatch(model) -> int:
     entry = model.__dict__.pop(_RECORD, None)
     if entry is None:
         return 0
-    record, is_peft = entry
+    record, is_peft, _ = entry
     for module, had_own, old, _ in reversed(record):
         if had_own:
             module.forward = old
@@ -174,6 +197,7 @@ def unpatch(model) -> int:
 
 
 def patched_modules(model) -> list[str]:
-    """The descriptions of the replacements :func:`patch` made on ``model`` (empty when not patched)."""
+    """The replacements :func:`patch` made on ``model``, one line each (``"<module name>: <class>.forward ->
+    <sloth function> (...)"``), PEFT LoRA layers included; empty when ``model`` is not patched."""
     entry = model.__dict__.get(_RECORD)
-    return [what for *_, what in entry[0]] if entry else []
+    return [what for *_, what in entry[0]] + list(entry[2]) if entry else []

@@ -7,10 +7,12 @@ from .lora_linear import lora_linear
 from .lora_mlp import lora_mlp
 from .workspace import Workspace
 from .norm_rope import RMSNormFunction, RopeFunction, rms_norm, rope  # RMSNorm / RoPE (integrate)
+from .offload_checkpoint import OffloadedCheckpointFunction, offloaded_checkpoint  # (api)
 
 __all__ = [
     "LinearCrossEntropyFunction",
     "LinearLogprobsFunction",
+    "OffloadedCheckpointFunction",
     "Workspace",
     "causal_lm_loss",
     "glu",
@@ -18,6 +20,7 @@ __all__ = [
     "linear_logprobs",
     "lora_linear",
     "lora_mlp",
+    "offloaded_checkpoint",
     "RMSNormFunction",
     "RopeFunction",
     "rms_norm",

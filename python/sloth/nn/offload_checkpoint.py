@@ -1,0 +1,220 @@
+"""Offloaded activation checkpointing: of each checkpointed layer only its input hidden state is kept, in pinned
+host memory, and the layer is recomputed in the backward pass.
+
+``offloaded_checkpoint(function, *args)`` has the calling convention of ``torch.utils.checkpoint.checkpoint`` as
+Transformers uses it (``GradientCheckpointingLayer`` calls ``func(partial(forward, layer, **kwargs), *args)``):
+
+- forward: ``function(*args)`` runs without building a graph. The hidden state (the first tensor of ``args``) is
+  copied to pinned host memory on a side CUDA stream, so the copy overlaps the layers that follow; its device memory
+  is released as soon as the copy is done. The RNG states (CPU and the hidden state's GPU) and the autocast state are
+  recorded, so the recompute draws the same dropout masks and runs in the same precision.
+- backward: the hidden state comes back to the GPU (its copy was started by the backward of the next layer, see
+  below), the layer is recomputed with autograd on, and backpropagated; before recomputing, the host-to-device copy
+  of the input of the layer before it (the previous offloaded checkpoint in forward order) is started on the side
+  stream, so it hides behind this layer's recompute and backward. At most two hidden states are on the GPU at a time.
+- off CUDA (CPU, other devices) nothing is copied: the hidden state is kept where it is (plain checkpointing).
+
+Gradients reach the layer's parameters the way reentrant checkpointing does it (a nested backward through the
+recomputed layer), so use ``loss.backward()``; ``torch.autograd.grad`` with respect to parameters inside a
+checkpointed layer sees no gradient. Tensors captured in ``function`` that require grad (not the case for the
+position embeddings and masks Transformers passes) make the call fall back to PyTorch's non-reentrant checkpoint.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any, Callable, List, Optional
+
+import torch
+
+_local = threading.local()  # .last: weakref to the most recent _HostCopy of this thread (forward order)
+_streams: dict = {}         # cuda device index -> side stream for the offload copies
+
+
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    s = _streams.get(device.index)
+    if s is None:
+        s = _streams[device.index] = torch.cuda.Stream(device=device)
+    return s
+
+
+class _HostCopy:
+    """A CUDA tensor's copy in pinned host memory, made on the side stream; :meth:`prefetch` starts the copy back,
+    :meth:`fetch` returns the tensor on the GPU, ready on the current stream (once: the host copy is then freed)."""
+
+    __slots__ = ("host", "device", "prev", "_gpu", "_ready", "__weakref__")
+
+    def __init__(self, t: torch.Tensor, prev: Optional["_HostCopy"]):
+        self.device = t.device
+        self.prev = weakref.ref(prev) if prev is not None else None
+        self._gpu = self._ready = None
+        stream = _side_stream(t.device)
+        stream.wait_stream(torch.cuda.current_stream(t.device))  # t is written by work queued on the compute stream
+        self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        with torch.cuda.stream(stream):
+            self.host.copy_(t, non_blocking=True)
+        t.record_stream(stream)  # t's memory is not handed out again before the copy has read it
+
+    def prefetch(self) -> None:
+        if self._gpu is not None or self.host is None:
+            return
+        stream = _side_stream(self.device)
+        with torch.cuda.device(self.device):
+            # allocated on the compute stream, where it is used and freed; the side stream first waits for the
+            # compute stream, so the block's previous users are done before the copy overwrites it
+            gpu = torch.empty(self.host.shape, dtype=self.host.dtype, device=self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                gpu.copy_(self.host, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record(stream)
+        self._gpu, self._ready = gpu, ready
+
+    def fetch(self) -> torch.Tensor:
+        if self.host is None and self._gpu is None:
+            raise RuntimeError("sloth: offloaded checkpoint: the saved hidden state was already used; backward "
+                               "through a checkpointed layer twice needs retain_graph, which this checkpoint does "
+                               "not support")
+        self.prefetch()
+        torch.cuda.current_stream(self.device).wait_event(self._ready)
+        gpu = self._gpu
+        self.host = self._gpu = self._ready = None  # the pinned block returns to torch's host cache after the copy
+        return gpu
+
+    def previous(self) -> Optional["_HostCopy"]:
+        return self.prev() if self.prev is not None else None
+
+
+def _offloads(t: torch.Tensor) -> bool:
+    return t.device.type == "cuda" and torch.cuda.is_available()
+
+
+def _requires_grad_inside(obj, depth: int = 0) -> bool:
+    """Whether a (nested tuple / list / dict of) tensor(s) has one that requires grad."""
+    if isinstance(obj, torch.Tensor):
+        return obj.requires_grad
+    if depth > 3:
+        return False
+    if isinstance(obj, (tuple, list)):
+        return any(_requires_grad_inside(o, depth + 1) for o in obj)
+    if isinstance(obj, dict):
+        return any(_requires_grad_inside(o, depth + 1) for o in obj.values())
+    return False
+
+
+def _captures_grad_tensors(function) -> bool:
+    """Whether ``function`` (a functools.partial as Transformers builds it) carries a tensor that requires grad."""
+    keywords = getattr(function, "keywords", None) or {}
+    args = getattr(function, "args", ()) or ()
+    return _requires_grad_inside(dict(keywords)) or _requires_grad_inside([a for a in args if not isinstance(a, torch.nn.Module)])
+
+
+class _State:
+    """What the recompute needs besides the inputs: RNG states and the autocast state of the forward."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cpu_rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.autocast = []
+        for dev_type in {device.type, "cpu"}:
+            if torch.is_autocast_enabled(dev_type):
+                self.autocast.append((dev_type, torch.get_autocast_dtype(dev_type)))
+        self.autocast_cache = torch.is_autocast_cache_enabled()
+
+    def replay(self, run: Callable, args: List[Any]):
+        devices = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
+            if self.cuda_rng is not None else []
+        with torch.random.fork_rng(devices=devices, device_type="cuda"):
+            torch.set_rng_state(self.cpu_rng)
+            if self.cuda_rng is not None:
+                torch.cuda.set_rng_state(self.cuda_rng, self.device)
+            with torch.enable_grad(), _autocast(self.autocast, self.autocast_cache):
+                return run(*args)
+
+
+class _autocast:
+    def __init__(self, entries, cache_enabled):
+        self.contexts = [torch.autocast(d, dtype=dt, cache_enabled=cache_enabled) for d, dt in entries]
+
+    def __enter__(self):
+        for c in self.contexts:
+            c.__enter__()
+
+    def __exit__(self, *exc):
+        for c in reversed(self.contexts):
+            c.__exit__(*exc)
+        return False
+
+
+class OffloadedCheckpointFunction(torch.autograd.Function):
+    """``apply(run, hidden_index, anchor, *args)``: ``run(*args)`` checkpointed with ``args[hidden_index]`` offloaded.
+
+    ``anchor`` is an empty tensor that requires grad, so that the output requires grad (and the backward runs,
+    giving the layer's trainable parameters their gradients) even when no input does."""
+
+    @staticmethod
+    def forward(ctx, run, hidden_index, anchor, *args):
+        hidden = args[hidden_index]
+        ctx.run, ctx.hidden_index = run, hidden_index
+        ctx.state = _State(hidden.device)
+        with torch.no_grad():
+            outputs = run(*args)
+        ctx.layout = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]  # positions of tensor args
+        ctx.others = [None if isinstance(a, torch.Tensor) else a for a in args]
+        ctx.host_copy = None
+        if _offloads(hidden):
+            last = getattr(_local, "last", None)
+            ctx.host_copy = _HostCopy(hidden.detach(), last() if last is not None else None)
+            _local.last = weakref.ref(ctx.host_copy)
+            ctx.save_for_backward(*[a if i != hidden_index else None for i, a in enumerate(args) if i in ctx.layout])
+        else:
+            ctx.save_for_backward(*[args[i] for i in ctx.layout])
+        return outputs
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        saved = list(ctx.saved_tensors)
+        if ctx.host_copy is not None:
+            saved[ctx.layout.index(ctx.hidden_index)] = ctx.host_copy.fetch()
+            prev = ctx.host_copy.previous()
+            if prev is not None:
+                prev.prefetch()  # the input of the layer before this one: copied while this one recomputes
+            ctx.host_copy = None
+        needs = ctx.needs_input_grad[3:]
+        args = list(ctx.others)
+        for i, t in zip(ctx.layout, saved):
+            d = t.detach()
+            args[i] = d.requires_grad_(needs[i]) if d.is_floating_point() or d.is_complex() else d
+        outputs = ctx.state.replay(ctx.run, args)
+        outs = outputs if isinstance(outputs, tuple) else (outputs,)
+        pairs = [(o, g) for o, g in zip(outs, grad_outputs)
+                 if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        grads = [args[i].grad if isinstance(args[i], torch.Tensor) and needs[i] else None for i in range(len(args))]
+        ctx.run = ctx.state = None
+        return (None, None, None, *grads)
+
+
+def offloaded_checkpoint(function: Callable, *args, use_reentrant: Optional[bool] = None,
+                         preserve_rng_state: bool = True, **kwargs):
+    """Checkpoint ``function(*args, **kwargs)`` keeping only its first tensor argument (the hidden state), in pinned
+    host memory on CUDA (see the module docstring). Drop-in for ``torch.utils.checkpoint.checkpoint`` as a
+    Transformers ``_gradient_checkpointing_func``; ``use_reentrant`` / ``preserve_rng_state`` are accepted and
+    ignored (RNG state is always preserved)."""
+    if kwargs:
+        import functools
+
+        function = functools.partial(function, **kwargs)
+    if not torch.is_grad_enabled():
+        return function(*args)
+    hidden_index = next((i for i, a in enumerate(args) if isinstance(a, torch.Tensor)), None)
+    if hidden_index is None or _captures_grad_tensors(function) or \
+            any(_requires_grad_inside(a) for a in args if not isinstance(a, torch.Tensor)):
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(function, *args, use_reentrant=False)
+    anchor = torch.empty(0, requires_grad=True)
+    return OffloadedCheckpointFunction.apply(function, hidden_index, anchor, *args)
