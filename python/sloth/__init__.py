@@ -17,6 +17,11 @@ from .ops import NF4State, mxfp4_dequantize, mxfp4_quantize, nf4_dequantize, nf4
 from .integrations.transformers import patch, unpatch
 from .nn.norm_rope import rms_norm, rope
 
+# ---- training workflows (branch trl): TRL glue and export; transformers / trl / gguf are imported on use ----
+from .nn.linear_logprobs import linear_logprobs_stats
+from .integrations.trl import train_on_responses_only
+from .export import save_gguf, save_merged
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -27,6 +32,7 @@ __all__ = [
     "glu",
     "linear_cross_entropy",
     "linear_logprobs",
+    "linear_logprobs_stats",
     "lora_linear",
     "lora_mlp",
     "mxfp4_dequantize",
@@ -38,5 +44,8 @@ __all__ = [
     "patch",
     "rms_norm",
     "rope",
+    "save_gguf",
+    "save_merged",
+    "train_on_responses_only",
     "unpatch",
 ]
