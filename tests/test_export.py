@@ -314,5 +314,23 @@ def test_modelfile_template_reproduces_chat_template(tok):
     from sloth.export.modelfile import go_template
 
     t = go_template(w)
-    assert t.startswith(tok.bos_token) and '{{- if eq .Role "system" }}' in t and "{{ .Content }}" in t
-    assert "<|assistant|>\n" in t and '(ne .Role "assistant")' in t
+    assert t.startswith(tok.bos_token) and '{{ if eq .Role "system" }}' in t and "{{ .Content }}" in t
+    assert "<|assistant|>\n" in t and '(ne .Role "assistant")' in t and "{{-" not in t and "-}}" not in t
+    assert render_go(t, conv) == w.render(conv, True) and render_go(t, conv[:3]) == w.render(conv[:3])
+
+
+def render_go(t, messages):
+    """The subset of Go templates go_template writes, interpreted: literal text, one range over .Messages, the role
+    if / else-if chain, and the generation prompt after the last non-assistant message."""
+    import re
+
+    head, rest = t.split("{{ range $i, $_ := .Messages }}", 1)
+    body = rest[rest.index("}}") + 2: rest.rindex("{{ end }}")]  # after the $last line, before the range's end
+    roles = dict(re.findall(r'if eq \.Role "(\w+)" }}(.*?){{ (?:else|end)', body, flags=re.S))
+    gen = re.search(r'\(ne \.Role "assistant"\) }}(.*?){{ end }}', body, flags=re.S).group(1)
+    out = head
+    for i, m in enumerate(messages):
+        out += roles[m["role"]].replace("{{ .Content }}", m["content"])
+        if i == len(messages) - 1 and m["role"] != "assistant":
+            out += gen
+    return out

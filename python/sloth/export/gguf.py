@@ -161,7 +161,7 @@ def _load(model_or_dir, tokenizer):
 
 
 def save_gguf(model_or_dir, out_path: str, quant: str = "f16", tokenizer=None, *, name: Optional[str] = None,
-              modelfile: bool = True) -> str:
+              modelfile: Union[bool, str] = True) -> str:
     """Write a GGUF file of a Llama-architecture model for llama.cpp / Ollama.
 
     ``model_or_dir``: a PeftModel (its LoRA adapters are merged in fp32, NF4 base weights dequantized), a
@@ -169,7 +169,8 @@ def save_gguf(model_or_dir, out_path: str, quant: str = "f16", tokenizer=None, *
     ``"f16"``, ``"bf16"``, ``"q8_0"`` (blocks of 32 with an fp16 scale, quantized as llama.cpp does) or ``"f32"``;
     norms stay f32. ``tokenizer``: its vocabulary, merges, special tokens and chat template go into the file
     (loaded from the directory when not given; required for a model). With ``modelfile`` an Ollama
-    ``Modelfile`` is written beside it (``ollama create NAME -f Modelfile``). Returns ``out_path``.
+    ``Modelfile`` is written beside it (``ollama create NAME -f Modelfile``; a string names its path). Returns
+    ``out_path``.
     """
     gguf = _require_gguf()
     if quant not in QUANTS:
@@ -235,7 +236,8 @@ def save_gguf(model_or_dir, out_path: str, quant: str = "f16", tokenizer=None, *
     w.write_tensors_to_file()
     w.close()
     if modelfile:
-        write_modelfile(out_path, tokenizer, add_bos=vocab.add_bos)
+        write_modelfile(out_path, tokenizer, add_bos=vocab.add_bos,
+                        path=modelfile if isinstance(modelfile, str) else None)
     return out_path
 
 

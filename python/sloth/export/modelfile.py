@@ -99,20 +99,20 @@ def _go_text(s: str) -> str:
 def go_template(w: ChatWrappers, bos_text: str = "") -> str:
     """An Ollama (Go) TEMPLATE rendering ``.Messages`` as the wrappers do, with the generation prompt after the
     last message unless it is the assistant's. ``bos_text`` is dropped from the leading text (llama.cpp adds the
-    BOS token itself when the GGUF says so)."""
+    BOS token itself when the GGUF says so). No ``{{-`` / ``-}}`` trimming: the literal text is kept exactly, its
+    newlines included."""
     leading = w.leading[len(bos_text):] if bos_text and w.leading.startswith(bos_text) else w.leading
-    parts = [_go_text(leading), "{{- range $i, $_ := .Messages }}",
-             "{{- $last := eq (len (slice $.Messages $i)) 1 }}"]
+    parts = [_go_text(leading), "{{ range $i, $_ := .Messages }}", "{{ $last := eq (len (slice $.Messages $i)) 1 }}"]
     first = True
     for role in ("system", "user", "assistant"):
         if role not in w.header:
             continue
-        parts.append(("{{- if" if first else "{{- else if") + f' eq .Role "{role}" }}}}')
+        parts.append(("{{ if" if first else "{{ else if") + f' eq .Role "{role}" }}}}')
         parts.append(_go_text(w.header[role]) + "{{ .Content }}" + _go_text(w.footer[role]))
         first = False
-    parts.append("{{- end }}")
-    parts.append('{{- if and $last (ne .Role "assistant") }}' + _go_text(w.generation) + "{{- end }}")
-    parts.append("{{- end }}")
+    parts.append("{{ end }}")
+    parts.append('{{ if and $last (ne .Role "assistant") }}' + _go_text(w.generation) + "{{ end }}")
+    parts.append("{{ end }}")
     return "".join(parts)
 
 
