@@ -200,6 +200,41 @@ def test_sft_gradient_accumulation_is_exact(tok, tmp_path):
         torch.testing.assert_close(packed[n], full[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
+def test_transformers_trainer_accumulation_through_sloth_loss(tok, tmp_path, monkeypatch):
+    """A plain Transformers Trainer on a sloth-patched model: the loss is sloth.causal_lm_loss with the
+    num_items_in_batch the Trainer counts over the whole step, so 4 micro-batches of 1 == one batch of 4."""
+    import transformers
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    rows = [{"input_ids": tok.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"]}
+            for r in chat_rows(1)]
+    seen = []
+    real = sloth.integrations.transformers.causal_lm_loss
+
+    def spy(*a, **k):
+        seen.append(int(k["num_items_in_batch"]))
+        return real(*a, **k)
+
+    monkeypatch.setattr(sloth.integrations.transformers, "causal_lm_loss", spy)
+    deltas = []
+    for bs, ga in ((4, 1), (1, 4)):
+        model = lora_model(tok)
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / f"{bs}"), report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True,
+            max_steps=1, per_device_train_batch_size=bs, gradient_accumulation_steps=ga, optim="sgd",
+            learning_rate=1.0, max_grad_norm=0.0, lr_scheduler_type="constant", seed=0)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                                       data_collator=DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id))
+        assert trainer.model_accepts_loss_kwargs
+        trainer.train()
+        deltas.append({n: before[n] - p.detach() for n, p in model.named_parameters() if p.requires_grad})
+    n_items = sum(len(r["input_ids"]) - 1 for r in rows)
+    assert seen == [n_items] * 5  # one batch of 4, then 4 micro-batches: each divided by the step's label count
+    for n in deltas[0]:
+        torch.testing.assert_close(deltas[1][n], deltas[0][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_train_on_responses_only(tok, tmp_path):
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
