@@ -26,6 +26,16 @@ from sloth.finetune.tokenizer import bundled_tokenizer  # noqa: E402
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: one intra-op thread is as fast, and does not stall when the 2 cores are shared (OpenMP
+    threads waiting on a descheduled sibling made these tests 10x slower on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     return bundled_tokenizer(str(tmp_path_factory.mktemp("tok")), bundled_data_path())

@@ -25,6 +25,16 @@ QA = [("What is 2 + 2?", "4"), ("What is the capital of Peru?", "Lima"), ("Rever
       ("Name a primary color.", "Blue")]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: one intra-op thread is as fast, and does not stall when the 2 cores are shared (OpenMP
+    threads waiting on a descheduled sibling made these tests 10x slower on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     return bundled_tokenizer(str(tmp_path_factory.mktemp("tok")), bundled_data_path())
@@ -285,6 +295,31 @@ def test_patch_trainer_on_a_built_trainer(tok, tmp_path):
         assert "_sloth_fused_head" not in lm.__dict__ and strl._trl_head_settings(lm) is not None
     finally:
         strl.install()
+
+
+def test_hook_and_unpatch(tok):
+    """TRL's add_fused_lm_head (as a trainer calls it) gives a sloth-patched model sloth's head and an unpatched one
+    TRL's; sloth.unpatch then leaves TRL's head with the same settings, so a built trainer keeps working."""
+    import trl.trainer.utils as tu
+
+    assert strl.install() and tu.add_fused_lm_head is strl._hooked_add_fused_lm_head
+    plain = lora_model(tok, patch=False)
+    tu.add_fused_lm_head(plain.get_base_model(), temperature=0.5)
+    assert strl._trl_head_settings(plain.get_base_model())["temperature"] == 0.5
+    model = lora_model(tok)
+    lm = model.get_base_model()
+    tu.add_fused_lm_head(lm, temperature=0.5, outputs=("log_probs", "entropy"))
+    assert lm.__dict__["_sloth_fused_head"].temperature == 0.5
+    ids, mask, labels = batch(tok)
+    with torch.no_grad():
+        ours = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True).log_probs
+        sloth.unpatch(model)
+        trl_head = strl._trl_head_settings(lm)
+        assert "_sloth_fused_head" not in lm.__dict__ and trl_head["temperature"] == 0.5
+        assert trl_head["outputs"] == ("log_probs", "entropy")
+        theirs = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True).log_probs
+        assert model(input_ids=ids, attention_mask=mask, labels=labels).logits is not None  # sloth's loss path is gone
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------ DPO, GRPO
