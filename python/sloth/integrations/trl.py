@@ -115,7 +115,10 @@ def head_logprobs(model, hidden: torch.Tensor, labels: torch.Tensor, *, temperat
     h = hidden[mask]  # [n, H]
     tok = labels[mask]  # [n]
     head = model.get_output_embeddings()
-    scaling = _head_scaling(model) or (None, None)
+    scaling = _head_scaling(model)
+    if scaling is None:
+        raise ValueError(f"sloth: {type(model).__name__} scales its logits with one of {_SCALING_ATTRS}, which sloth's "
+                         "log-prob head does not apply; use TRL's own head for it")
     softcap, logit_scale = scaling
     stats = tuple(k for k in STATS if k in outputs)
     dev = h.device.type
