@@ -173,11 +173,18 @@ def test_padding_free_rows_do_not_attend_across_examples(tok):
 
 # ----------------------------------------------------------------------------------------------------- SFT
 
-def test_sft_loss_decreases(tok, tmp_path):
+@pytest.mark.parametrize("packing", [False, True])
+def test_sft_loss_decreases(tok, tmp_path, packing):
+    """A memorizable dataset: padded batches, or packed rows (BFD packing: padding-free, position_ids restart)."""
     model = lora_model(tok)
     ds = datasets.Dataset.from_list(chat_rows(2))
-    trainer = trl.SFTTrainer(model=model, args=sft_args(tmp_path, max_steps=16, per_device_train_batch_size=4,
-                                                       learning_rate=5e-3), train_dataset=ds, processing_class=tok)
+    bs = 1 if packing else 4  # one packed row holds all 8 conversations
+    trainer = trl.SFTTrainer(model=model, args=sft_args(tmp_path, max_steps=16, per_device_train_batch_size=bs,
+                                                       learning_rate=5e-3, packing=packing, max_length=256),
+                             train_dataset=ds, processing_class=tok)
+    if packing:
+        b = trainer.data_collator([trainer.train_dataset[0]])
+        assert "attention_mask" not in b and int((b["position_ids"] == 0).sum()) > 1  # several examples in a row
     st = trainer.model.get_base_model().__dict__.get("_sloth_fused_head")
     assert st is not None and st.outputs == ("log_probs", "entropy", "is_top1")  # the hook gave sloth's head
     trainer.train()
