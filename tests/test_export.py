@@ -178,7 +178,8 @@ def _gguf_forward(path, ids):
     f = _fields(r)
     T = {t.name: _tensor(t) for t in r.tensors}
     n_layer, n_head, n_kv = f["llama.block_count"], f["llama.attention.head_count"], f["llama.attention.head_count_kv"]
-    eps, base, d = f["llama.attention.layer_norm_rms_epsilon"], f["llama.rope.freq_base"], f["llama.rope.dimension_count"]
+    eps, base = f["llama.attention.layer_norm_rms_epsilon"], f["llama.rope.freq_base"]
+    d = f["llama.rope.dimension_count"]
     freqs = 1.0 / base ** (np.arange(0, d, 2) / d)
     if "rope_freqs.weight" in T:
         freqs = freqs / T["rope_freqs.weight"]
@@ -275,7 +276,8 @@ def test_gguf_round_trip(tok, tmp_path, quant, rope, tie, tol):
             bound = d * (0.5 + 127 * 2 ** -11) + 127 * 2 ** -25
             assert ((v - w).reshape(-1, 32).abs() <= bound).all(), hf
     mf = open(tmp_path / "Modelfile").read()
-    assert mf.startswith(f"FROM ./model-{quant}.gguf") and 'TEMPLATE """' in mf and f'PARAMETER stop "{tok.eos_token}"' in mf
+    assert mf.startswith(f"FROM ./model-{quant}.gguf") and 'TEMPLATE """' in mf
+    assert f'PARAMETER stop "{tok.eos_token}"' in mf
 
 
 def test_q8_0_matches_gguf_package():

@@ -198,8 +198,8 @@ def _one_sgd_step(tok, tmp_path, **kw):
     model = lora_model(tok)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     ds = datasets.Dataset.from_list(chat_rows(1))  # 4 conversations of different lengths
-    args = sft_args(tmp_path, max_steps=1, optim="sgd", learning_rate=1.0, max_grad_norm=0.0, lr_scheduler_type="constant",
-                    **kw)
+    args = sft_args(tmp_path, max_steps=1, optim="sgd", learning_rate=1.0, max_grad_norm=0.0,
+                    lr_scheduler_type="constant", **kw)
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
     trainer.train()
     return {n: before[n] - p.detach() for n, p in model.named_parameters() if p.requires_grad}  # = the gradient

@@ -112,8 +112,8 @@ def gguf_tensor_names(config) -> Dict[str, str]:
     """Transformers parameter name -> GGUF tensor name for a llama-architecture model."""
     gguf = _require_gguf()
     T, N = gguf.MODEL_TENSOR, gguf.TENSOR_NAMES
-    names = {"model.embed_tokens.weight": N[T.TOKEN_EMBD] + ".weight", "model.norm.weight": N[T.OUTPUT_NORM] + ".weight",
-             "lm_head.weight": N[T.OUTPUT] + ".weight"}
+    names = {"model.embed_tokens.weight": N[T.TOKEN_EMBD] + ".weight",
+             "model.norm.weight": N[T.OUTPUT_NORM] + ".weight", "lm_head.weight": N[T.OUTPUT] + ".weight"}
     per_block = {"input_layernorm": T.ATTN_NORM, "self_attn.q_proj": T.ATTN_Q, "self_attn.k_proj": T.ATTN_K,
                  "self_attn.v_proj": T.ATTN_V, "self_attn.o_proj": T.ATTN_OUT, "post_attention_layernorm": T.FFN_NORM,
                  "mlp.gate_proj": T.FFN_GATE, "mlp.up_proj": T.FFN_UP, "mlp.down_proj": T.FFN_DOWN}
@@ -185,7 +185,8 @@ def save_gguf(model_or_dir, out_path: str, quant: str = "f16", tokenizer=None, *
     extra = [k for k in state if k not in names and "rotary_emb" not in k]
     if extra:
         raise ValueError(f"sloth.save_gguf: tensor {extra[0]!r} has no GGUF name in the llama architecture")
-    n_head, n_kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    n_head = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_head
     emb = state["model.embed_tokens.weight"]
     vocab = vocab_from_tokenizer(tokenizer, emb.shape[0])
     if len(vocab.tokens) != emb.shape[0]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from typing import Dict, Optional, Union
+from typing import Dict, Union
 
 import torch
 

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..nn.linear_logprobs import STATS, linear_logprobs, linear_logprobs_stats
+from ..nn.linear_logprobs import STATS, linear_logprobs_stats
 
 IGNORE_INDEX = -100
 #: what TRL's ``FusedCausalLMOutput`` carries per token
@@ -480,7 +480,8 @@ def train_on_responses_only(trainer_or_collator, instruction_part, response_part
         raise ValueError("sloth.train_on_responses_only: the trainer has no data collator to wrap")
     if isinstance(collator, ResponseOnlyCollator):
         collator = collator.collator
-    wrapped = ResponseOnlyCollator(collator, _part_ids(tokenizer, instruction_part), _part_ids(tokenizer, response_part))
+    wrapped = ResponseOnlyCollator(collator, _part_ids(tokenizer, instruction_part),
+                                   _part_ids(tokenizer, response_part))
     if is_trainer:
         trainer_or_collator.data_collator = wrapped
         return trainer_or_collator
