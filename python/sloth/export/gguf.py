@@ -69,6 +69,7 @@ def _rope(config) -> Tuple[float, Optional[dict]]:
 
 
 def head_dim(config) -> int:
+    """Per-head dimension of the attention (``head_dim`` when the config sets it, else hidden / heads)."""
     return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
 

@@ -16,7 +16,9 @@ sloth's chunked log-prob kernel (one ``[chunk, vocab]`` logits buffer alive at a
 Two ways in, both with the trainer used as TRL documents it:
 
 - ``sloth.patch(peft_model)`` *before* building the trainer: when ``trl`` is imported, sloth hooks TRL's
-  ``add_fused_lm_head`` (:func:`install`) so that a sloth-patched model gets sloth's head; other models keep TRL's.
+  ``add_fused_lm_head`` (:func:`install`) so that a sloth-patched model gets sloth's head; other models keep TRL's,
+  and so do MoE models (TRL's head adds the router's load-balancing loss) and models whose logits TRL rescales in
+  ways sloth's head does not (see :func:`takes_over`).
 - :func:`patch_trainer` on a trainer already built (e.g. one that wrapped the model with ``peft_config=``):
   sloth-patches its model and swaps TRL's head of the model and of a separate ``ref_model`` for sloth's, with the
   temperature / outputs TRL chose.
@@ -84,6 +86,14 @@ def _head_scaling(model):
     if any(getattr(cfg, a, None) is not None for a in _SCALING_ATTRS):
         return None
     return getattr(cfg, "final_logit_softcapping", None), getattr(cfg, "logit_scale", None)
+
+
+def takes_over(model) -> bool:
+    """Whether sloth's head computes what TRL's would for ``model``: dense models (MoE models keep TRL's head, which
+    adds the router's load-balancing loss) without a logit scaling sloth does not apply."""
+    cfg = _text_config(model)
+    moe = any(getattr(cfg, a, None) for a in ("num_experts", "num_local_experts", "n_routed_experts"))
+    return not moe and _head_scaling(model) is not None
 
 
 def _is_sloth_patched(model) -> bool:
@@ -253,7 +263,7 @@ def remove_fused_lm_head(model) -> Optional[FusedHead]:
 
 def _hooked_add_fused_lm_head(model, *args, **kwargs):
     """What TRL's trainers call once :func:`install` ran: sloth's head on sloth-patched models, TRL's on others."""
-    if _is_sloth_patched(model) and _head_scaling(model) is not None:
+    if _is_sloth_patched(model) and takes_over(model):
         return add_fused_lm_head(model, *args, **kwargs)
     return _TRL_ADD(model, *args, **kwargs)
 
@@ -327,7 +337,7 @@ def patch_trainer(trainer):
     for m in models:
         lm = _lm_of(m)
         trl = _trl_head_settings(lm)
-        if trl is not None and _head_scaling(lm) is not None:
+        if trl is not None and takes_over(lm):
             add_fused_lm_head(lm, trl["temperature"], trl["cast_lm_head_to_fp32"], trl["outputs"])
         elif trl is None and _FUSED not in lm.__dict__ and not _is_sloth_patched(lm):
             warnings.warn(f"sloth.integrations.trl.patch_trainer: {type(trainer).__name__}'s model has no TRL fused "
@@ -498,6 +508,7 @@ __all__ = [
     "remove_fused_lm_head",
     "response_mask",
     "selective_logprobs",
+    "takes_over",
     "train_on_responses_only",
     "uninstall",
 ]
