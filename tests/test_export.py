@@ -92,6 +92,14 @@ def test_save_merged_fp32_gives_adapter_logits(tok, tmp_path):
     reloaded_tok = transformers.AutoTokenizer.from_pretrained(out)
     assert reloaded_tok.chat_template == tok.chat_template
     assert any("lora" in n for n, _ in model.named_parameters())  # the model itself was not merged
+    # sharded: written shard by shard as the merged tensors stream in, with the index Transformers reads
+    sharded = sloth.save_merged(model, str(tmp_path / "s"), tokenizer=tok, dtype="fp32", max_shard_size=200_000)
+    files = sorted(os.listdir(sharded))
+    shards = [f for f in files if f.endswith(".safetensors")]
+    assert len(shards) > 2 and "model.safetensors.index.json" in files and not any(f.endswith(".tmp") for f in files)
+    assert shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    again = transformers.AutoModelForCausalLM.from_pretrained(sharded, dtype=torch.float32).eval()
+    torch.testing.assert_close(logits(again, ids), got, rtol=0, atol=0)
 
 
 def test_save_merged_bf16_is_merge_then_one_cast(tok, tmp_path):
@@ -299,7 +307,7 @@ def test_rope_permutation_is_a_row_permutation():
 
 def test_save_gguf_from_merged_directory(tok, tmp_path):
     model = with_lora(tiny_llama(tok))
-    d = sloth.save_merged(model, str(tmp_path / "merged"), tokenizer=tok, dtype="fp32")
+    d = sloth.save_merged(model, str(tmp_path / "merged"), tokenizer=tok, dtype="fp32", max_shard_size=300_000)
     a = sloth.save_gguf(d, str(tmp_path / "a" / "m.gguf"), quant="f16")  # tokenizer loaded from the directory
     b = sloth.save_gguf(model, str(tmp_path / "b" / "m.gguf"), quant="f16", tokenizer=tok)
     ra, rb = gguf.GGUFReader(a), gguf.GGUFReader(b)

@@ -26,7 +26,7 @@ from typing import Dict, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from .merge import load_state_dict, merged_state_dict, unwrap
+from .merge import checkpoint_files, iter_merged_tensors, unwrap
 
 QUANTS = ("f16", "bf16", "q8_0", "f32")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
@@ -115,13 +115,17 @@ def gguf_tensor_names(config) -> Dict[str, str]:
     T, N = gguf.MODEL_TENSOR, gguf.TENSOR_NAMES
     names = {"model.embed_tokens.weight": N[T.TOKEN_EMBD] + ".weight",
              "model.norm.weight": N[T.OUTPUT_NORM] + ".weight", "lm_head.weight": N[T.OUTPUT] + ".weight"}
-    per_block = {"input_layernorm": T.ATTN_NORM, "self_attn.q_proj": T.ATTN_Q, "self_attn.k_proj": T.ATTN_K,
-                 "self_attn.v_proj": T.ATTN_V, "self_attn.o_proj": T.ATTN_OUT, "post_attention_layernorm": T.FFN_NORM,
-                 "mlp.gate_proj": T.FFN_GATE, "mlp.up_proj": T.FFN_UP, "mlp.down_proj": T.FFN_DOWN}
+    # in the modules' order (a model's merged tensors stream in it; a checkpoint's are read in it)
+    per_block = {"self_attn.q_proj": T.ATTN_Q, "self_attn.k_proj": T.ATTN_K, "self_attn.v_proj": T.ATTN_V,
+                 "self_attn.o_proj": T.ATTN_OUT, "mlp.gate_proj": T.FFN_GATE, "mlp.up_proj": T.FFN_UP,
+                 "mlp.down_proj": T.FFN_DOWN, "input_layernorm": T.ATTN_NORM, "post_attention_layernorm": T.FFN_NORM}
+    out = {"model.embed_tokens.weight": names["model.embed_tokens.weight"]}
     for i in range(config.num_hidden_layers):
         for hf, t in per_block.items():
-            names[f"model.layers.{i}.{hf}.weight"] = N[t].format(bid=i) + ".weight"
-    return names
+            out[f"model.layers.{i}.{hf}.weight"] = N[t].format(bid=i) + ".weight"
+    out["model.norm.weight"] = names["model.norm.weight"]
+    out["lm_head.weight"] = names["lm_head.weight"]
+    return out
 
 
 def _encode(t: torch.Tensor, quant: str, gguf):
@@ -139,9 +143,11 @@ def _encode(t: torch.Tensor, quant: str, gguf):
     return t.to(torch.float16).numpy(), None
 
 
-def _load(model_or_dir, tokenizer):
-    """(fp32 state dict in Transformers names, config, tokenizer) of a model or a saved checkpoint directory."""
+def _source(model_or_dir, tokenizer):
+    """(config, tokenizer, vocab rows, iterator of (Transformers name, tensor)) of a model (merged one tensor at a
+    time) or of a saved checkpoint directory (read one tensor at a time)."""
     if isinstance(model_or_dir, (str, os.PathLike)):
+        from safetensors import safe_open
         from transformers import AutoConfig
 
         path = os.fspath(model_or_dir)
@@ -150,15 +156,33 @@ def _load(model_or_dir, tokenizer):
                                     f"written by sloth.save_merged / save_pretrained")
         config = AutoConfig.from_pretrained(path)
         check_exportable(config)
-        state = {k: v.float() for k, v in load_state_dict(path).items()}
+        where = {}
+        for full in checkpoint_files(path):
+            with safe_open(full, framework="pt") as f:
+                for k in f.keys():
+                    where[k] = full
+        emb = "model.embed_tokens.weight"
+        if emb not in where:
+            raise ValueError(f"sloth.save_gguf: {path} has no {emb}; is it a Llama checkpoint?")
+        with safe_open(where[emb], framework="pt") as f:
+            rows = f.get_slice(emb).get_shape()[0]
         if tokenizer is None:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(path)
-        return state, config, tokenizer
+        order = list(gguf_tensor_names(config))  # one order whatever the source (safetensors sorts by name)
+        keys = [k for k in order if k in where] + [k for k in where if k not in order]
+
+        def tensors():
+            for k in keys:
+                with safe_open(where[k], framework="pt") as f:
+                    yield k, f.get_tensor(k)
+
+        return config, tokenizer, rows, tensors()
     lm, _ = unwrap(model_or_dir)
     check_exportable(lm.config)
-    return merged_state_dict(model_or_dir, torch.float32), lm.config, tokenizer
+    rows = lm.get_input_embeddings().weight.shape[0]
+    return lm.config, tokenizer, rows, iter_merged_tensors(model_or_dir, torch.float32)
 
 
 def save_gguf(model_or_dir, out_path: str, quant: str = "f16", tokenizer=None, *, name: Optional[str] = None,
@@ -176,23 +200,19 @@ def save_gguf(model_or_dir, out_path: str, quant: str = "f16", tokenizer=None, *
     gguf = _require_gguf()
     if quant not in QUANTS:
         raise ValueError(f"sloth.save_gguf: quant must be one of {', '.join(QUANTS)}, got {quant!r}")
-    state, config, tokenizer = _load(model_or_dir, tokenizer)
+    config, tokenizer, rows, tensors = _source(model_or_dir, tokenizer)
     if tokenizer is None:
         raise ValueError("sloth.save_gguf: pass tokenizer= (its vocabulary and chat template go into the GGUF file)")
     from .gguf_vocab import add_vocab, vocab_from_tokenizer
     from .modelfile import write_modelfile
 
     names = gguf_tensor_names(config)
-    extra = [k for k in state if k not in names and "rotary_emb" not in k]
-    if extra:
-        raise ValueError(f"sloth.save_gguf: tensor {extra[0]!r} has no GGUF name in the llama architecture")
     n_head = config.num_attention_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_head
-    emb = state["model.embed_tokens.weight"]
-    vocab = vocab_from_tokenizer(tokenizer, emb.shape[0])
-    if len(vocab.tokens) != emb.shape[0]:
+    vocab = vocab_from_tokenizer(tokenizer, rows)
+    if len(vocab.tokens) != rows:
         raise ValueError(f"sloth.save_gguf: the tokenizer has {len(vocab.tokens)} tokens but the embedding has "
-                         f"{emb.shape[0]} rows")
+                         f"{rows} rows")
     theta, scaling = _rope(config)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant]
@@ -217,7 +237,7 @@ def save_gguf(model_or_dir, out_path: str, quant: str = "f16", tokenizer=None, *
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(scaling["factor"]))
     w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
-    w.add_vocab_size(int(emb.shape[0]))
+    w.add_vocab_size(int(rows))
     w.add_file_type(int(file_type))
     if quant == "q8_0":
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -225,8 +245,12 @@ def save_gguf(model_or_dir, out_path: str, quant: str = "f16", tokenizer=None, *
 
     if scaling is not None and scaling["rope_type"] == "llama3":
         w.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(config))
-    for hf in [k for k in names if k in state]:  # one order whatever the source (safetensors sorts by name)
-        t = state[hf]
+    for hf, t in tensors:  # one tensor at a time: the file holds the encoded model, never an fp32 copy
+        if "rotary_emb" in hf:
+            continue
+        if hf not in names:
+            raise ValueError(f"sloth.save_gguf: tensor {hf!r} has no GGUF name in the llama architecture")
+        t = t.float()
         if hf.endswith("self_attn.q_proj.weight"):
             t = rope_to_interleaved(t, n_head)
         elif hf.endswith("self_attn.k_proj.weight"):

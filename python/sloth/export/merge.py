@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from typing import Dict, Union
+from typing import Dict, Iterator, Tuple, Union
 
 import torch
 
@@ -72,11 +72,12 @@ def _lora_delta(layer, adapter: str) -> torch.Tensor:
     return delta * float(layer.scaling[adapter])
 
 
-def merged_state_dict(model, dtype: Union[str, torch.dtype] = torch.bfloat16) -> Dict[str, torch.Tensor]:
-    """The state dict of ``model`` (a PeftModel with LoRA adapters, possibly over an NF4 base, or a plain
-    Transformers model) with every active LoRA adapter merged, in plain Transformers names, each tensor cast
-    once to ``dtype`` (the merge itself is done in fp32). The model is not modified. A tied output embedding
-    is left out, as ``save_pretrained`` does."""
+def iter_merged_tensors(model, dtype: Union[str, torch.dtype] = torch.bfloat16) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(name, CPU tensor) of every tensor of the merged checkpoint of ``model``, one at a time (so that an export
+    holds one fp32 weight at a time, not the model): a PeftModel with LoRA adapters, possibly over an NF4 base,
+    or a plain Transformers model; every active LoRA adapter merged, plain Transformers names, each tensor cast
+    once to ``dtype`` (the merge itself in fp32), in module order. The model is not modified. A tied output
+    embedding is left out, as ``save_pretrained`` does."""
     dtype = resolve_dtype(dtype)
     lm, _ = unwrap(model)
     try:
@@ -84,11 +85,16 @@ def merged_state_dict(model, dtype: Union[str, torch.dtype] = torch.bfloat16) ->
         from peft.utils import ModulesToSaveWrapper
     except ImportError:
         LoraLayer = ModulesToSaveWrapper = ()  # noqa: N806
-    out: Dict[str, torch.Tensor] = {}
+    tied = set()
+    head, emb = lm.get_output_embeddings(), lm.get_input_embeddings()
+    if head is not None and emb is not None and getattr(lm.config.get_text_config(), "tie_word_embeddings", False):
+        hw = getattr(head, "weight", None)
+        if hw is not None and hw is getattr(emb, "weight", None):
+            tied = {f"{n}.weight" for n, m in lm.named_modules() if m is head}
     skip = []  # prefixes of modules handled by their parent
 
-    def put(name, t):
-        out[name] = t.detach().to("cpu", dtype) if t.is_floating_point() else t.detach().to("cpu")
+    def cast(t):
+        return t.detach().to("cpu", dtype) if t.is_floating_point() else t.detach().to("cpu")
 
     for name, module in lm.named_modules():
         if any(name.startswith(p) for p in skip):
@@ -101,9 +107,9 @@ def merged_state_dict(model, dtype: Union[str, torch.dtype] = torch.bfloat16) ->
                 for adapter in module.active_adapters:
                     if adapter in module.lora_A:
                         w = w + _lora_delta(module, adapter).to(w.device)
-            put(pre + "weight", w)
+            yield pre + "weight", cast(w)
             if getattr(base, "bias", None) is not None:
-                put(pre + "bias", base.bias)
+                yield pre + "bias", cast(base.bias)
             skip.append(pre)
             continue
         if ModulesToSaveWrapper and isinstance(module, ModulesToSaveWrapper):
@@ -111,28 +117,28 @@ def merged_state_dict(model, dtype: Union[str, torch.dtype] = torch.bfloat16) ->
             active = active[0] if isinstance(active, (list, tuple)) else active
             inner = module.modules_to_save[active] if active in module.modules_to_save else module.original_module
             for pname, p in inner.state_dict().items():
-                put(pre + pname, p)
+                if pre + pname not in tied:
+                    yield pre + pname, cast(p)
             skip.append(pre)
             continue
         qs = getattr(getattr(module, "weight", None), "quant_state", None)
         if qs is not None:  # a quantized linear without LoRA
-            put(pre + "weight", dense_weight(module))
+            yield pre + "weight", cast(dense_weight(module))
             if getattr(module, "bias", None) is not None:
-                put(pre + "bias", module.bias)
+                yield pre + "bias", cast(module.bias)
             skip.append(pre)
             continue
         for pname, p in module.named_parameters(recurse=False):
-            put(pre + pname, p)
+            if pre + pname not in tied:
+                yield pre + pname, cast(p)
         for bname, b in module.named_buffers(recurse=False):
             if bname not in module._non_persistent_buffers_set:
-                put(pre + bname, b)
-    head, emb = lm.get_output_embeddings(), lm.get_input_embeddings()
-    if head is not None and emb is not None and getattr(lm.config.get_text_config(), "tie_word_embeddings", False):
-        hw = getattr(head, "weight", None)
-        if hw is not None and hw is getattr(emb, "weight", None):
-            for n in [n for n, m in lm.named_modules() if m is head]:
-                out.pop(f"{n}.weight", None)
-    return out
+                yield pre + bname, cast(b)
+
+
+def merged_state_dict(model, dtype: Union[str, torch.dtype] = torch.bfloat16) -> Dict[str, torch.Tensor]:
+    """:func:`iter_merged_tensors` as a dict (the whole merged model in memory at once)."""
+    return dict(iter_merged_tensors(model, dtype))
 
 
 def merged_config(model, dtype: torch.dtype):
@@ -151,20 +157,6 @@ def merged_config(model, dtype: torch.dtype):
     return cfg
 
 
-def _shards(state: Dict[str, torch.Tensor], max_bytes: int):
-    shards, cur, size = [], {}, 0
-    for k, t in state.items():
-        n = t.numel() * t.element_size()
-        if cur and size + n > max_bytes:
-            shards.append(cur)
-            cur, size = {}, 0
-        cur[k] = t
-        size += n
-    if cur or not shards:
-        shards.append(cur)
-    return shards
-
-
 def save_merged(model, out_dir: str, tokenizer=None, dtype: Union[str, torch.dtype] = torch.bfloat16, *,
                 max_shard_size: int = 5 * 1024**3) -> str:
     """Save ``model`` (a PeftModel with LoRA / QLoRA adapters, or a fully fine-tuned Transformers model) as a
@@ -176,23 +168,38 @@ def save_merged(model, out_dir: str, tokenizer=None, dtype: Union[str, torch.dty
     from safetensors.torch import save_file
 
     dtype = resolve_dtype(dtype)
-    state = merged_state_dict(model, dtype)
     os.makedirs(out_dir, exist_ok=True)
     for old in os.listdir(out_dir):  # no stale shards of an earlier save
         if old.startswith("model") and (old.endswith(".safetensors") or old.endswith(".safetensors.index.json")):
             os.remove(os.path.join(out_dir, old))
-    shards = _shards({k: v.contiguous() for k, v in state.items()}, max_shard_size)
     meta = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata=meta)
+    written = []  # (temporary file, {name: nbytes}) of each shard, written as soon as it is full
+    shard, size = {}, 0
+
+    def flush():
+        tmp = os.path.join(out_dir, f".model-shard-{len(written)}.safetensors.tmp")
+        save_file(shard, tmp, metadata=meta)
+        written.append((tmp, {k: t.numel() * t.element_size() for k, t in shard.items()}))
+
+    for k, t in iter_merged_tensors(model, dtype):
+        n = t.numel() * t.element_size()
+        if shard and size + n > max_shard_size:
+            flush()
+            shard, size = {}, 0
+        shard[k] = t.contiguous()
+        size += n
+    if shard or not written:
+        flush()
+    if len(written) == 1:
+        os.replace(written[0][0], os.path.join(out_dir, "model.safetensors"))
     else:
         weight_map, total = {}, 0
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(out_dir, fname), metadata=meta)
-            for k, t in shard.items():
+        for i, (tmp, sizes) in enumerate(written):
+            fname = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+            os.replace(tmp, os.path.join(out_dir, fname))
+            for k, nb in sizes.items():
                 weight_map[k] = fname
-                total += t.numel() * t.element_size()
+                total += nb
         with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     merged_config(model, dtype).save_pretrained(out_dir)
@@ -208,24 +215,37 @@ def save_merged(model, out_dir: str, tokenizer=None, dtype: Union[str, torch.dty
     return out_dir
 
 
-def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
-    """All tensors of a (possibly sharded) safetensors checkpoint directory."""
-    from safetensors.torch import load_file
-
+def checkpoint_files(path: str):
+    """The safetensors files of a (possibly sharded) checkpoint directory."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
             files = sorted(set(json.load(f)["weight_map"].values()))
     else:
         files = ["model.safetensors"]
-    state: Dict[str, torch.Tensor] = {}
+    out = []
     for fname in files:
         full = os.path.join(path, fname)
         if not os.path.isfile(full):
             raise FileNotFoundError(f"sloth export: {full} not found; expected a safetensors checkpoint in {path}")
-        state.update(load_file(full))
-    return state
+        out.append(full)
+    return out
 
 
-__all__ = ["dense_weight", "load_state_dict", "merged_config", "merged_state_dict", "resolve_dtype", "save_merged",
-           "unwrap"]
+def iter_checkpoint_tensors(path: str) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(name, tensor) of every tensor of a safetensors checkpoint directory, read one at a time."""
+    from safetensors import safe_open
+
+    for full in checkpoint_files(path):
+        with safe_open(full, framework="pt") as f:
+            for k in f.keys():
+                yield k, f.get_tensor(k)
+
+
+def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """All tensors of a (possibly sharded) safetensors checkpoint directory."""
+    return dict(iter_checkpoint_tensors(path))
+
+
+__all__ = ["checkpoint_files", "dense_weight", "iter_checkpoint_tensors", "iter_merged_tensors", "load_state_dict",
+           "merged_config", "merged_state_dict", "resolve_dtype", "save_merged", "unwrap"]
