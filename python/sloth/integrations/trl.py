@@ -134,6 +134,8 @@ def head_logprobs(model, hidden: torch.Tensor, labels: torch.Tensor, *, temperat
     dev = h.device.type
     if type(head) is torch.nn.Linear:
         weight, bias = head.weight, head.bias
+        # the GEMM in the head's own dtype, also under autocast: logits of fp32 weights are not rounded to bf16
+        # (TRL's head keeps them in fp32 too); bf16 weights give bf16 logits (fp32 accumulation, one rounding)
         dtype = torch.float32 if cast_lm_head_to_fp32 else weight.dtype
         with torch.autocast(dev, enabled=False):
             res = linear_logprobs_stats(
