@@ -43,7 +43,7 @@ def run(tmp_path_factory):
     data = d / "tiny.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in TINY * 4))
     cfg = FinetuneConfig(dataset=str(data), output_dir=str(d / "out"), steps=25, batch_size=4, max_seq_length=48,
-                         lr=5e-3, progress=False)
+                         lr=5e-3, progress=False, exports=("merged-fp32", "gguf-q8_0"))
     return finetune(cfg, log=lambda msg: None)
 
 
@@ -199,3 +199,78 @@ def test_cli_unknown_column_and_model_family(tmp_path, capsys):
     rc = main(["finetune", "--model", str(tmp_path / "vit"), "--output-dir", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("sloth finetune: error:") and "causal" in err[0], err
+
+
+def test_exports_written(run):
+    """--export merged-fp32,gguf-q8_0: the merged checkpoint gives the trained adapter model's logits; the GGUF file
+    and its Modelfile are there."""
+    gguf = pytest.importorskip("gguf")
+    from transformers import AutoModelForCausalLM
+
+    ex = run.summary["exports"]
+    assert set(ex) == {"merged-fp32", "gguf-q8_0"}
+    merged = AutoModelForCausalLM.from_pretrained(ex["merged-fp32"], dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 4, 200, 300, 400, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, run.model(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    r = gguf.GGUFReader(ex["gguf-q8_0"])
+    assert r.fields["general.architecture"].contents() == "llama"
+    assert r.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q8_0
+    mf = open(os.path.join(os.path.dirname(ex["gguf-q8_0"]), "Modelfile")).read()
+    assert mf.startswith("FROM ./model-q8_0.gguf")
+
+
+def test_method_flags():
+    import argparse
+
+    from sloth.finetune.cli import add_arguments, config_from_args
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert config_from_args(p.parse_args([])).method == "lora"
+    for flag, method in (("--lora", "lora"), ("--qlora", "qlora"), ("--full", "full")):
+        assert config_from_args(p.parse_args([flag])).method == method
+    assert config_from_args(p.parse_args(["--export", "merged,gguf-q8_0,merged"])).exports == ("merged", "gguf-q8_0")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--export", "onnx"], "--export"),
+    (["--export", ","], "--export"),
+    (["--lora", "--full"], "not allowed"),
+])
+def test_cli_bad_export_and_method_flags(args, words, tmp_path, capsys):
+    from sloth.cli import main
+
+    try:
+        rc = main(["finetune", *args, "--output-dir", str(tmp_path / "o")])
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("sloth finetune: error:") and words in err[0], err
+
+
+def test_cli_gguf_export_of_other_family_fails_before_training(tmp_path, capsys, tokenizer):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from sloth.cli import main
+
+    d = tmp_path / "qwen"
+    Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=1, intermediate_size=48, head_dim=16)).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    rc = main(["finetune", "--model", str(d), "--export", "gguf-q8_0", "--output-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "llama architecture" in err[0] and "--export merged" in err[0], err
+    assert not (tmp_path / "o" / "summary.json").exists()  # nothing was trained
+
+
+def test_cli_bf16_on_a_gpu_without_it(tmp_path, capsys, monkeypatch):
+    """--dtype bf16 where the GPU has no bf16 (simulated): one line that says to use fp16."""
+    from sloth.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla T4")
+    rc = main(["finetune", "--dtype", "bf16", "--output-dir", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "Tesla T4" in err[0] and "--dtype fp16" in err[0], err

@@ -21,6 +21,10 @@ from .nn.norm_rope import rms_norm, rope
 from .api import FastLanguageModel, from_pretrained, get_peft_model
 from .integrations.checkpointing import set_gradient_checkpointing
 from .nn.offload_checkpoint import offloaded_checkpoint
+# ---- training workflows (branch trl): TRL glue and export; transformers / trl / gguf are imported on use ----
+from .nn.linear_logprobs import linear_logprobs_stats
+from .integrations.trl import train_on_responses_only
+from .export import save_gguf, save_merged
 
 __version__ = "0.1.0"
 
@@ -35,6 +39,7 @@ __all__ = [
     "glu",
     "linear_cross_entropy",
     "linear_logprobs",
+    "linear_logprobs_stats",
     "lora_linear",
     "lora_mlp",
     "mxfp4_dequantize",
@@ -48,6 +53,9 @@ __all__ = [
     "patched_modules",
     "rms_norm",
     "rope",
+    "save_gguf",
+    "save_merged",
     "set_gradient_checkpointing",
+    "train_on_responses_only",
     "unpatch",
 ]

@@ -32,6 +32,15 @@ def _positive_float(s: str) -> float:
     return v
 
 
+def _exports(s: str):
+    from .export import parse_exports
+
+    try:
+        return parse_exports(s)
+    except FinetuneError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("--export: ", "")) from None
+
+
 class OneLineParser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line: ``sloth finetune: error: ... (see sloth finetune --help)``."""
 
@@ -58,8 +67,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-seq-length", type=_positive_int, default=d.max_seq_length,
                    help="truncate examples to this many tokens (default: %(default)s)")
     g = p.add_argument_group("method")
-    g.add_argument("--method", choices=METHODS, default=d.method, help="(default: %(default)s; qlora needs a CUDA "
+    m = g.add_mutually_exclusive_group()
+    m.add_argument("--method", choices=METHODS, default=d.method, help="(default: %(default)s; qlora needs a CUDA "
                    "GPU and bitsandbytes)")
+    m.add_argument("--lora", dest="method", action="store_const", const="lora", help="same as --method lora")
+    m.add_argument("--qlora", dest="method", action="store_const", const="qlora", help="same as --method qlora")
+    m.add_argument("--full", dest="method", action="store_const", const="full", help="same as --method full")
     g.add_argument("--r", type=_positive_int, default=d.r, help="LoRA rank (default: %(default)s)")
     g.add_argument("--lora-alpha", type=_positive_float, default=d.lora_alpha, help="(default: %(default)s)")
     g = p.add_argument_group("training")
@@ -78,6 +91,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output-dir", default=d.output_dir, help="where the adapter, tokenizer, loss.png and "
                    "summary.json go (default: %(default)s)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = p.add_argument_group("export")
+    g.add_argument("--export", type=_exports, default=(), metavar="FORMATS",
+                   help="after training, also write these comma-separated formats into the output directory: "
+                   "merged (bf16 safetensors with the adapter merged; merged-fp16, merged-fp32), gguf-q8_0, gguf-f16, "
+                   "gguf-bf16 (llama.cpp / Ollama, with a Modelfile; Llama-architecture models)")
 
 
 def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
@@ -88,7 +106,8 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         output_column=args.output_column, messages_column=args.messages_column, chat_template=args.chat_template,
         method=args.method, r=args.r, lora_alpha=args.lora_alpha, max_seq_length=args.max_seq_length,
         steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-        output_dir=args.output_dir, seed=args.seed, dtype=args.dtype, progress=not args.quiet)
+        output_dir=args.output_dir, seed=args.seed, dtype=args.dtype, progress=not args.quiet,
+        exports=tuple(args.export))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -112,4 +131,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"sloth finetune: {s['steps']} steps in {s['wall_time_s']:.1f} s, {loss_txt}, "
           f"{s['tokens_per_s']:,.0f} tok/s; {what}, tokenizer, loss.png and summary.json in {result.output_dir}",
           file=sys.stderr)
+    for fmt, path in s.get("exports", {}).items():
+        print(f"sloth finetune: {fmt}: {path}", file=sys.stderr)
     return 130 if s["interrupted"] else 0

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Optional, Tuple
 
 METHODS = ("lora", "qlora", "full")
 DTYPES = ("auto", "bf16", "fp16", "fp32")
@@ -15,7 +15,8 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 class FinetuneConfig:
     """Settings of one fine-tuning run. ``model=None``: the bundled tiny Llama; ``dataset=None``: the bundled
     instruction data. ``steps`` (optimizer steps) wins over ``epochs`` when both are given; ``lr=None`` picks
-    2e-3 for the bundled random-weight model and 2e-4 for a real one."""
+    2e-3 for the bundled random-weight model and 2e-4 for a real one. ``exports``: formats of
+    :data:`sloth.finetune.export.FORMATS` written after training (``merged``, ``gguf-q8_0``, ...)."""
 
     model: Optional[str] = None
     dataset: Optional[str] = None
@@ -39,6 +40,7 @@ class FinetuneConfig:
     warmup_steps: int = 3
     max_grad_norm: float = 1.0
     output_dir: str = "sloth-finetune-out"
+    exports: Tuple[str, ...] = ()
     seed: int = 0
     dtype: str = "auto"
     device: Optional[str] = None
@@ -71,6 +73,11 @@ class FinetuneConfig:
             raise FinetuneError(f"--lora-alpha must be positive, got {self.lora_alpha}")
         if not 0 <= self.lora_dropout < 1:
             raise FinetuneError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        from .export import FORMATS
+
+        bad = [e for e in self.exports if e not in FORMATS]
+        if bad:
+            raise FinetuneError(f"--export: unknown format {bad[0]!r}; use some of {', '.join(FORMATS)}")
         return self
 
     def to_dict(self) -> dict:

@@ -14,6 +14,7 @@ import torch
 
 from .config import FinetuneConfig
 from .data import bundled_data_path, prepare_data
+from .export import check_exports, run_exports
 from .loading import check_causal_lm, load_model, load_tokenizer, make_trainable, read_chat_template
 from .loss import count_items, sloth_loss
 from .model import bundled_model_path
@@ -115,6 +116,8 @@ def finetune(config: FinetuneConfig, log=None) -> FinetuneResult:
         tokenizer = load_tokenizer(config.model, template)
         model_path = config.model
         lr = config.lr or 2e-4
+    if config.exports:
+        check_exports(config.exports, model_path)  # before training, not after
 
     torch.manual_seed(config.seed)
     data = prepare_data(tokenizer, config)
@@ -189,5 +192,13 @@ def finetune(config: FinetuneConfig, log=None) -> FinetuneResult:
         "base_model": os.path.abspath(model_path) if config.model is None else model_path,
         "config": config.to_dict(),
     }
+    if config.exports:
+        try:
+            summary["exports"] = run_exports(config.exports, model, tokenizer, out, log)
+        except (ValueError, OSError) as e:
+            from .errors import FinetuneError
+
+            save_outputs(out, model, tokenizer, summary)
+            raise FinetuneError(f"export failed ({e}); the adapter and summary are saved in {out}") from None
     save_outputs(out, model, tokenizer, summary)
     return FinetuneResult(model=model, tokenizer=tokenizer, summary=summary, output_dir=out)

@@ -17,11 +17,15 @@ Supported: Llama 3, Qwen3, Mistral and Gemma 3 text models (``*ForCausalLM``), b
 
 Attention stays the model's own (SDPA / eager); Gemma 3's embedding scale sqrt(hidden) and sliding-window
 layers are untouched. :func:`unpatch` restores every replaced attribute exactly.
+
+With TRL: when ``trl`` is imported, :func:`patch` also hooks TRL's fused LM head so that trainers built on the
+patched model compute their per-token log-probs with sloth's kernel (see :mod:`sloth.integrations.trl`).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import types
 import warnings
 
@@ -46,6 +50,7 @@ RMS_NORMS = {
 CAUSAL_LMS = ("LlamaForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM", "Gemma3ForCausalLM")
 
 _LOSS_ONLY_KWARGS = ("num_items_in_batch", "shift_labels", "ignore_index")
+_FUSED_HEAD = "_sloth_fused_head"  # sloth.integrations.trl's fused LM head on a causal LM
 
 
 def _rms_norm_forward(self, x):
@@ -74,6 +79,12 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
     """sloth's ForCausalLM forward: with ``labels``, the loss from the last hidden state through the chunked
     linear cross-entropy, and ``logits=None`` (never materialized); without, the model's own forward."""
     lm_head = self.get_output_embeddings()
+    if kwargs.get("fused_lm_head") is False:
+        kwargs.pop("fused_lm_head")
+    if "fused_lm_head" in kwargs:  # a fused LM head (TRL's or sloth's) under sloth's forward: it runs as it is
+        given = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache)
+        return self._sloth_orig_forward(**{k: v for k, v in given.items() if v is not None}, **kwargs)
     if labels is None or type(lm_head) is not torch.nn.Linear:
         return self._sloth_orig_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
@@ -160,6 +171,10 @@ def patch(model, verbose: bool = False):
         patch_peft_model(model)
         lora = _lora_descriptions(model)
     model.__dict__[_RECORD] = (record, is_peft, lora)
+    if "trl" in sys.modules:  # trainers built from now on give this model sloth's fused LM head
+        from .trl import install
+
+        install()
     if not record and not lora:
         warnings.warn(f"sloth.patch: nothing to patch in {type(model).__name__}; supported: "
                       f"{', '.join(CAUSAL_LMS)} (norms: {', '.join(RMS_NORMS)})", stacklevel=2)
@@ -183,11 +198,25 @@ def unpatch(model) -> int:
         return 0
     record, is_peft, _ = entry
     for module, had_own, old, _ in reversed(record):
+        on_top = None  # sloth's fused LM head added on top of sloth's forward (a TRL trainer built after patch)
+        if _FUSED_HEAD in module.__dict__ and getattr(module.__dict__.get("forward"), "__func__", None) \
+                is not _causal_lm_forward:
+            from .trl import remove_fused_lm_head
+
+            on_top = remove_fused_lm_head(module)
         if had_own:
             module.forward = old
         else:
             module.__dict__.pop("forward", None)
         module.__dict__.pop("_sloth_orig_forward", None)
+        if _FUSED_HEAD in module.__dict__:  # sloth's head under sloth's forward (patch_trainer): back to TRL's
+            from .trl import remove_fused_lm_head
+
+            remove_fused_lm_head(module)
+        if on_top is not None:  # keep the trainer working: TRL's own head with the same settings
+            from .trl import reattach_trl_head
+
+            reattach_trl_head(module, on_top)
     n = len(record)
     if is_peft:
         from .peft import unpatch_peft_model

@@ -2,7 +2,7 @@
 
 from .glu import glu
 from .linear_cross_entropy import LinearCrossEntropyFunction, causal_lm_loss, linear_cross_entropy
-from .linear_logprobs import LinearLogprobsFunction, linear_logprobs
+from .linear_logprobs import LinearLogprobsFunction, linear_logprobs, linear_logprobs_stats
 from .lora_linear import lora_linear
 from .lora_mlp import lora_mlp
 from .workspace import Workspace
@@ -18,6 +18,7 @@ __all__ = [
     "glu",
     "linear_cross_entropy",
     "linear_logprobs",
+    "linear_logprobs_stats",
     "lora_linear",
     "lora_mlp",
     "offloaded_checkpoint",
