@@ -34,7 +34,7 @@ def loss_of(model, tok):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_16bit_load_matches_transformers(family, checkpoints):
-    model, tok = sloth.from_pretrained(checkpoints[family], max_seq_length=MAX_LEN, load_in_4bit=False)
+    model, tok = sloth.from_pretrained(checkpoints[family], max_seq_length=MAX_LEN, device_map="cpu", load_in_4bit=False)
     ref = transformers.AutoModelForCausalLM.from_pretrained(checkpoints[family], dtype=torch.float32)
     assert model.dtype == torch.float32  # the CPU default
     assert not any(type(m).__name__ == "Linear4bit" for m in model.modules())
@@ -47,7 +47,7 @@ def test_16bit_load_matches_transformers(family, checkpoints):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_4bit_load_nf4_double_quant(family, checkpoints):
-    model, tok = sloth.from_pretrained(checkpoints[family], max_seq_length=MAX_LEN)  # 4-bit is the default
+    model, tok = sloth.from_pretrained(checkpoints[family], max_seq_length=MAX_LEN, device_map="cpu")  # 4-bit is the default
     quantized = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     assert quantized == set(TARGETS)
     assert type(model.lm_head) is torch.nn.Linear  # the head stays in 16/32 bit
@@ -67,28 +67,28 @@ def test_4bit_load_nf4_double_quant(family, checkpoints):
 
 
 def test_8bit_load(checkpoints):
-    model, tok = sloth.from_pretrained(checkpoints["llama"], max_seq_length=MAX_LEN, load_in_8bit=True)
+    model, tok = sloth.from_pretrained(checkpoints["llama"], max_seq_length=MAX_LEN, device_map="cpu", load_in_8bit=True)
     assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules())
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     assert torch.isfinite(loss_of(model, tok))
 
 
 def test_full_finetuning_and_dtype(checkpoints):
-    model, _ = sloth.from_pretrained(checkpoints["qwen3"], max_seq_length=MAX_LEN, full_finetuning=True)
+    model, _ = sloth.from_pretrained(checkpoints["qwen3"], max_seq_length=MAX_LEN, device_map="cpu", full_finetuning=True)
     assert all(p.requires_grad for p in model.parameters())
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
-    model, _ = sloth.from_pretrained(checkpoints["qwen3"], max_seq_length=MAX_LEN, load_in_4bit=False,
+    model, _ = sloth.from_pretrained(checkpoints["qwen3"], max_seq_length=MAX_LEN, device_map="cpu", load_in_4bit=False,
                                      dtype="bfloat16")
     assert model.dtype == torch.bfloat16
 
 
 def test_prequantized_checkpoint(checkpoints, tmp_path):
-    model, tok = sloth.from_pretrained(checkpoints["mistral"], max_seq_length=MAX_LEN)
+    model, tok = sloth.from_pretrained(checkpoints["mistral"], max_seq_length=MAX_LEN, device_map="cpu")
     loss = loss_of(model, tok)
     sloth.unpatch(model)
     model.save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    again, tok2 = sloth.from_pretrained(str(tmp_path), max_seq_length=MAX_LEN)
+    again, tok2 = sloth.from_pretrained(str(tmp_path), max_seq_length=MAX_LEN, device_map="cpu")
     assert isinstance(again.model.layers[1].self_attn.o_proj, bnb.nn.Linear4bit)
     # 1e-5, not bit-exact: on CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for inference and
     # save_pretrained unpacks them; the round trip moves the loss by ~1e-6 relative

@@ -34,7 +34,7 @@ def decoder_layers(model):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lora_on_4bit_trains_lora_only(family, checkpoints):
-    model, tok = sloth.from_pretrained(checkpoints[family], max_seq_length=MAX_LEN)
+    model, tok = sloth.from_pretrained(checkpoints[family], max_seq_length=MAX_LEN, device_map="cpu")
     n_layers = model.config.num_hidden_layers
     pm = sloth.get_peft_model(model, r=8, lora_alpha=16)
     assert isinstance(pm, peft.PeftModel)
@@ -74,7 +74,7 @@ def test_lora_on_4bit_trains_lora_only(family, checkpoints):
 @pytest.mark.parametrize("load_in_4bit", [True, False])
 def test_patched_equals_unpatched(family, load_in_4bit, checkpoints):
     """Loss and LoRA gradients with sloth's kernels == with PEFT / Transformers' own code, same model."""
-    model, tok = sloth.from_pretrained(checkpoints[family], max_seq_length=MAX_LEN, load_in_4bit=load_in_4bit)
+    model, tok = sloth.from_pretrained(checkpoints[family], max_seq_length=MAX_LEN, device_map="cpu", load_in_4bit=load_in_4bit)
     pm = sloth.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
     with torch.no_grad():
         for n, p in pm.named_parameters():
@@ -101,7 +101,7 @@ def test_patched_equals_unpatched(family, load_in_4bit, checkpoints):
 
 
 def test_checkpointing_modes_and_seed(checkpoints):
-    model, _ = sloth.from_pretrained(checkpoints["llama"], max_seq_length=MAX_LEN, load_in_4bit=False)
+    model, _ = sloth.from_pretrained(checkpoints["llama"], max_seq_length=MAX_LEN, device_map="cpu", load_in_4bit=False)
     state = torch.get_rng_state()
     pm = sloth.get_peft_model(model, use_gradient_checkpointing=True, random_state=11)
     assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left alone
@@ -110,7 +110,7 @@ def test_checkpointing_modes_and_seed(checkpoints):
     assert all(m.gradient_checkpointing and m._gradient_checkpointing_func is not offloaded_checkpoint for m in layers)
     a1 = pm.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.detach().clone()
 
-    model, _ = sloth.from_pretrained(checkpoints["llama"], max_seq_length=MAX_LEN, load_in_4bit=False)
+    model, _ = sloth.from_pretrained(checkpoints["llama"], max_seq_length=MAX_LEN, device_map="cpu", load_in_4bit=False)
     pm = sloth.get_peft_model(model, use_gradient_checkpointing=False, random_state=11, target_modules=["q_proj"])
     assert not any(m.gradient_checkpointing for m in decoder_layers(pm))
     a2 = pm.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
@@ -120,10 +120,14 @@ def test_checkpointing_modes_and_seed(checkpoints):
 
 def test_sloth_checkpointing_sticks(checkpoints):
     """A Trainer's later gradient_checkpointing_enable() keeps the offloaded checkpoint; True / False unset it."""
-    model, _ = sloth.from_pretrained(checkpoints["qwen3"], max_seq_length=MAX_LEN)
+    model, _ = sloth.from_pretrained(checkpoints["qwen3"], max_seq_length=MAX_LEN, device_map="cpu")
     pm = sloth.get_peft_model(model)
     base = pm.get_base_model()
-    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    enable = getattr(base, "activation_checkpointing_enable", None)  # Transformers >= 5.2x; older: gradient_*
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     assert all(m._gradient_checkpointing_func is offloaded_checkpoint for m in decoder_layers(pm))
     sloth.set_gradient_checkpointing(pm, True)
     assert all(m.gradient_checkpointing and m._gradient_checkpointing_func is not offloaded_checkpoint
@@ -133,7 +137,7 @@ def test_sloth_checkpointing_sticks(checkpoints):
 
 
 def test_rslora_and_dropout(checkpoints):
-    model, tok = sloth.from_pretrained(checkpoints["gemma3"], max_seq_length=MAX_LEN)
+    model, tok = sloth.from_pretrained(checkpoints["gemma3"], max_seq_length=MAX_LEN, device_map="cpu")
     pm = sloth.get_peft_model(model, r=16, lora_alpha=8, lora_dropout=0.1, use_rslora=True)
     layer = pm.base_model.model.model.layers[0].mlp.up_proj
     assert layer.scaling["default"] == pytest.approx(8 / 16 ** 0.5)
@@ -152,7 +156,7 @@ def test_rslora_and_dropout(checkpoints):
     (dict(use_gradient_checkpointing="offload"), ValueError, "use_gradient_checkpointing must be"),
 ])
 def test_bad_arguments(kwargs, exc, match, checkpoints):
-    model, _ = sloth.from_pretrained(checkpoints["mistral"], max_seq_length=MAX_LEN, load_in_4bit=False)
+    model, _ = sloth.from_pretrained(checkpoints["mistral"], max_seq_length=MAX_LEN, device_map="cpu", load_in_4bit=False)
     with pytest.raises(exc, match=match) as e:
         sloth.get_peft_model(model, **kwargs)
     assert "\n" not in str(e.value)
@@ -160,14 +164,14 @@ def test_bad_arguments(kwargs, exc, match, checkpoints):
 
 
 def test_twice_is_an_error(checkpoints):
-    model, _ = sloth.from_pretrained(checkpoints["mistral"], max_seq_length=MAX_LEN, load_in_4bit=False)
+    model, _ = sloth.from_pretrained(checkpoints["mistral"], max_seq_length=MAX_LEN, device_map="cpu", load_in_4bit=False)
     pm = sloth.get_peft_model(model)
     with pytest.raises(ValueError, match="already has LoRA adapters"):
         sloth.get_peft_model(pm)
 
 
 def test_adapter_save_and_reload(checkpoints, tmp_path):
-    model, tok = sloth.from_pretrained(checkpoints["llama"], max_seq_length=MAX_LEN)
+    model, tok = sloth.from_pretrained(checkpoints["llama"], max_seq_length=MAX_LEN, device_map="cpu")
     pm = sloth.get_peft_model(model, r=4, use_gradient_checkpointing=False)
     with torch.no_grad():
         for n, p in pm.named_parameters():
@@ -177,7 +181,7 @@ def test_adapter_save_and_reload(checkpoints, tmp_path):
     with torch.no_grad():
         loss = pm(input_ids=ids, attention_mask=mask, labels=labels).loss
     pm.save_pretrained(tmp_path)
-    base, _ = sloth.from_pretrained(checkpoints["llama"], max_seq_length=MAX_LEN)
+    base, _ = sloth.from_pretrained(checkpoints["llama"], max_seq_length=MAX_LEN, device_map="cpu")
     sloth.unpatch(base)
     again = sloth.patch(peft.PeftModel.from_pretrained(base, str(tmp_path)))
     assert any("sloth.lora_linear" in r for r in sloth.patched_modules(again))

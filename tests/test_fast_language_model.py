@@ -31,7 +31,7 @@ def test_notebook_flow(checkpoint):
     with pytest.warns(UserWarning, match=r"from_pretrained: ignoring fix_tokenizer, rope_scaling \(not used by sloth\)"):
         model, tokenizer = FastLanguageModel.from_pretrained(
             model_name=checkpoint, max_seq_length=128, dtype=None, load_in_4bit=True, token=None,
-            device_map="sequential", rope_scaling=None, fix_tokenizer=True)
+            device_map="cpu", rope_scaling=None, fix_tokenizer=True)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # every argument below is a known one: no warning
@@ -80,7 +80,7 @@ def test_notebook_flow(checkpoint):
     (dict(full_finetuning=True), False),
 ])
 def test_precision_flags(flags, quantized, checkpoint):
-    model, _ = FastLanguageModel.from_pretrained(checkpoint, max_seq_length=128, **flags)
+    model, _ = FastLanguageModel.from_pretrained(checkpoint, max_seq_length=128, device_map="cpu", **flags)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) is False
     assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules()) is (quantized == "8bit")
     if flags.get("full_finetuning"):
@@ -93,7 +93,7 @@ def test_errors(checkpoint):
         FastLanguageModel.from_pretrained(checkpoint, fast_inference=True)
     with pytest.raises(ValueError, match="load_in_8bit=True cannot be combined"):
         FastLanguageModel.from_pretrained(checkpoint, load_in_8bit=True, load_in_16bit=True)
-    model, _ = FastLanguageModel.from_pretrained(checkpoint, max_seq_length=128, load_in_16bit=True)
+    model, _ = FastLanguageModel.from_pretrained(checkpoint, max_seq_length=128, device_map="cpu", load_in_16bit=True)
     with pytest.raises(NotImplementedError, match="LoftQ") as e:
         FastLanguageModel.get_peft_model(model, loftq_config={"loftq_bits": 4})
     assert "\n" not in str(e.value)
@@ -102,7 +102,7 @@ def test_errors(checkpoint):
 
 
 def test_unknown_lora_kwargs_warn_and_lora_fields_pass(checkpoint):
-    model, _ = FastLanguageModel.from_pretrained(checkpoint, max_seq_length=128, load_in_16bit=True)
+    model, _ = FastLanguageModel.from_pretrained(checkpoint, max_seq_length=128, device_map="cpu", load_in_16bit=True)
     with pytest.warns(UserWarning, match=r"get_peft_model: ignoring finetune_vision_layers, temporary_location"):
         model = FastLanguageModel.get_peft_model(model, r=4, loftq_config={}, layers_to_transform=[1],
                                                  finetune_vision_layers=False, temporary_location="/tmp/x",

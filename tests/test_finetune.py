@@ -11,6 +11,13 @@ import zlib
 import pytest
 import torch
 
+try:  # the train extra installs gguf; without it the GGUF export checks are skipped
+    import gguf  # noqa: F401
+
+    HAS_GGUF = True
+except ImportError:
+    HAS_GGUF = False
+
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 pytest.importorskip("datasets")
@@ -43,7 +50,7 @@ def run(tmp_path_factory):
     data = d / "tiny.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in TINY * 4))
     cfg = FinetuneConfig(dataset=str(data), output_dir=str(d / "out"), steps=25, batch_size=4, max_seq_length=48,
-                         lr=5e-3, progress=False, exports=("merged-fp32", "gguf-q8_0"))
+                         lr=5e-3, progress=False, exports=("merged-fp32",) + (("gguf-q8_0",) if HAS_GGUF else ()))
     return finetune(cfg, log=lambda msg: None)
 
 
@@ -141,7 +148,9 @@ def test_grad_accumulation_is_exact(tokenizer):
     assert count_items(collate(ex, pad)["labels"]) > 0
     torch.testing.assert_close(torch.tensor(acc_loss), torch.tensor(one_loss), rtol=1e-6, atol=1e-6)
     for a, b in zip(acc_grads, one_grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        # the same fp32 sums in another order (two micro-batches vs one batch; the BLAS's blocking differs by
+        # CPU): a few ulps of the largest partial sum, so atol scales with the gradient's magnitude
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()) + 1e-9)
     # and the loss is the mean token cross-entropy of the model's own logits
     batch = collate(ex, pad)
     with torch.no_grad():
@@ -250,6 +259,7 @@ def test_cli_bad_export_and_method_flags(args, words, tmp_path, capsys):
 
 
 def test_cli_gguf_export_of_other_family_fails_before_training(tmp_path, capsys, tokenizer):
+    pytest.importorskip("gguf")
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from sloth.cli import main
