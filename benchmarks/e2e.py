@@ -125,6 +125,25 @@ def run_steps(pm, batch, steps: int, warmup: int, device: str, lr: float = 2e-4)
     return losses, times[warmup:], peak
 
 
+def print_profile(pm, batch, device, rows: int, side: str) -> None:
+    """One more training step under torch.profiler: the ``rows`` ops with the most device (or CPU) time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=0.0)
+    with profile(activities=acts) as prof:
+        pm(input_ids=batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(f"--- profile of one {side} step (by {key})")
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="llama-3.1-8b", choices=sorted(CONFIGS))
@@ -139,6 +158,8 @@ def main(argv=None):
                     help="comma-separated: hf (unpatched), sloth (patched, Transformers' checkpointing), "
                          "sloth-offload (patched, use_gradient_checkpointing='sloth')")
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                    help="after each side's timed steps, profile one more step and print its ROWS costliest ops")
     args = ap.parse_args(argv)
 
     import sloth
@@ -168,6 +189,8 @@ def main(argv=None):
             sloth.patch(pm)
         sloth.set_gradient_checkpointing(pm, "sloth" if side == "sloth-offload" else True)
         losses, times, peak = run_steps(pm, batch, args.steps, args.warmup, args.device)
+        if args.profile:
+            print_profile(pm, batch, args.device, args.profile, side)
         med = statistics.median(times)
         results[side] = dict(s_per_step=med, peak_gib=peak, tokens_per_s=ntok / med, losses=losses)
         print(f"{side:14s} {med:8.3f} s/step  {peak:7.2f} GiB peak  {ntok / med:9.0f} tok/s  "
