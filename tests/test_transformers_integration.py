@@ -166,9 +166,11 @@ def test_unpatch_restores(family, capsys):
     for n in norms:
         assert f"{n}: " in printed and "sloth.rms_norm" in printed
     assert "ForCausalLM.forward -> loss by sloth.causal_lm_loss" in printed
+    mlps = [n for n, m in model.named_modules() if type(m).__name__.endswith("MLP")]
+    assert len(mlps) == 2 and all(f"{n}: " in printed for n in mlps) and "sloth.lora_mlp" in printed
     assert sloth.patch(model) is model  # idempotent
-    assert len(sloth.integrations.transformers.patched_modules(model)) == len(norms) + 1
-    assert sloth.unpatch(model) == len(norms) + 1
+    assert len(sloth.integrations.transformers.patched_modules(model)) == len(norms) + len(mlps) + 1
+    assert sloth.unpatch(model) == len(norms) + len(mlps) + 1
     assert all("forward" not in m.__dict__ and "_sloth_orig_forward" not in m.__dict__ for m in model.modules())
     out, out_ref = model(input_ids=ids, attention_mask=mask, labels=labels), ref(input_ids=ids, attention_mask=mask,
                                                                                  labels=labels)
@@ -185,3 +187,50 @@ def test_return_dict_false_and_logits_to_keep():
     with torch.no_grad():
         lg = model(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits
     assert lg.shape == (4, 1, 256)
+
+
+def _lora(model, dropout=0.0):
+    peft = pytest.importorskip("peft")
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights=False,
+                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    return peft.get_peft_model(model, cfg)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])  # SwiGLU and GeGLU-tanh
+def test_mlp_token_chunks_match(family, monkeypatch):
+    """Forced MLP token chunks (each under its own checkpoint) give the unpatched model's loss and LoRA grads."""
+    base = make_model(family)
+    ref = _lora(copy.deepcopy(base))
+    model = _lora(copy.deepcopy(base))
+    model.load_state_dict(ref.state_dict())
+    sloth.patch(model)
+    calls = []
+    import sloth.integrations.mlp as mlp
+
+    real = mlp.lora_mlp
+    monkeypatch.setattr(mlp, "lora_mlp", lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
+    monkeypatch.setenv("SLOTH_MLP_CHUNK_TOKENS", "5")
+    ids, mask, labels = make_batch()
+    out_ref = ref(input_ids=ids, attention_mask=mask, labels=labels)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert rel_err(out.loss, out_ref.loss) <= 1e-5
+    out_ref.loss.backward()
+    out.loss.backward()
+    assert_grads_close(grads(model), grads(ref), 1e-4)
+    tokens = ids.numel()  # 4 x 12 = 48 tokens -> chunks of 5 (and 3), per layer, forward + recompute in backward
+    per_pass = [5] * (tokens // 5) + [tokens % 5]
+    assert sorted(calls) == sorted(per_pass * 2 * 2)  # 2 layers, then (in backward order) their chunk recomputes
+
+
+def test_mlp_falls_back_off_the_fast_path(monkeypatch):
+    """LoRA dropout in training: the MLP runs the model's own forward (sloth.lora_mlp is not called)."""
+    import sloth.integrations.mlp as mlp
+
+    model = sloth.patch(_lora(make_model("llama"), dropout=0.1))
+    monkeypatch.setattr(mlp, "lora_mlp", lambda *a: (_ for _ in ()).throw(AssertionError("fused path used")))
+    ids, mask, labels = make_batch()
+    model.train()
+    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    model.eval()  # dropout off in eval: back on the fused path
+    with pytest.raises(AssertionError, match="fused path used"), torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, labels=labels)

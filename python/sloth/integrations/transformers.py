@@ -13,6 +13,9 @@ Supported: Llama 3, Qwen3, Mistral and Gemma 3 text models (``*ForCausalLM``), b
   config's ``final_logit_softcapping`` for Gemma 3, ``num_items_in_batch`` / ``shift_labels`` from the
   kwargs, ignore_index -100) **without materializing the logits: the output's ``logits`` is None**. Without
   labels the original forward runs unchanged (logits are returned as usual).
+- every MLP module (``LlamaMLP``, ``Qwen3MLP``, ``MistralMLP``, ``Gemma3MLP``): gate / up / down and the GLU
+  activation run through :func:`sloth.lora_mlp` (fused activation, in-place backward; token chunks for long
+  sequences), see :mod:`sloth.integrations.mlp`.
 - PEFT LoRA layers (when the model is a ``PeftModel``): :func:`sloth.integrations.peft.patch_peft_model`.
 
 Attention stays the model's own (SDPA / eager); Gemma 3's embedding scale sqrt(hidden) and sliding-window
@@ -32,6 +35,7 @@ import warnings
 import torch
 
 from ..nn.linear_cross_entropy import causal_lm_loss
+from .mlp import MLPS, glu_kind_of, sloth_mlp_forward
 from ..nn.norm_rope import rms_norm
 
 logger = logging.getLogger("sloth")
@@ -159,6 +163,10 @@ def patch(model, verbose: bool = False):
             order = "round(x*rstd)*w" if cast else "round(x*rstd*(1+w))"
             _replace_forward(record, module, _rms_norm_forward,
                              f"{names[module] or '<root>'}: {cls}.forward -> sloth.rms_norm (offset={offset:g}, {order})")
+        elif cls in MLPS and glu_kind_of(module) and "_sloth_orig_forward" not in module.__dict__:
+            _replace_forward(record, module, sloth_mlp_forward,
+                             f"{names[module] or '<root>'}: {cls}.forward -> sloth.lora_mlp (fused {glu_kind_of(module)};"
+                             f" the model's forward where a projection is off the fast path)")
         elif cls in CAUSAL_LMS and "_sloth_orig_forward" not in module.__dict__:
             softcap = getattr(module.config, "final_logit_softcapping", None)
             _replace_forward(record, module, _causal_lm_forward,

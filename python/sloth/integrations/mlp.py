@@ -1,0 +1,105 @@
+"""A decoder layer's MLP ``down(act(gate(x)) * up(x))`` on sloth's fused path (:func:`sloth.lora_mlp`).
+
+The MLP modules of the supported families (``LlamaMLP``, ``Qwen3MLP``, ``MistralMLP``, ``Gemma3MLP``) get a
+forward that runs the three projections through :func:`sloth.lora_linear` (NF4 or 16-bit base, the LoRA term of
+a PEFT layer on the fast path, see :mod:`sloth.integrations.peft`) and the activation through the fused GLU
+kernel, whose backward reuses the gate / up buffers in place. Whenever a projection or the activation is not
+on the fast path (LoRA dropout in training, several adapters, DoRA, an Accelerate hook, another activation),
+the model's own forward runs, so the answer never differs.
+
+Long sequences: when the MLP's ``[tokens, intermediate]`` activations would take more than a quarter of the
+free GPU memory, the tokens are processed in chunks, each under its own (non-reentrant) checkpoint, so only one
+chunk's activations are alive through the layer's backward (one more MLP forward per chunk in backward).
+``SLOTH_MLP_CHUNK_TOKENS=<n>`` forces chunks of n tokens (0: never chunk), on any device.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from ..nn.lora_mlp import LoraProj, lora_mlp
+from .peft import _base_weight, _fast_adapter, _lora_classes
+
+#: MLP classes whose forward is replaced
+MLPS = ("LlamaMLP", "Qwen3MLP", "MistralMLP", "Gemma3MLP")
+#: Transformers activation name -> sloth GLU kind
+ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu_tanh", "gelu": "geglu"}
+#: Smallest chunk (tokens) the automatic policy uses: below it the GEMMs lose efficiency
+MIN_CHUNK_TOKENS = 4096
+
+
+def glu_kind_of(mlp) -> Optional[str]:
+    """The GLU kind of ``mlp``'s activation from its config (None: not supported, the model's forward runs)."""
+    cfg = getattr(mlp, "config", None)
+    act = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None)
+    return ACTIVATIONS.get(act) if isinstance(act, str) else None
+
+
+def _proj(layer) -> Optional[tuple]:
+    """(LoraProj, compute dtype or None) for one projection, or None when it is not on the fast path."""
+    if getattr(layer, "_hf_hook", None) is not None or layer._forward_hooks or layer._forward_pre_hooks:
+        return None
+    if isinstance(layer, _lora_classes()):
+        adapter = _fast_adapter(layer, (), {})
+        base = _base_weight(layer) if adapter is not None else None
+        if base is None:
+            return None
+        dropout = layer.lora_dropout[adapter]
+        if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0 and dropout.training:
+            return None
+        weight, qs, bias, compute_dtype = base
+        return LoraProj(weight, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight,
+                        float(layer.scaling[adapter]), bias, qs), compute_dtype
+    weight = getattr(layer, "weight", None)
+    qs = getattr(weight, "quant_state", None)
+    if qs is not None and getattr(qs, "quant_type", None) == "nf4" and not getattr(qs, "packing_format_for_cpu", False):
+        return LoraProj(weight, None, None, 1.0, layer.bias, qs), getattr(layer, "compute_dtype", None)
+    if type(layer) is torch.nn.Linear and weight.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return LoraProj(weight, None, None, 1.0, layer.bias, None), None
+    return None
+
+
+def chunk_tokens(tokens: int, intermediate: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Tokens per MLP chunk (``tokens``: no chunking): SLOTH_MLP_CHUNK_TOKENS when set, else on a GPU the largest
+    multiple of 1024 (at least MIN_CHUNK_TOKENS) whose gate / up / hidden activations fit a quarter of the free
+    memory."""
+    env = os.environ.get("SLOTH_MLP_CHUNK_TOKENS")
+    if env is not None:
+        n = int(env)
+        return tokens if n <= 0 else min(n, tokens)
+    if device.type != "cuda":
+        return tokens
+    per_token = 3 * intermediate * torch.empty((), dtype=dtype).element_size()  # gate, up, act(gate) * up
+    free, _ = torch.cuda.mem_get_info(device)
+    if tokens * per_token <= free // 4:
+        return tokens
+    return min(tokens, max(MIN_CHUNK_TOKENS, (free // 4 // per_token) // 1024 * 1024))
+
+
+def sloth_mlp_forward(self, x):
+    """``down(act(gate(x)) * up(x))`` through :func:`sloth.lora_mlp` (see the module docstring)."""
+    kind = glu_kind_of(self)
+    projs = [_proj(p) for p in (self.gate_proj, self.up_proj, self.down_proj)] if kind else []
+    if not projs or any(p is None for p in projs) or x.device.type not in ("cpu", "cuda") or x.numel() == 0:
+        return self._sloth_orig_forward(x)
+    (gate, dt), (up, _), (down, _) = projs
+    in_dtype = x.dtype
+    dt = dt or x.dtype
+    if torch.is_autocast_enabled(x.device.type):  # as autocast would run the linears
+        dt = torch.get_autocast_dtype(x.device.type)
+    with torch.autocast(x.device.type, enabled=False):
+        x2 = x.to(dt).reshape(-1, x.shape[-1])  # [tokens, hidden]
+        intermediate = gate.weight.shape[0] if gate.quant_state is None else gate.quant_state.shape[0]
+        n = chunk_tokens(x2.shape[0], intermediate, dt, x.device)
+        if n >= x2.shape[0]:
+            y = lora_mlp(x2, gate, up, down, kind)
+        else:
+            grad = torch.is_grad_enabled()
+            y = torch.cat([checkpoint(lora_mlp, xc, gate, up, down, kind, use_reentrant=False) if grad
+                           else lora_mlp(xc, gate, up, down, kind) for xc in x2.split(n)])  # [tokens, hidden]
+    y = y.reshape(*x.shape[:-1], y.shape[-1])
+    return y.to(in_dtype) if down.quant_state is not None else y  # the dtype the model's own forward gives
