@@ -6,6 +6,8 @@
 // rows of a tile are the MMA's M side and the (up to 16) tokens its N side, so x is reused 16x from registers.
 // One persistent CTA per SM owns a contiguous range of 16-row tiles (balanced to one tile) and its 16 warps
 // split K; their partial sums meet in shared memory once per tile.
+#include <stdlib.h>
+
 #include <algorithm>
 
 #include "launchers.h"
@@ -64,6 +66,54 @@ __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1
 
 __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+// The per-lane byte -> pair table (s_lut [256][32]) and the double-quantization code (s_code2 [256]); ends
+// with the barrier that publishes them.
+template <OutType T>
+__device__ void fill_tables(const Nf4GemvArgs& a, uint32_t* s_lut, float* s_code2) {
+  for (int i = threadIdx.x; i < 256 * 32; i += kThreads) {
+    const int v = i / 32;  // byte: element 2j in the high nibble -> low half of the pair
+    s_lut[i] = (uint32_t)from_float<T>(nf4_value(v >> 4)) | ((uint32_t)from_float<T>(nf4_value(v & 15)) << 16);
+  }
+  if (a.absmax.code2 != nullptr && threadIdx.x < 256) s_code2[threadIdx.x] = a.absmax.code2[threadIdx.x];
+  __syncthreads();
+}
+
+// Tile epilogue: the kWarps partial MMA sums of each (token, row) meet in s_red (double-buffered by tile
+// parity, so one barrier per tile suffices), then one thread per output adds the LoRA term and bias, stores y.
+template <OutType T, int NT>
+__device__ void finish_tile(const Nf4GemvArgs& a, float* s_red, const float (&acc)[NT][4], int64_t tile, int warp,
+                            int lane) {
+  using raw = typename OutStorage<T>::type;
+  const raw* lt = static_cast<const raw*>(a.lora_t);
+  const raw* lb = static_cast<const raw*>(a.lora_B);
+  const raw* bias = static_cast<const raw*>(a.bias);
+  raw* y = static_cast<raw*>(a.y);
+  float* red = s_red + (tile & 1) * (kWarps * 32 * NT * 4);
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) red[(warp * 32 + lane) * NT * 4 + j * 4 + q] = acc[j][q];
+  __syncthreads();
+  for (int o = threadIdx.x; o < 16 * a.m; o += kThreads) {
+    const int tok = o / 16, r16 = o % 16;
+    const int64_t row = tile * 16 + r16;
+    if (row >= a.n) continue;
+    const int tt = tok % 8;
+    const int src = ((r16 % 8) * 4 + tt / 2) * NT * 4 + (tok / 8) * 4 + (r16 / 8) * 2 + (tt % 2);
+    float s = 0.0f;
+#pragma unroll
+    for (int p = 0; p < kWarps; ++p) s += red[p * 32 * NT * 4 + src];
+    if (lt != nullptr) {
+      float l = 0.0f;
+      for (int jr = 0; jr < a.rank; ++jr)
+        l = fmaf(to_float<T>(lt[(int64_t)tok * a.rank + jr]), to_float<T>(lb[row * a.rank + jr]), l);
+      s = fmaf(a.scaling, l, s);
+    }
+    if (bias != nullptr) s += to_float<T>(bias[row]);
+    y[(int64_t)tok * a.n + row] = from_float<T>(s);
+  }
 }
 
 // One pipeline stage of a warp: kChunk K-groups of the weight rows g and g + 8 of one tile.
@@ -156,50 +206,14 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_lora_kernel(Nf4GemvArgs 
     }
   };
 
-  const raw* lt = static_cast<const raw*>(a.lora_t);
-  const raw* lb = static_cast<const raw*>(a.lora_B);
-  const raw* bias = static_cast<const raw*>(a.bias);
-  raw* y = static_cast<raw*>(a.y);
-  // Tile epilogue: the kWarps partial sums of each (token, row) meet in s_red (double-buffered by tile
-  // parity, so one barrier per tile suffices), then one thread per output adds the LoRA term and bias.
-  auto finish_tile = [&](int64_t tile) {
-    float* red = s_red + (tile & 1) * (kWarps * 32 * NT * 4);
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int q = 0; q < 4; ++q) red[(warp * 32 + lane) * NT * 4 + j * 4 + q] = acc[j][q];
-    __syncthreads();
-    for (int o = threadIdx.x; o < 16 * a.m; o += kThreads) {
-      const int tok = o / 16, r16 = o % 16;
-      const int64_t row = tile * 16 + r16;
-      if (row >= a.n) continue;
-      const int tt = tok % 8;
-      const int src = ((r16 % 8) * 4 + tt / 2) * NT * 4 + (tok / 8) * 4 + (r16 / 8) * 2 + (tt % 2);
-      float s = 0.0f;
-#pragma unroll
-      for (int p = 0; p < kWarps; ++p) s += red[p * 32 * NT * 4 + src];
-      if (lt != nullptr) {
-        float l = 0.0f;
-        for (int jr = 0; jr < a.rank; ++jr)
-          l = fmaf(to_float<T>(lt[(int64_t)tok * a.rank + jr]), to_float<T>(lb[row * a.rank + jr]), l);
-        s = fmaf(a.scaling, l, s);
-      }
-      if (bias != nullptr) s += to_float<T>(bias[row]);
-      y[(int64_t)tok * a.n + row] = from_float<T>(s);
-    }
-  };
+  // One barrier per tile: partial sums meet in shared memory (see finish_tile).
+  auto finish = [&](int64_t tile) { finish_tile<T, NT>(a, s_red, acc, tile, warp, lane); };
 
   Stage st[kStages];
 #pragma unroll
   for (int p = 0; p < kStages - 1; ++p)
     if (p < items) load(st[p], p);
-  // The tables are built while the first stages' loads are in flight.
-  for (int i = threadIdx.x; i < 256 * 32; i += kThreads) {
-    const int v = i / 32;  // byte: element 2j in the high nibble -> low half of the pair
-    s_lut[i] = (uint32_t)from_float<T>(nf4_value(v >> 4)) | ((uint32_t)from_float<T>(nf4_value(v & 15)) << 16);
-  }
-  if (a.absmax.code2 != nullptr && threadIdx.x < 256) s_code2[threadIdx.x] = a.absmax.code2[threadIdx.x];
-  __syncthreads();
+  fill_tables<T>(a, s_lut, s_code2);  // while the first stages' loads are in flight
 #pragma unroll
   for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
   for (int i0 = 0; i0 < items; i0 += kStages) {
@@ -210,9 +224,143 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_lora_kernel(Nf4GemvArgs 
       if (i + kStages - 1 < items) load(st[(p + kStages - 1) % kStages], i + kStages - 1);
       compute(st[p], i);
       if (i % nch == nch - 1) {
-        finish_tile(t0 + i / nch);
+        finish(t0 + i / nch);
 #pragma unroll
         for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+      }
+    }
+  }
+}
+
+// ---- A/B candidate (SLOTH_NF4_GEMV_VARIANT=3): the same algorithm with lean integer work. The verified
+// kernel above spends most issue slots on 64-bit index arithmetic (static SASS on sm_90a: 975 IMAD, 454 LEA,
+// 365 ISETP per 48 HMMA); here the (tile, chunk) cursor advances by increments (no divisions), k offsets are
+// 32-bit, the absmax2 factor is loaded with the stage, and table lookups use 32-bit shared addresses.
+struct LeanStage {
+  uint4 w[kChunk][2];
+  uint32_t q[kChunk][2];   // fp32 absmax bits, or the double-quantization index
+  float s2[kChunk][2];     // absmax2 of the block (double quantization)
+};
+
+__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(addr));
+  return v;
+}
+
+template <OutType T, int NT>
+__global__ void __launch_bounds__(kThreads, 1) nf4_gemv_lora_lean_kernel(Nf4GemvArgs a) {
+  using raw = typename OutStorage<T>::type;
+  extern __shared__ uint32_t smem[];
+  uint32_t* s_lut = smem;
+  float* s_code2 = reinterpret_cast<float*>(smem + 256 * 32);
+  float* s_red = s_code2 + 256;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane >> 2, c = lane & 3;
+  const int64_t n_tiles = (a.n + 15) / 16;
+  const int64_t t0 = blockIdx.x * n_tiles / gridDim.x, t1 = (blockIdx.x + 1) * n_tiles / gridDim.x;
+  const int k = (int)a.k;  // K < 2^31 (checked by the launcher)
+  const int n_groups = (k + kGroupK - 1) / kGroupK;
+  const int nch = (n_groups + kWarps * kChunk - 1) / (kWarps * kChunk);
+  const int items = (int)(t1 - t0) * nch;
+  const int kbase = warp * kGroupK + 32 * c;                // k offset of slot (ch, u) = kbase + ch * kChStride + u * kUStride
+  constexpr int kUStride = kWarps * kGroupK, kChStride = kChunk * kUStride;
+  const bool dq = a.absmax.absmax == nullptr;
+  const int log2_bs = __ffs(a.blocksize) - 1, log2_bs2 = a.absmax.log2_blocksize2;
+  const float offset = dq ? __ldg(a.absmax.offset) : 0.0f;
+  const uint32_t lut = (uint32_t)__cvta_generic_to_shared(s_lut + lane);
+  const raw* xr[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) xr[j] = static_cast<const raw*>(a.x) + (int64_t)min(g + 8 * j, a.m - 1) * k;
+
+  // Load cursor: the next (tile, chunk) to stream, with the element offsets of its rows g and g + 8.
+  int ld_ch = 0;
+  int64_t ld_tile = t0, ld_rowk[2];
+  auto set_rows = [&]() {
+    ld_rowk[0] = min(ld_tile * 16 + g, a.n - 1) * a.k;       // clamped: rows past n are discarded
+    ld_rowk[1] = min(ld_tile * 16 + g + 8, a.n - 1) * a.k;
+  };
+  set_rows();
+  auto load = [&](LeanStage& s) {
+#pragma unroll
+    for (int u = 0; u < kChunk; ++u) {
+      const int kk = kbase + ld_ch * kChStride + u * kUStride;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t e = ld_rowk[h] + kk;
+        const int64_t blk = e >> log2_bs;
+        const bool in = kk < k;
+        s.w[u][h] = in ? __ldg(reinterpret_cast<const uint4*>(a.packed + (e >> 1))) : make_uint4(0, 0, 0, 0);
+        s.q[u][h] = in ? (dq ? (uint32_t)__ldg(a.absmax.absmax_q + blk) : __float_as_uint(__ldg(a.absmax.absmax + blk)))
+                       : 0u;
+        s.s2[u][h] = in && dq ? __ldg(a.absmax.absmax2 + (blk >> log2_bs2)) : 0.0f;
+      }
+    }
+    if (++ld_ch == nch) {
+      ld_ch = 0;
+      ++ld_tile;
+      set_rows();
+    }
+  };
+
+  float acc[NT][4];
+  auto compute = [&](const LeanStage& s, int ch) {
+#pragma unroll
+    for (int u = 0; u < kChunk; ++u) {
+      const int kk = kbase + ch * kChStride + u * kUStride;
+      const bool in = kk < k;
+      if (__all_sync(0xffffffffu, !in)) continue;  // the whole group is past K
+      float f[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h)  // bitsandbytes' order: code2 * absmax2 + offset
+        f[h] = !in ? 0.0f : dq ? __fadd_rn(__fmul_rn(s_code2[s.q[u][h]], s.s2[u][h]), offset) : __uint_as_float(s.q[u][h]);
+      const uint32_t sa = pack2<T>(f[0], f[0]), sb = pack2<T>(f[1], f[1]);
+      uint4 xv[NT][4];
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const bool xin = in && g + 8 * j < a.m;
+        const uint4* xp = reinterpret_cast<const uint4*>(xr[j] + kk);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) xv[j][q] = xin ? __ldg(xp + q) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int t = 0; t < 8; ++t) {  // MMA tile t: bytes 2t, 2t + 1 of the lane's 16
+        const uint32_t wa = word_of(s.w[u][0], t >> 1), wb = word_of(s.w[u][1], t >> 1);
+        const int sh = 16 * (t & 1);  // byte b of the word at shift sh -> table offset b * 128 bytes
+        const uint32_t a0 = mul2<T>(lds32(lut + (((wa >> sh) & 0xffu) << 7)), sa);
+        const uint32_t a2 = mul2<T>(lds32(lut + (((wa >> (sh + 8)) & 0xffu) << 7)), sa);
+        const uint32_t a1 = mul2<T>(lds32(lut + (((wb >> sh) & 0xffu) << 7)), sb);
+        const uint32_t a3 = mul2<T>(lds32(lut + (((wb >> (sh + 8)) & 0xffu) << 7)), sb);
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+          mma16816<T>(acc[j], a0, a1, a2, a3, word_of(xv[j][t >> 1], 2 * (t & 1)),
+                      word_of(xv[j][t >> 1], 2 * (t & 1) + 1));
+      }
+    }
+  };
+
+  LeanStage st[kStages];
+#pragma unroll
+  for (int p = 0; p < kStages - 1; ++p)
+    if (p < items) load(st[p]);
+  fill_tables<T>(a, s_lut, s_code2);
+#pragma unroll
+  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+  int cp_ch = 0;
+  int64_t cp_tile = t0;
+  for (int i0 = 0; i0 < items; i0 += kStages) {
+#pragma unroll
+    for (int p = 0; p < kStages; ++p) {
+      const int i = i0 + p;
+      if (i >= items) break;
+      if (i + kStages - 1 < items) load(st[(p + kStages - 1) % kStages]);
+      compute(st[p], cp_ch);
+      if (++cp_ch == nch) {
+        finish_tile<T, NT>(a, s_red, acc, cp_tile, warp, lane);
+#pragma unroll
+        for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+        cp_ch = 0;
+        ++cp_tile;
       }
     }
   }
@@ -221,10 +369,18 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_lora_kernel(Nf4GemvArgs 
 template <OutType T, int NT>
 void launch_gemv(const Nf4GemvArgs& args, unsigned grid, cudaStream_t stream) {
   constexpr size_t kSmem = (256 * 32 + 256) * 4 + 2 * kWarps * 32 * NT * 4 * 4;  // lut, code2, s_red
-  static const bool opted_in = cudaFuncSetAttribute(nf4_gemv_lora_kernel<T, NT>,
-      cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kSmem) == cudaSuccess;  // once per process
+  // Variant (SLOTH_NF4_GEMV_VARIANT, read once): 2 (default, verified on H100), 3 (lean integer work, A/B
+  // candidate, not yet run on a GPU).
+  static const int variant = getenv("SLOTH_NF4_GEMV_VARIANT") ? atoi(getenv("SLOTH_NF4_GEMV_VARIANT")) : 2;
+  const bool lean = variant == 3 && args.k < (int64_t{1} << 30);
+  auto kernel = lean ? nf4_gemv_lora_lean_kernel<T, NT> : nf4_gemv_lora_kernel<T, NT>;
+  static const bool opted_in =
+      cudaFuncSetAttribute(nf4_gemv_lora_kernel<T, NT>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)kSmem) ==
+          cudaSuccess &&
+      cudaFuncSetAttribute(nf4_gemv_lora_lean_kernel<T, NT>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           (int)kSmem) == cudaSuccess;  // once per process
   (void)opted_in;
-  nf4_gemv_lora_kernel<T, NT><<<grid, kThreads, kSmem, stream>>>(args);
+  kernel<<<grid, kThreads, kSmem, stream>>>(args);
 }
 
 int num_sms() {
