@@ -11,15 +11,9 @@ bnb = pytest.importorskip("bitsandbytes")
 import sloth  # noqa: E402
 from sloth.api.precision import resolve_dtype  # noqa: E402
 
-from tiny_checkpoints import FAMILIES, TARGETS, batch, save_checkpoint  # noqa: E402
+from tiny_checkpoints import FAMILIES, TARGETS, batch  # noqa: E402
 
 MAX_LEN = 128
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    return {f: save_checkpoint(f, root / f) for f in FAMILIES}
 
 
 def rel_err(a, b):

@@ -13,15 +13,9 @@ import sloth  # noqa: E402
 from sloth.integrations.checkpointing import gradient_checkpointing_mode  # noqa: E402
 from sloth.nn.offload_checkpoint import offloaded_checkpoint  # noqa: E402
 
-from tiny_checkpoints import FAMILIES, TARGETS, batch, save_checkpoint  # noqa: E402
+from tiny_checkpoints import FAMILIES, TARGETS, batch  # noqa: E402
 
 MAX_LEN = 128
-
-
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    return {f: save_checkpoint(f, root / f) for f in FAMILIES}
 
 
 def rel_err(a, b):

@@ -20,25 +20,11 @@ from sloth.export.gguf import interleaved_to_rope, rope_to_interleaved  # noqa: 
 from sloth.export.merge import merged_state_dict  # noqa: E402
 from sloth.export.modelfile import chat_wrappers  # noqa: E402
 from sloth.export.q8_0 import dequantize_q8_0, quantize_q8_0  # noqa: E402
-from sloth.finetune.data import bundled_data_path  # noqa: E402
-from sloth.finetune.tokenizer import bundled_tokenizer  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one intra-op thread is as fast, and does not stall when the 2 cores are shared (OpenMP
-    threads waiting on a descheduled sibling made these tests 10x slower on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return bundled_tokenizer(str(tmp_path_factory.mktemp("tok")), bundled_data_path())
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_llama(tok, rope="default", tie=False, seed=0):

@@ -14,9 +14,7 @@ trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 
 import sloth  # noqa: E402
-from sloth.finetune.data import bundled_data_path  # noqa: E402
 from sloth.finetune.model import build_tiny_llama  # noqa: E402
-from sloth.finetune.tokenizer import bundled_tokenizer  # noqa: E402
 from sloth.integrations import trl as strl  # noqa: E402
 from trl.trainer.utils import add_fused_lm_head as trl_add_fused_lm_head  # noqa: E402
 
@@ -25,19 +23,7 @@ QA = [("What is 2 + 2?", "4"), ("What is the capital of Peru?", "Lima"), ("Rever
       ("Name a primary color.", "Blue")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: one intra-op thread is as fast, and does not stall when the 2 cores are shared (OpenMP
-    threads waiting on a descheduled sibling made these tests 10x slower on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return bundled_tokenizer(str(tmp_path_factory.mktemp("tok")), bundled_data_path())
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lora_model(tok, seed=0, patch=True):

@@ -11,6 +11,8 @@ from typing import Dict, Iterator, Tuple, Union
 
 import torch
 
+from ..integrations._models import peft_parts
+
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
            "f16": torch.float16, "fp32": torch.float32, "float32": torch.float32, "f32": torch.float32}
 
@@ -27,15 +29,8 @@ def resolve_dtype(dtype: Union[str, torch.dtype]) -> torch.dtype:
 
 
 def unwrap(model):
-    """(the Transformers causal LM, the PeftModel or None) of a PeftModel / Transformers model."""
-    model = getattr(model, "module", model)  # DDP / accelerate
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return model, None
-    if isinstance(model, PeftModel):
-        return model.get_base_model(), model
-    return model, None
+    """(the Transformers causal LM, the PeftModel or None) of a PeftModel / Transformers model (DDP-wrapped too)."""
+    return peft_parts(getattr(model, "module", model))
 
 
 def dense_weight(layer: torch.nn.Module) -> torch.Tensor:

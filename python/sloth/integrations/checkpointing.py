@@ -16,6 +16,7 @@ import types
 from typing import Union
 
 from ..nn.offload_checkpoint import offloaded_checkpoint
+from ._models import peft_parts
 
 _MODE = "_sloth_gradient_checkpointing"  # on the Transformers model: the mode last set ("sloth", True, False)
 _STICKY = "_set_gradient_checkpointing"  # the instance attribute that makes "sloth" stick
@@ -25,11 +26,7 @@ Mode = Union[str, bool]
 
 def transformers_model(model):
     """The Transformers ``PreTrainedModel`` inside ``model`` (a PeftModel's base model, else ``model``)."""
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return model
-    return model.get_base_model() if isinstance(model, PeftModel) else model
+    return peft_parts(model)[0]
 
 
 def normalize_mode(mode) -> Mode:

@@ -35,6 +35,7 @@ import warnings
 import torch
 
 from ..nn.linear_cross_entropy import causal_lm_loss
+from ._models import peft_parts
 from .mlp import MLPS, glu_kind_of, sloth_mlp_forward
 from ..nn.norm_rope import rms_norm
 
@@ -122,13 +123,8 @@ def _replace_forward(record, module, fn, what):
 
 def _peft_base(model):
     """(the Transformers model inside, is_peft) for a PeftModel; (model, False) otherwise."""
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return model, False
-    if isinstance(model, PeftModel):
-        return model.get_base_model(), True
-    return model, False
+    base, peft_model = peft_parts(model)
+    return base, peft_model is not None
 
 
 def _lora_descriptions(model) -> list[str]:

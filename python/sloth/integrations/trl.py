@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from ..nn.linear_logprobs import STATS, linear_logprobs_stats
+from ._models import peft_parts
 
 IGNORE_INDEX = -100
 #: what TRL's ``FusedCausalLMOutput`` carries per token
@@ -63,15 +64,6 @@ class FusedHead:
 
 # ---------------------------------------------------------------------------------------------------- helpers
 
-def _peft_parts(model):
-    """(causal LM, PeftModel or None) of a PeftModel or a bare Transformers model."""
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return model, None
-    if isinstance(model, PeftModel):
-        return model.get_base_model(), model
-    return model, None
 
 
 def _text_config(model):
@@ -320,7 +312,7 @@ def reattach_trl_head(model, st: Optional[FusedHead]) -> None:
 def _lm_of(model):
     """The causal LM inside a (possibly accelerate-wrapped) PeftModel / Transformers model."""
     model = getattr(model, "module", model)  # DDP
-    lm, _ = _peft_parts(model)
+    lm, _ = peft_parts(model)
     return lm
 
 
@@ -364,7 +356,7 @@ def selective_logprobs(model, input_ids: torch.Tensor, attention_mask: Optional[
     weights). Differentiable when grad is enabled. Matches TRL's ``selective_log_softmax`` of the logits divided
     by ``temperature``.
     """
-    lm, peft_model = _peft_parts(model)
+    lm, peft_model = peft_parts(model)
     if reference and peft_model is None:
         raise ValueError("sloth.integrations.trl.selective_logprobs: reference=True needs a PeftModel (the reference "
                          "is the base model with the adapter disabled); score a separate reference model directly")
