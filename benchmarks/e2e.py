@@ -41,11 +41,13 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 GIB = 2**30
 
 
-def build_model(name: str, device: str, dtype: torch.dtype):
-    """A random-weight *ForCausalLM of configuration ``name`` on ``device`` in ``dtype``."""
+def build_model(name, device: str, dtype: torch.dtype, **overrides):
+    """A random-weight *ForCausalLM of configuration ``name`` (a key of ``CONFIGS``, or a dict of the same form) on
+    ``device`` in ``dtype``; ``overrides`` replace config fields (e.g. ``num_hidden_layers=4``, token ids)."""
     import transformers
 
-    cfg = dict(CONFIGS[name])
+    cfg = dict(CONFIGS[name] if isinstance(name, str) else name)
+    cfg.update(overrides)
     family = cfg.pop("family")
     config_cls, model_cls = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
@@ -98,6 +100,30 @@ def add_lora(model, r: int, alpha: int):
         if "lora_" in n:
             p.data = p.data.to(dtype)  # LoRA weights in the compute dtype, as Unsloth / TRL recipes run them
     return pm
+
+
+def build_qlora(name, device: str, dtype: torch.dtype, rank: int, alpha: int, **overrides):
+    """``build_model`` + ``quantize_nf4`` + ``add_lora``, ready to train: the embeddings' output requires grad,
+    no KV cache, train mode."""
+    model = build_model(name, device, dtype, **overrides)
+    quantize_nf4(model, dtype)
+    pm = add_lora(model, rank, alpha)
+    pm.enable_input_require_grads()
+    pm.config.use_cache = False
+    pm.train()
+    return pm
+
+
+def apply_side(pm, side: str) -> None:
+    """Put ``pm`` on ``side``: ``hf`` (unpatched, Transformers' checkpointing), ``sloth`` (``sloth.patch``,
+    Transformers' checkpointing) or ``sloth-offload`` (``sloth.patch``, offloaded checkpointing)."""
+    import sloth
+
+    if side.startswith("sloth"):
+        sloth.patch(pm)
+    else:
+        sloth.unpatch(pm)  # nothing to undo unless a sloth side ran before
+    sloth.set_gradient_checkpointing(pm, "sloth" if side == "sloth-offload" else True)
 
 
 def run_steps(pm, batch, steps: int, warmup: int, device: str, lr: float = 2e-4):
@@ -165,12 +191,7 @@ def main(argv=None):
     import sloth
 
     dtype = torch.bfloat16
-    model = build_model(args.config, args.device, dtype)
-    quantize_nf4(model, dtype)
-    pm = add_lora(model, args.rank, args.alpha)
-    pm.enable_input_require_grads()
-    pm.config.use_cache = False
-    pm.train()
+    pm = build_qlora(args.config, args.device, dtype, args.rank, args.alpha)
     init = {n: p.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}
     g = torch.Generator(device="cpu").manual_seed(2)
     batch = torch.randint(0, pm.config.vocab_size, (args.batch, args.seq), generator=g).to(args.device)
@@ -185,9 +206,7 @@ def main(argv=None):
             for n, p in pm.named_parameters():
                 if n in init:
                     p.copy_(init[n])
-        if side.startswith("sloth"):
-            sloth.patch(pm)
-        sloth.set_gradient_checkpointing(pm, "sloth" if side == "sloth-offload" else True)
+        apply_side(pm, side)
         losses, times, peak = run_steps(pm, batch, args.steps, args.warmup, args.device)
         if args.profile:
             print_profile(pm, batch, args.device, args.profile, side)
