@@ -168,9 +168,12 @@ def test_unpatch_restores(family, capsys):
     assert "ForCausalLM.forward -> loss by sloth.causal_lm_loss" in printed
     mlps = [n for n, m in model.named_modules() if type(m).__name__.endswith("MLP")]
     assert len(mlps) == 2 and all(f"{n}: " in printed for n in mlps) and "sloth.lora_mlp" in printed
+    attns = [n for n, m in model.named_modules() if type(m).__name__.endswith("Attention")]
+    assert len(attns) == 2 and all(f"{n}: " in printed for n in attns) and "sloth.rope" in printed
     assert sloth.patch(model) is model  # idempotent
-    assert len(sloth.integrations.transformers.patched_modules(model)) == len(norms) + len(mlps) + 1
-    assert sloth.unpatch(model) == len(norms) + len(mlps) + 1
+    n = len(norms) + len(mlps) + len(attns) + 1
+    assert len(sloth.integrations.transformers.patched_modules(model)) == n
+    assert sloth.unpatch(model) == n
     assert all("forward" not in m.__dict__ and "_sloth_orig_forward" not in m.__dict__ for m in model.modules())
     out, out_ref = model(input_ids=ids, attention_mask=mask, labels=labels), ref(input_ids=ids, attention_mask=mask,
                                                                                  labels=labels)
@@ -234,3 +237,69 @@ def test_mlp_falls_back_off_the_fast_path(monkeypatch):
     model.eval()  # dropout off in eval: back on the fused path
     with pytest.raises(AssertionError, match="fused path used"), torch.no_grad():
         model(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rope_runs_in_patched_attention_only(family, monkeypatch):
+    """Patched attention rotates q and k with sloth's kernel (2 calls per layer); an unpatched model of the same
+    family in the same process keeps Transformers' own function."""
+    import sloth.integrations.rope as rope_mod
+
+    calls = []
+    real = rope_mod.RopeFunction
+
+    class Spy:
+        @staticmethod
+        def apply(*a):
+            calls.append(a[0].shape)
+            return real.apply(*a)
+
+    monkeypatch.setattr(rope_mod, "RopeFunction", Spy)
+    ref = make_model(family)
+    model = sloth.patch(copy.deepcopy(ref))
+    ids, mask, labels = make_batch()
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    n = len(calls)
+    assert n >= 2 * 2  # q and k of both layers (per batch row when the layout needs it)
+    out_ref = ref(input_ids=ids, attention_mask=mask, labels=labels)
+    assert len(calls) == n and rel_err(out.loss, out_ref.loss) <= 1e-5
+    out.loss.backward()
+    out_ref.loss.backward()
+    assert_grads_close(grads(model), grads(ref), 1e-4)
+
+
+@pytest.mark.parametrize("layout", ["projection", "head_major", "per_row"])
+def test_rope_layouts_match_transformers(layout):
+    """The three q / k layouts sloth's RoPE addresses give Transformers' apply_rotary_pos_emb, values and grads."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from sloth.integrations.rope import _sloth_rotary
+
+    g = torch.Generator().manual_seed(3)
+    B, H, T, D = 3, 4, 5, 8
+    pos = torch.arange(T)[None].expand(B, -1) + (torch.arange(B)[:, None] if layout == "per_row" else 0)
+    ang = pos[..., None].float() * (0.1 * torch.arange(1, D // 2 + 1).float())  # [B, T, D / 2]
+    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()  # [B, T, D]
+    if layout == "head_major":
+        cos, sin = cos[:1], sin[:1]
+
+    def make():
+        if layout == "projection":  # [B, T, H, D] buffer, transposed view
+            return torch.randn(B, T, H, D, generator=g).transpose(1, 2)
+        return torch.randn(B, H, T, D, generator=g)  # contiguous [B, H, T, D] (e.g. normed after the transpose)
+
+    q0, k0 = make(), make()
+    w = torch.randn(B, H, T, D, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (q0, k0, q0, k0)]
+    qr, kr = apply_rotary_pos_emb(leaves[0], leaves[1], cos, sin)
+    q, k = leaves[2] * 1.0, leaves[3] * 1.0  # non-leaf buffers (in place is done on them)
+    if layout == "projection":
+        q, k = (leaves[2].transpose(1, 2) * 1.0).transpose(1, 2), (leaves[3].transpose(1, 2) * 1.0).transpose(1, 2)
+    out = _sloth_rotary(q, k, cos, sin)
+    assert out is not None
+    torch.testing.assert_close(out[0], qr, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[1], kr, rtol=1e-5, atol=1e-6)
+    ((qr * w).sum() + (kr * w).sum()).backward()
+    ((out[0] * w).sum() + (out[1] * w).sum()).backward()
+    for a, b in zip(leaves[2:], leaves[:2]):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)

@@ -18,8 +18,12 @@ Supported: Llama 3, Qwen3, Mistral and Gemma 3 text models (``*ForCausalLM``), b
   sequences), see :mod:`sloth.integrations.mlp`.
 - PEFT LoRA layers (when the model is a ``PeftModel``): :func:`sloth.integrations.peft.patch_peft_model`.
 
-Attention stays the model's own (SDPA / eager); Gemma 3's embedding scale sqrt(hidden) and sliding-window
-layers are untouched. :func:`unpatch` restores every replaced attribute exactly.
+- every attention module (``LlamaAttention``, ``Qwen3Attention``, ``MistralAttention``, ``Gemma3Attention``):
+  its forward is wrapped so that the rotary embedding of q and k runs on :func:`sloth.rope`, in place (see
+  :mod:`sloth.integrations.rope`).
+
+The attention computation stays the model's own (SDPA / eager / flash); Gemma 3's embedding scale sqrt(hidden)
+and sliding-window layers are untouched. :func:`unpatch` restores every replaced attribute exactly.
 
 With TRL: when ``trl`` is imported, :func:`patch` also hooks TRL's fused LM head so that trainers built on the
 patched model compute their per-token log-probs with sloth's kernel (see :mod:`sloth.integrations.trl`).
@@ -37,6 +41,7 @@ import torch
 from ..nn.linear_cross_entropy import causal_lm_loss
 from ._models import peft_parts
 from .mlp import MLPS, glu_kind_of, sloth_mlp_forward
+from .rope import ATTENTIONS, install_dispatcher, sloth_attention_forward
 from ..nn.norm_rope import rms_norm
 
 logger = logging.getLogger("sloth")
@@ -163,6 +168,10 @@ def patch(model, verbose: bool = False):
             _replace_forward(record, module, sloth_mlp_forward,
                              f"{names[module] or '<root>'}: {cls}.forward -> sloth.lora_mlp (fused {glu_kind_of(module)};"
                              f" the model's forward where a projection is off the fast path)")
+        elif cls in ATTENTIONS and "_sloth_orig_forward" not in module.__dict__ and install_dispatcher(module):
+            _replace_forward(record, module, sloth_attention_forward,
+                             f"{names[module] or '<root>'}: {cls}.forward -> RoPE of q, k by sloth.rope (in place; "
+                             f"the attention itself is the model's)")
         elif cls in CAUSAL_LMS and "_sloth_orig_forward" not in module.__dict__:
             softcap = getattr(module.config, "final_logit_softcapping", None)
             _replace_forward(record, module, _causal_lm_forward,

@@ -1,0 +1,94 @@
+"""RoPE of the supported families on sloth's in-place kernel (:func:`sloth.rope`).
+
+Transformers has no registry for rotary embeddings: each family's attention calls its modeling module's
+``apply_rotary_pos_emb(q, k, cos, sin)``. sloth puts a dispatcher in that module's namespace once (it calls the
+original function unless told otherwise) and wraps the ``forward`` of each patched attention instance so that,
+for the duration of that call only, the dispatcher rotates q and k in place with sloth's kernel (fp32 math, one
+rounding; cos / sin as the model's rotary embedding computed them, so every scaling - default, llama3, linear,
+dynamic - is covered). Unpatched models in the same process keep the original function: the switch is a context
+variable, per thread. Anything unusual (a layout whose q / k are not views of a [tokens, heads, head_dim]
+buffer, partial rotary, another unsqueeze_dim, a device without the op) runs the original function.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import sys
+
+import torch
+
+from ..nn.norm_rope import RopeFunction
+
+#: Attention classes whose forward switches sloth's RoPE on
+ATTENTIONS = ("LlamaAttention", "Qwen3Attention", "MistralAttention", "Gemma3Attention")
+
+_active = contextvars.ContextVar("sloth_rope_active", default=False)
+_ORIGINAL = "_sloth_original"  # attribute of the dispatcher: the module's own apply_rotary_pos_emb
+
+
+def _pieces(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """``x [B, heads, T, D]`` and ``cos / sin [B or 1, T, D]`` as a list of ``(x3 [tokens, heads', D] view of x,
+    cos2 [tokens, D], sin2)`` that cover x, or None for a layout the kernel cannot address."""
+    b, t = x.shape[0], x.shape[2]
+    if x.stride(-1) != 1:
+        return None
+    bthd = x.transpose(1, 2)  # [B, T, heads, D]
+    if bthd.is_contiguous():  # q / k straight from the projection: tokens = B * T
+        c = cos.expand(b, -1, -1) if cos.shape[0] != b else cos
+        s = sin.expand(b, -1, -1) if sin.shape[0] != b else sin
+        return [(bthd.reshape(b * t, x.shape[1], x.shape[3]), c.reshape(b * t, -1), s.reshape(b * t, -1))]
+    if cos.shape[0] == 1 and x.is_contiguous():  # [B, heads, T, D] (normed after the transpose, Gemma 3)
+        return [(x.permute(2, 0, 1, 3).view(t, b * x.shape[1], x.shape[3]), cos[0], sin[0])]
+    return [(x[i].transpose(0, 1), cos[i if cos.shape[0] == b else 0], sin[i if sin.shape[0] == b else 0])
+            for i in range(b)]  # [T, heads, D] views with strides (D, T * D, 1) or any other per-row layout
+
+
+def _sloth_rotary(q, k, cos, sin):
+    """(q, k) rotated in place by sloth's kernel, or None when not applicable (the caller runs the original)."""
+    if q.dim() != 4 or k.dim() != 4 or q.dtype != k.dtype or q.device.type not in ("cpu", "cuda"):
+        return None
+    b, t = q.shape[0], q.shape[2]
+    if cos.dim() != 3 or cos.shape != sin.shape or cos.shape[1:] != (t, q.shape[-1]) or cos.shape[0] not in (1, b):
+        return None
+    if k.shape[0] != b or k.shape[2] != t or k.shape[3] != q.shape[3]:
+        return None
+    pieces = [_pieces(q, cos, sin), _pieces(k, cos, sin)]
+    if pieces[0] is None or pieces[1] is None:
+        return None
+    for x3, c2, s2 in pieces[0] + pieces[1]:
+        RopeFunction.apply(x3, c2, s2)  # in place on a view of q / k: q and k see the rotation
+    return q, k
+
+
+def _dispatcher(original):
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
+        if _active.get() and not args and set(kwargs) <= {"unsqueeze_dim"} and kwargs.get("unsqueeze_dim", 1) == 1:
+            out = _sloth_rotary(q, k, cos, sin)
+            if out is not None:
+                return out
+        return original(q, k, cos, sin, *args, **kwargs)
+
+    setattr(apply_rotary_pos_emb, _ORIGINAL, original)
+    apply_rotary_pos_emb.__doc__ = (original.__doc__ or "") + "\n(sloth: in-place kernel inside patched attention)"
+    return apply_rotary_pos_emb
+
+
+def install_dispatcher(attention: torch.nn.Module) -> bool:
+    """Put the dispatcher into the modeling module of ``attention``'s class (once); False if it has no
+    ``apply_rotary_pos_emb``."""
+    mod = sys.modules.get(type(attention).__module__)
+    fn = getattr(mod, "apply_rotary_pos_emb", None)
+    if fn is None:
+        return False
+    if not hasattr(fn, _ORIGINAL):
+        mod.apply_rotary_pos_emb = _dispatcher(fn)
+    return True
+
+
+def sloth_attention_forward(self, *args, **kwargs):
+    """The attention's own forward, with the RoPE dispatcher switched to sloth's kernel during the call."""
+    token = _active.set(True)
+    try:
+        return self._sloth_orig_forward(*args, **kwargs)
+    finally:
+        _active.reset(token)
