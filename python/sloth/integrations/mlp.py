@@ -22,7 +22,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..nn.lora_mlp import LoraProj, lora_mlp
-from .peft import _base_weight, _fast_adapter, _lora_classes
+from .peft import _base_weight, _fast_adapter, _lora_classes, run_dtype
 
 #: MLP classes whose forward is replaced
 MLPS = ("LlamaMLP", "Qwen3MLP", "MistralMLP", "Gemma3MLP")
@@ -88,9 +88,7 @@ def sloth_mlp_forward(self, x):
         return self._sloth_orig_forward(x)
     (gate, dt), (up, _), (down, _) = projs
     in_dtype = x.dtype
-    dt = dt or x.dtype
-    if torch.is_autocast_enabled(x.device.type):  # as autocast would run the linears
-        dt = torch.get_autocast_dtype(x.device.type)
+    dt = run_dtype(x, dt)
     with torch.autocast(x.device.type, enabled=False):
         x2 = x.to(dt).reshape(-1, x.shape[-1])  # [tokens, hidden]
         intermediate = gate.weight.shape[0] if gate.quant_state is None else gate.quant_state.shape[0]

@@ -73,6 +73,14 @@ def _fast_adapter(layer, args, kwargs):
     return a
 
 
+def run_dtype(x: torch.Tensor, compute_dtype) -> torch.dtype:
+    """The dtype the layer's matmuls run in: autocast's when it is on (as it would run the linears), else the
+    base layer's compute dtype (bitsandbytes), else x's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return compute_dtype or x.dtype
+
+
 def _sloth_forward(self, x, *args, **kwargs):
     adapter = _fast_adapter(self, args, kwargs)
     base = _base_weight(self) if adapter is not None else None
@@ -83,9 +91,7 @@ def _sloth_forward(self, x, *args, **kwargs):
     scaling = float(self.scaling[adapter])
     dropout = self.lora_dropout[adapter]
     in_dtype = x.dtype
-    dt = compute_dtype or x.dtype
-    if torch.is_autocast_enabled(x.device.type):  # as autocast would run the linears
-        dt = torch.get_autocast_dtype(x.device.type)
+    dt = run_dtype(x, compute_dtype)
     with torch.autocast(x.device.type, enabled=False):
         xc = x.to(dt)
         drop = isinstance(dropout, torch.nn.Dropout) and dropout.p > 0 and dropout.training
