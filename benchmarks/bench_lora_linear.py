@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import sloth
+from timing import cuda_median_ms
 
 HAS_CUDA = torch.cuda.is_available()
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
@@ -52,18 +53,7 @@ def time_graph(fn, calls=20, reps=25) -> float:
 
 def time_eager(fn, reps=20) -> float:
     """Median ms per call with CUDA events (for work that cannot be graph-captured, e.g. autograd)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return cuda_median_ms(fn, iters=reps, warmup=3)
 
 
 # ---------------------------------------------------------------- (a) small M

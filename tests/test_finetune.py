@@ -23,11 +23,10 @@ pytest.importorskip("peft")
 pytest.importorskip("datasets")
 
 from sloth.finetune import FinetuneConfig  # noqa: E402
-from sloth.finetune.data import IGNORE_INDEX, bundled_data_path, collate, tokenize_conversation  # noqa: E402
+from sloth.finetune.data import IGNORE_INDEX, collate, tokenize_conversation  # noqa: E402
 from sloth.finetune.loading import make_trainable  # noqa: E402
 from sloth.finetune.loss import count_items, sloth_loss  # noqa: E402
 from sloth.finetune.model import build_tiny_llama  # noqa: E402
-from sloth.finetune.tokenizer import bundled_tokenizer  # noqa: E402
 from sloth.finetune.train import finetune, train_step  # noqa: E402
 
 TINY = [
@@ -36,11 +35,6 @@ TINY = [
     {"instruction": "Compute the result.", "input": "12 + 30", "output": "42"},
     {"instruction": "Give the opposite of the word.", "input": "early", "output": "late"},
 ]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    return bundled_tokenizer(str(tmp_path_factory.mktemp("tok")), bundled_data_path())
 
 
 @pytest.fixture(scope="module")
@@ -103,24 +97,24 @@ def test_adapter_reloads_with_same_logits(run):
     assert (untrained - want).abs().max() > 1e-3  # the adapter does something
 
 
-def test_labels_mask_the_prompt(tokenizer):
+def test_labels_mask_the_prompt(tok):
     msgs = [{"role": "user", "content": "Reverse the string.\n\nriver"}, {"role": "assistant", "content": "revir"}]
-    ids, labels = tokenize_conversation(tokenizer, msgs, 128)
-    prompt = tokenizer.apply_chat_template(msgs[:1], add_generation_prompt=True, tokenize=True, return_dict=True)
+    ids, labels = tokenize_conversation(tok, msgs, 128)
+    prompt = tok.apply_chat_template(msgs[:1], add_generation_prompt=True, tokenize=True, return_dict=True)
     n = len(prompt["input_ids"])
     assert ids[:n] == prompt["input_ids"]
     assert all(x == IGNORE_INDEX for x in labels[:n])
     assert labels[n:] == ids[n:]
-    assert tokenizer.decode(labels[n:]).startswith("revir" + tokenizer.eos_token)
-    ids2, labels2 = tokenize_conversation(tokenizer, msgs, 8)  # truncation
+    assert tok.decode(labels[n:]).startswith("revir" + tok.eos_token)
+    ids2, labels2 = tokenize_conversation(tok, msgs, 8)  # truncation
     assert len(ids2) == len(labels2) == 8
-    batch = collate([(ids, labels), (ids2, labels2)], tokenizer.pad_token_id)
+    batch = collate([(ids, labels), (ids2, labels2)], tok.pad_token_id)
     assert batch["input_ids"].shape == (2, len(ids))
     assert (batch["labels"][1, 8:] == IGNORE_INDEX).all() and (batch["attention_mask"][1, 8:] == 0).all()
 
 
-def _lora_model(tokenizer):
-    model = make_trainable(build_tiny_llama(tokenizer, seed=1), "lora", 8, 16.0, 0.0)
+def _lora_model(tok):
+    model = make_trainable(build_tiny_llama(tok, seed=1), "lora", 8, 16.0, 0.0)
     torch.manual_seed(3)
     for name, p in model.named_parameters():
         if "lora_B" in name:  # PEFT starts B at zero; make the LoRA branch live
@@ -128,15 +122,15 @@ def _lora_model(tokenizer):
     return model
 
 
-def test_grad_accumulation_is_exact(tokenizer):
+def test_grad_accumulation_is_exact(tok):
     convs = [
         [{"role": "user", "content": "What is the capital of Japan?"},
          {"role": "assistant", "content": "The capital of Japan is Tokyo."}],
         [{"role": "user", "content": "Compute the result.\n\n7 * 8"}, {"role": "assistant", "content": "56"}],
     ]
-    ex = [tokenize_conversation(tokenizer, m, 64) for m in convs]
-    pad = tokenizer.pad_token_id
-    model = _lora_model(tokenizer)
+    ex = [tokenize_conversation(tok, m, 64) for m in convs]
+    pad = tok.pad_token_id
+    model = _lora_model(tok)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def grads_of(micro):
@@ -259,16 +253,16 @@ def test_cli_bad_export_and_method_flags(args, words, tmp_path, capsys):
     assert rc == 2 and len(err) == 1 and err[0].startswith("sloth finetune: error:") and words in err[0], err
 
 
-def test_cli_gguf_export_of_other_family_fails_before_training(tmp_path, capsys, tokenizer):
+def test_cli_gguf_export_of_other_family_fails_before_training(tmp_path, capsys, tok):
     pytest.importorskip("gguf")
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from sloth.cli import main
 
     d = tmp_path / "qwen"
-    Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+    Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                  num_key_value_heads=1, intermediate_size=48, head_dim=16)).save_pretrained(d)
-    tokenizer.save_pretrained(d)
+    tok.save_pretrained(d)
     rc = main(["finetune", "--model", str(d), "--export", "gguf-q8_0", "--output-dir", str(tmp_path / "o")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "llama architecture" in err[0] and "--export merged" in err[0], err

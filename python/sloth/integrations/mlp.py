@@ -22,7 +22,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..nn.lora_mlp import LoraProj, lora_mlp
-from .peft import _base_weight, _fast_adapter, _lora_classes, run_dtype
+from .peft import _base_weight, _fast_adapter, _lora_classes, lora_dropout_active, run_dtype
 
 #: MLP classes whose forward is replaced
 MLPS = ("LlamaMLP", "Qwen3MLP", "MistralMLP", "Gemma3MLP")
@@ -46,10 +46,7 @@ def _proj(layer) -> Optional[tuple]:
     if isinstance(layer, _lora_classes()):
         adapter = _fast_adapter(layer, (), {})
         base = _base_weight(layer) if adapter is not None else None
-        if base is None:
-            return None
-        dropout = layer.lora_dropout[adapter]
-        if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0 and dropout.training:
+        if base is None or lora_dropout_active(layer, adapter):
             return None
         weight, qs, bias, compute_dtype = base
         return LoraProj(weight, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight,

@@ -73,6 +73,12 @@ def _fast_adapter(layer, args, kwargs):
     return a
 
 
+def lora_dropout_active(layer, adapter: str) -> bool:
+    """Whether the adapter's LoRA dropout changes x in this call (p > 0, training)."""
+    dropout = layer.lora_dropout[adapter]
+    return isinstance(dropout, torch.nn.Dropout) and dropout.p > 0 and dropout.training
+
+
 def run_dtype(x: torch.Tensor, compute_dtype) -> torch.dtype:
     """The dtype the layer's matmuls run in: autocast's when it is on (as it would run the linears), else the
     base layer's compute dtype (bitsandbytes), else x's."""
@@ -89,17 +95,15 @@ def _sloth_forward(self, x, *args, **kwargs):
     weight, qs, bias, compute_dtype = base
     A, B = self.lora_A[adapter].weight, self.lora_B[adapter].weight  # [r, in], [out, r]
     scaling = float(self.scaling[adapter])
-    dropout = self.lora_dropout[adapter]
     in_dtype = x.dtype
     dt = run_dtype(x, compute_dtype)
     with torch.autocast(x.device.type, enabled=False):
         xc = x.to(dt)
-        drop = isinstance(dropout, torch.nn.Dropout) and dropout.p > 0 and dropout.training
-        if not drop:
+        if not lora_dropout_active(self, adapter):
             y = lora_linear(xc, weight, A, B, scaling, bias=bias, quant_state=qs)
         else:  # dropout on the LoRA branch only: y = base(x) + s * B(A(dropout(x)))
             y = lora_linear(xc, weight, None, None, bias=bias, quant_state=qs)
-            xd = dropout(x).to(dt)
+            xd = self.lora_dropout[adapter](x).to(dt)
             y = y + torch.nn.functional.linear(torch.nn.functional.linear(xd, A.to(dt)), B.to(dt)) * scaling
     return y.to(in_dtype) if qs is not None else y
 
