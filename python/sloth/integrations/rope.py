@@ -52,6 +52,7 @@ def _sloth_rotary(q, k, cos, sin):
         return None
     if k.shape[0] != b or k.shape[2] != t or k.shape[3] != q.shape[3]:
         return None
+    cos, sin = cos.float(), sin.float()  # once for q and k (the kernel reads fp32; exact for bf16 / fp16)
     pieces = [_pieces(q, cos, sin), _pieces(k, cos, sin)]
     if pieces[0] is None or pieces[1] is None:
         return None

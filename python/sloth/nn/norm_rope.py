@@ -64,4 +64,5 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     """In-place RoPE on ``q [tokens, heads, D]`` and ``k [tokens, kv_heads, D]`` (HF rotate_half, partial
     rotary: the first ``cos.shape[-1]`` dims; q / k may be views, e.g. of the projections' output); returns
     (q, k), differentiable."""
+    cos, sin = cos.float().contiguous(), sin.float().contiguous()  # once for both calls (the kernel reads fp32)
     return RopeFunction.apply(q, cos, sin), RopeFunction.apply(k, cos, sin)
