@@ -126,16 +126,20 @@ def main():
 
 
 def sweep():
-    """Rows per chunk at N = 8192 (frozen W): the time / memory trade-off behind the default chunk size.
+    """Rows per chunk x vocabulary block of the online frozen-W path at N = 8192: the time / memory trade-off
+    behind the defaults (1024 rows, 4096 columns). Memory above the inputs: dh (64 MiB) + rows x H fp32 + rows x
+    block bf16. Each chunk's two GEMMs stream all of W (1.05 GB at V = 128256, H = 4096): 2 (N / rows) x 1.05 GB
+    of traffic, overlapped with the math once rows >= ~512."""
+    from sloth.nn import _online_head
 
-    Each chunk's two GEMMs stream all of W (V * H * 2 bytes = 1.05 GB at V = 128256, H = 4096) from DRAM, so
-    the time is bounded below by 2 * (N / chunk) * 1.05 GB / DRAM bandwidth: ~45 ms at 128 rows, ~22 ms at
-    256 rows on an H100 (3.35 TB/s peak)."""
-    print(f"{'chunk':>6} {'ms':>9} {'extra GiB':>10} {'TFLOP/s':>8} {'W GB/s':>8}")
-    for chunk in (128, 256, 512, 1024):
-        ms, extra, tflops = measure("sloth", 8192, 128256, 4096, False, chunk_size=chunk)
-        w_gbps = 2 * (-(-8192 // chunk)) * 128256 * 4096 * 2 / (ms * 1e-3) / 1e9
-        print(f"{chunk:>6} {ms:>9.2f} {extra:>10.3f} {tflops:>8.1f} {w_gbps:>8.0f}")
+    default = _online_head.VOCAB_BLOCK
+    print(f"{'rows':>6} {'block':>6} {'ms':>9} {'extra GiB':>10} {'TFLOP/s':>8}")
+    for rows in (512, 1024, 2048):
+        for block in (2048, 4096, 8192):
+            _online_head.VOCAB_BLOCK = block
+            ms, extra, tflops = measure("sloth", 8192, 128256, 4096, False, chunk_size=rows)
+            print(f"{rows:>6} {block:>6} {ms:>9.2f} {extra:>10.3f} {tflops:>8.1f}")
+    _online_head.VOCAB_BLOCK = default
 
 
 if __name__ == "__main__":

@@ -36,6 +36,22 @@ TORCH_LIBRARY(sloth, m) {
       "float grad_scale, int ignore_index, float softcap, float logit_scale, bool compute_grad) "
       "-> (Tensor loss, Tensor lse, Tensor entropy)");
 
+  // Online linear cross-entropy for a frozen head (python/sloth/nn/_online_head.py): the logits of a row
+  // chunk arrive in vocabulary blocks [rows, vb] starting at column vocab_start; nothing of size [rows, V]
+  // exists. ce_online_block overwrites a block IN PLACE by p' = exp(z - m) dz/dx and updates state [rows, 4]
+  // fp32 = (m, s = sum exp(z - m), z_label, dz/dx_label) (vocab_start == 0 initializes it); where m moves, it
+  // rescales acc [rows, H] fp32, into which the caller then adds p' @ W_block. m moves only when a block's
+  // max exceeds it by more than `margin` (p' <= e^margin dz/dx).
+  m.def(
+      "ce_online_block(Tensor(a!) logits, Tensor labels, int vocab_start, Tensor(b!) state, Tensor(c!) acc, "
+      "float softcap, float logit_scale, float margin) -> ()");
+  // After the last block: loss [rows] fp32 = m + log s - z_label (0 where label == ignore_index, NaN outside
+  // [0, V)) and, written into dh [rows, H] (weight's dtype), d loss / d h = c (acc / s - dz/dx_label W[label])
+  // with c = row_scale[row] (1 when None), 0 on ignored rows.
+  m.def(
+      "ce_online_finish(Tensor state, Tensor acc, Tensor weight, Tensor labels, Tensor? row_scale, int ignore_index, "
+      "Tensor(a!) dh) -> Tensor");
+
   // ---- QLoRA linear and fused GLU activations (python/sloth/nn/lora_linear.py, python/sloth/ops/glu.py) ----
   // nf4_dequantize into a preallocated contiguous `out` (any shape with the quantized numel; its dtype is
   // the output dtype): the large-M QLoRA path dequantizes into a reusable workspace with it.

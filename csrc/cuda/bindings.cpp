@@ -371,3 +371,80 @@ TORCH_LIBRARY_IMPL(sloth, CUDA, m) {
 }
 
 }  // namespace sloth::cuda
+
+// ---- online linear cross-entropy for a frozen head (linear_ce_online.cu) ----
+namespace sloth::cuda {
+namespace {
+
+void ce_online_block_cuda(at::Tensor& logits, const at::Tensor& labels, int64_t vocab_start, at::Tensor& state,
+                          at::Tensor& acc, double softcap, double logit_scale, double margin) {
+  c10::cuda::CUDAGuard guard(logits.device());
+  const int64_t rows = logits.size(0);
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "sloth.ce_online_block: logits must be a contiguous "
+              "[rows, vb] tensor (it is updated in place)");
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == rows && labels.scalar_type() == at::kLong &&
+                  labels.is_contiguous() && labels.device() == logits.device(),
+              "sloth.ce_online_block: labels must be contiguous int64 [", rows, "] on the logits' device");
+  TORCH_CHECK(state.scalar_type() == at::kFloat && state.is_contiguous() && state.dim() == 2 && state.size(0) == rows &&
+                  state.size(1) == 4 && state.device() == logits.device(),
+              "sloth.ce_online_block: state must be contiguous fp32 [", rows, ", 4] on the logits' device");
+  TORCH_CHECK(acc.scalar_type() == at::kFloat && acc.is_contiguous() && acc.dim() == 2 && acc.size(0) == rows &&
+                  acc.device() == logits.device(),
+              "sloth.ce_online_block: acc must be contiguous fp32 [", rows, ", H] on the logits' device");
+  CeOnlineBlockArgs a;
+  a.labels = labels.data_ptr<int64_t>();
+  a.vocab_start = vocab_start;
+  a.state = state.data_ptr<float>();
+  a.acc = acc.data_ptr<float>();
+  a.H = acc.size(1);
+  a.softcap = (float)softcap;
+  a.logit_scale = (float)logit_scale;
+  a.margin = (float)margin;
+  check_launch(sloth::cuda::ce_online_block(logits.data_ptr(), out_type_of(logits.scalar_type()), rows,
+                                            logits.size(1), a, at::cuda::getCurrentCUDAStream()),
+               "ce_online_block");
+}
+
+at::Tensor ce_online_finish_cuda(const at::Tensor& state, const at::Tensor& acc, const at::Tensor& weight,
+                                 const at::Tensor& labels, const std::optional<at::Tensor>& row_scale_,
+                                 int64_t ignore_index, at::Tensor& dh) {
+  c10::cuda::CUDAGuard guard(acc.device());
+  const int64_t rows = acc.size(0), H = acc.size(1);
+  TORCH_CHECK(acc.scalar_type() == at::kFloat && acc.is_contiguous() && state.scalar_type() == at::kFloat &&
+                  state.is_contiguous() && state.numel() == 4 * rows,
+              "sloth.ce_online_finish: state [rows, 4] and acc [rows, H] must be contiguous fp32");
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == H && weight.is_contiguous() && dh.is_contiguous() &&
+                  dh.dim() == 2 && dh.size(0) == rows && dh.size(1) == H && dh.scalar_type() == weight.scalar_type(),
+              "sloth.ce_online_finish: weight [V, H] and dh [rows, H] must be contiguous and of one dtype");
+  TORCH_CHECK(labels.numel() == rows && labels.scalar_type() == at::kLong && labels.is_contiguous(),
+              "sloth.ce_online_finish: labels must be contiguous int64 [", rows, "]");
+  for (const at::Tensor* t : {&state, &weight, &labels, &dh})
+    TORCH_CHECK(t->device() == acc.device(), "sloth.ce_online_finish: all tensors must be on ", acc.device());
+  at::Tensor row_scale;
+  if (row_scale_) row_scale = row_scale_->to(acc.device(), at::kFloat).contiguous();
+  TORCH_CHECK(!row_scale.defined() || row_scale.numel() == rows, "sloth.ce_online_finish: row_scale must have ", rows,
+              " entries");
+  at::Tensor loss = at::empty({rows}, acc.options());
+  CeOnlineFinishArgs a;
+  a.row_scale = row_scale.defined() ? row_scale.data_ptr<float>() : nullptr;
+  a.state = state.data_ptr<float>();
+  a.acc = acc.data_ptr<float>();
+  a.labels = labels.data_ptr<int64_t>();
+  a.ignore_index = ignore_index;
+  a.V = weight.size(0);
+  a.H = H;
+  a.loss = loss.data_ptr<float>();
+  check_launch(sloth::cuda::ce_online_finish(weight.data_ptr(), dh.data_ptr(), out_type_of(weight.scalar_type()), rows,
+                                             a, at::cuda::getCurrentCUDAStream()),
+               "ce_online_finish");
+  return loss;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sloth, CUDA, m) {
+  m.impl("ce_online_block", &ce_online_block_cuda);
+  m.impl("ce_online_finish", &ce_online_finish_cuda);
+}
+
+}  // namespace sloth::cuda

@@ -107,3 +107,34 @@ hipError_t rope_inplace(void* x, const float* cos, const float* sin, int64_t tok
                          hipStream_t stream);
 
 }  // namespace sloth::cuda
+
+// ---- online linear cross-entropy for a frozen head: linear_ce_online.cu ----
+namespace sloth::cuda {
+
+// One vocabulary block [rows, vb] of raw logits starting at column vocab_start (0: the row's first block,
+// whose state is then initialized rather than read). state [rows, 4] fp32 (m, s, z_label, dz/dx_label),
+// acc [rows, H] fp32 (rescaled in place where m moves; not read on the first block).
+struct CeOnlineBlockArgs {
+  const int64_t* labels = nullptr;  // [rows]
+  int64_t vocab_start = 0;
+  float* state = nullptr;
+  float* acc = nullptr;
+  int64_t H = 0;
+  float softcap = 0.0f, logit_scale = 1.0f, margin = 0.0f;
+};
+hipError_t ce_online_block(void* logits, OutType type, int64_t rows, int64_t vb, CeOnlineBlockArgs args,
+                            hipStream_t stream);
+
+struct CeOnlineFinishArgs {
+  const float* state = nullptr;  // [rows, 4]
+  const float* acc = nullptr;    // [rows, H]
+  const int64_t* labels = nullptr;
+  const float* row_scale = nullptr;  // [rows] or null (= 1)
+  int64_t ignore_index = -100, V = 0, H = 0;
+  float* loss = nullptr;  // [rows] out
+};
+// dh [rows, H] of `type` out, from weight [V, H] of `type`.
+hipError_t ce_online_finish(const void* weight, void* dh, OutType type, int64_t rows, CeOnlineFinishArgs args,
+                             hipStream_t stream);
+
+}  // namespace sloth::cuda

@@ -79,4 +79,36 @@ SLOTH_HD float ce_grad(float z, bool is_label, float lse, float mean_z, float c_
   return g * ce_dlogit(z, logit_scale, softcap);
 }
 
+// ---- Online linear cross-entropy for a frozen head (no [rows, V] logits kept, only a [rows, Vb] block) ----
+// The logits of a row arrive in vocabulary blocks. Per row, in fp32: m = reference max, s = sum exp(z - m)
+// over the blocks seen, and the label's z and dz/dx once its block passes. Each block's raw logits are
+// replaced by p'_v = exp(z_v - m) dz_v/dx_v, so that the caller's GEMM acc += p' W_block accumulates
+// acc = sum_v exp(z_v - m) dz_v/dx_v W_v; acc is rescaled by exp(m_old - m_new) when m moves. At the end
+//   loss = m + log s - z_label,  dh = acc / s - dz/dx_label W_label   (d/dh of the loss, W frozen).
+// m only moves when a block's max exceeds it by more than `margin` (so p' <= e^margin dz/dx and most rows
+// need no rescale after their first block); margin 0 keeps p' <= dz/dx (fp16, whose range ends at 65504).
+struct CeOnlineState {
+  float m, s, z_label, d_label;
+};
+
+// The reference max after a block whose largest z is block_max.
+SLOTH_HD float ce_online_max(float m_old, float block_max, float margin) {
+  return (m_old == -INFINITY || block_max > m_old + margin) ? block_max : m_old;
+}
+
+// Factor that brings sums taken against m_old to m_new (0 when nothing was summed yet).
+SLOTH_HD float ce_online_rescale(float m_old, float m_new) {
+  if (m_old == m_new) return 1.0f;
+  return m_old == -INFINITY ? 0.0f : ce_exp(m_old - m_new);
+}
+
+// exp(z - m), 0 for z = -inf (a masked logit) whatever m is.
+SLOTH_HD float ce_online_exp(float z, float m) { return z == -INFINITY ? 0.0f : ce_exp(z - m); }
+
+// Loss of a finished row: lse - z_label, 0 on ignored rows, NaN for a label outside [0, V).
+SLOTH_HD float ce_online_loss(CeOnlineState st, bool ignored, bool valid) {
+  if (valid) return st.m + logf(st.s) - st.z_label;
+  return ignored ? 0.0f : NAN;
+}
+
 }  // namespace sloth

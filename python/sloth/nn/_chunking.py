@@ -16,27 +16,40 @@ FROZEN_TARGET_BYTES = 64 * MIB
 TRAINABLE_TARGET_BYTES = 256 * MIB
 #: Row counts are rounded down to a multiple of this (cuBLAS tile height) when the chunk is at least this big.
 ROW_MULTIPLE = 128
+#: Rows per chunk of the online path (frozen W, dh only: see _online_head), whose memory is rows x (H fp32 +
+#: a vocabulary block): 1024 rows keep both block GEMMs at tensor-core speed (M = 1024) for 16 + 8 MiB at
+#: H = 4096 in bf16.
+ONLINE_ROWS = 1024
 #: Fewest rows per chunk on a GPU, whatever the vocabulary (V = 262144 with 64 MiB would give 128 rows,
 #: which runs the GEMMs at a third of their speed), unless free memory says otherwise.
 MIN_GPU_ROWS = 256
 
 
 def chunk_rows(n: int, v: int, dtype: torch.dtype, device: torch.device, *, need_dw: bool = False,
-               chunk_size: Optional[int] = None) -> int:
-    """Rows per chunk for ``n`` rows of ``v`` logits of ``dtype``: ``chunk_size`` when given, else the largest
-    row count whose logits fit the target (64 MiB, 256 MiB when dW is computed) but at least 256 rows on a GPU,
-    at most a quarter of the free device memory, rounded down to a multiple of 128 rows; always in
-    ``[1, max(n, 1)]``."""
+               chunk_size: Optional[int] = None, online_hidden: Optional[int] = None) -> int:
+    """Rows per chunk for ``n`` rows of ``v`` logits of ``dtype``: ``chunk_size`` when given; for the online
+    path (``online_hidden`` = H given) 1024 rows; else the largest row count whose logits fit the target
+    (64 MiB, 256 MiB when dW is computed) but at least 256 rows on a GPU. Then at most a quarter of the free
+    device memory, rounded down to a multiple of 128 rows; always in ``[1, max(n, 1)]``."""
     if chunk_size is not None:
         if int(chunk_size) < 1:
             raise ValueError(f"sloth: chunk_size must be a positive number of rows, got {chunk_size}")
         return max(1, min(int(chunk_size), max(n, 1)))
-    row_bytes = max(1, v * torch.empty((), dtype=dtype).element_size())
-    target = TRAINABLE_TARGET_BYTES if need_dw else FROZEN_TARGET_BYTES
-    rows = max(1, target // row_bytes)
-    if device.type == "cuda":
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if online_hidden is not None:
+        from ._online_head import VOCAB_BLOCK
+
+        row_bytes = online_hidden * 4 + min(v, VOCAB_BLOCK) * itemsize
+        rows = ONLINE_ROWS
+    else:
+        row_bytes = max(1, v * itemsize)
+        rows = max(1, (TRAINABLE_TARGET_BYTES if need_dw else FROZEN_TARGET_BYTES) // row_bytes)
+    if device.type == "cuda" and online_hidden is None:
         free, _ = torch.cuda.mem_get_info(device)
         rows = min(max(rows, MIN_GPU_ROWS), max(1, free // 4 // row_bytes))
+    elif device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        rows = min(rows, max(1, free // 4 // row_bytes))
     if rows >= ROW_MULTIPLE:
         rows -= rows % ROW_MULTIPLE
     return max(1, min(rows, max(n, 1)))
@@ -44,11 +57,12 @@ def chunk_rows(n: int, v: int, dtype: torch.dtype, device: torch.device, *, need
 
 
 def prepare_head_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias, targets: torch.Tensor,
-                        chunk_size: Optional[int]):
+                        chunk_size: Optional[int], *, online: bool = False):
     """Flatten ``hidden [..., H]`` / ``targets [...]`` for a chunked linear head, and decide what to compute.
 
     Returns ``(h2 [tokens, H] contiguous, targets [tokens] int64, needs, chunk)``: ``needs`` = whether dh, dW,
-    db are wanted (grad mode on and the tensor requires grad), ``chunk`` = rows per chunk (see chunk_rows).
+    db are wanted (grad mode on and the tensor requires grad), ``chunk`` = rows per chunk (see chunk_rows; the
+    online path's when ``online`` and only dh is wanted).
     """
     h2 = hidden.reshape(-1, hidden.shape[-1])  # [tokens, hidden]
     if not h2.is_contiguous():
@@ -58,7 +72,7 @@ def prepare_head_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias, target
     needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)
     chunk = chunk_rows(h2.shape[0], weight.shape[0], hidden.dtype, hidden.device, need_dw=needs[1],
-                       chunk_size=chunk_size)
+                       chunk_size=chunk_size, online_hidden=h2.shape[1] if online and needs == (True, False, False) else None)
     return h2, t, needs, chunk
 
 

@@ -1,9 +1,10 @@
 """Fused linear cross-entropy: loss and gradients of softmax(h W^T) without materializing the logits.
 
-Forward loops over row chunks of the hidden states: the chunk's logits come from one cuBLAS GEMM in the input
-dtype, one sloth kernel turns them in place into d loss / d logits (fp32 math), and two more GEMMs fold that
-into dh (and dW / db when trainable). Only one [chunk, V] logits buffer is ever alive; backward only scales the
-stored gradients by the upstream gradient.
+Gradients are computed in the forward pass; backward only scales them by the upstream gradient. With a frozen
+W (LoRA) the online path (_online_head) keeps one [rows, vocab block] of logits and an fp32 [rows, H]
+accumulator alive. When dW or db is wanted, forward loops over row chunks of the hidden states: the chunk's
+logits come from one cuBLAS GEMM in the input dtype, one sloth kernel turns them in place into d loss / d logits
+(fp32 math), and two more GEMMs fold that into dh and dW / db; one [chunk, V] logits buffer is alive.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 
 from ._checks import check_linear_head
 from ._chunking import chunk_logits, fold_chunk_grads, prepare_head_inputs
+from ._online_head import online_head_grad
 
 REDUCTIONS = ("mean", "sum")
 
@@ -29,6 +31,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         need_dh, need_dw, need_db = needs
         grad = need_dh or need_dw or need_db
         n, v = hidden.shape[0], weight.shape[0]
+        if needs == (True, False, False):  # frozen head: the online path
+            loss_rows, dh = online_head_grad(hidden, weight, bias, labels, ignore_index, softcap, logit_scale, chunk)
+            ctx.divisor, ctx.grads, ctx.bias_dtype = divisor, (dh, None, None), None
+            return loss_rows.sum() / divisor
         loss_rows = hidden.new_empty((n,), dtype=torch.float32)  # [tokens]
         dh = torch.empty_like(hidden) if need_dh else None  # [tokens, hidden]
         # dW accumulates in the weight's dtype: each chunk's GEMM accumulates its `chunk` rows in fp32 inside
@@ -106,15 +112,16 @@ def linear_cross_entropy(
     non-ignored tokens (``reduction="mean"``) or 1 (``"sum"``). An all-ignored batch gives loss 0 and zero grads.
     Differentiable in hidden, weight and bias; gradients are computed in the forward pass, only for inputs that
     require grad (a frozen weight costs no dW work). Labels outside ``[0, V)`` other than ``ignore_index`` give NaN.
-    ``chunk_size`` (rows per chunk) defaults to ~64 MiB of logits but at least 256 rows on a GPU (256 MiB
-    when the weight is trainable), at most a quarter of the free GPU memory.
+    ``chunk_size`` (rows per chunk) defaults to 1024 rows when only ``hidden`` needs a gradient (the frozen-head
+    online path: 1024 x 4096 logits + a 1024 x H fp32 accumulator alive), else ~64 MiB of logits but at least
+    256 rows on a GPU (256 MiB when the weight is trainable); at most a quarter of the free GPU memory.
     """
     check_linear_head("linear_cross_entropy", hidden, weight, labels, bias)
     if reduction not in REDUCTIONS:
         raise ValueError(f"sloth.linear_cross_entropy: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if softcap is not None and softcap < 0:
         raise ValueError(f"sloth.linear_cross_entropy: softcap must be positive, got {softcap}")
-    h2, lab, needs, chunk = prepare_head_inputs(hidden, weight, bias, labels, chunk_size)
+    h2, lab, needs, chunk = prepare_head_inputs(hidden, weight, bias, labels, chunk_size, online=True)
     divisor = _divisor(lab, ignore_index, reduction, num_items_in_batch, hidden.device)
     return LinearCrossEntropyFunction.apply(
         h2, weight, bias, lab, divisor, int(ignore_index), float(softcap) if softcap else 0.0,

@@ -13,7 +13,8 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from ._checks import check_linear_head
-from ._chunking import chunk_logits, fold_chunk_grads, prepare_head_inputs
+from ._chunking import chunk_logits, chunk_rows, fold_chunk_grads, prepare_head_inputs
+from ._online_head import online_head_grad
 
 #: Tokens equal to this give log-prob 0, entropy still computed, and no gradient (padding).
 PAD_TOKEN = -100
@@ -41,10 +42,12 @@ def _chunk_stats(lg, tokens, lse, logit_scale, softcap, stats, out, s, e):
 
 
 class LinearLogprobsFunction(torch.autograd.Function):
-    """(log-prob [tokens], entropy [tokens]); backward recomputes each chunk's logits (per-token upstream grads)."""
+    """(log-prob [tokens], entropy [tokens]); backward recomputes each chunk's logits (per-token upstream grads):
+    on the online path (_online_head, ``online_chunk`` rows) when only dh is wanted and the entropy has no
+    gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, tokens, logit_scale, chunk, needs, softcap=0.0, stats=()):
+    def forward(ctx, hidden, weight, bias, tokens, logit_scale, chunk, needs, softcap=0.0, stats=(), online_chunk=None):
         # hidden [tokens, hidden], weight [vocab, hidden], bias [vocab] | None, tokens [tokens] int64;
         # z = softcap * tanh(logit_scale * logits / softcap) (no tanh when softcap is 0); stats: names in STATS
         n, v = hidden.shape[0], weight.shape[0]
@@ -64,6 +67,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
                     _chunk_stats(lg, tokens[s:e], lse, logit_scale, softcap, stats, extra, s, e)
         ctx.save_for_backward(hidden, weight, bias, tokens)
         ctx.logit_scale, ctx.softcap, ctx.chunk, ctx.needs = logit_scale, softcap, chunk, needs
+        ctx.online_chunk = online_chunk
         ctx.set_materialize_grads(False)
         if stats:
             ctx.mark_non_differentiable(*extra.values())
@@ -73,14 +77,19 @@ class LinearLogprobsFunction(torch.autograd.Function):
     def backward(ctx, g_logp, g_entropy, *_g_stats):
         hidden, weight, bias, tokens = ctx.saved_tensors
         need_dh, need_dw, need_db = ctx.needs
+        nones = (None,) * 7
         if (g_logp is None and g_entropy is None) or not any(ctx.needs):
-            return None, None, None, None, None, None, None, None, None
+            return None, None, None, *nones
         n, v = hidden.shape[0], weight.shape[0]
         # d logp / d z = onehot - p, i.e. the kernel's (p - onehot) weighted by -g_logp.
         g_nll = None if g_logp is None else -g_logp.float()  # [tokens]
         g_ent = None if g_entropy is None else g_entropy.float()  # [tokens]
         if g_nll is None:
             g_nll = torch.zeros((n,), dtype=torch.float32, device=hidden.device)
+        if ctx.needs == (True, False, False) and g_ent is None and ctx.online_chunk:
+            _, dh = online_head_grad(hidden, weight, bias, tokens, PAD_TOKEN, ctx.softcap, ctx.logit_scale,
+                                     ctx.online_chunk, row_scale=g_nll)
+            return dh, None, None, *nones
         dh = torch.empty_like(hidden) if need_dh else None  # [tokens, hidden]
         dw = torch.zeros_like(weight) if need_dw else None  # [vocab, hidden]; see linear_cross_entropy for dtype
         db = torch.zeros((v,), dtype=torch.float32, device=hidden.device) if need_db else None
@@ -97,7 +106,13 @@ class LinearLogprobsFunction(torch.autograd.Function):
                 fold_chunk_grads(lg, h_c, weight, dh[s:e] if need_dh else None, dw, db)
         if db is not None:
             db = db.to(bias.dtype)
-        return dh, dw, db, None, None, None, None, None, None
+        return dh, dw, db, *nones
+
+
+def _online_chunk(h2, weight, chunk_size):
+    """Rows per chunk of the backward's online path (see chunk_rows)."""
+    return chunk_rows(h2.shape[0], weight.shape[0], h2.dtype, h2.device, chunk_size=chunk_size,
+                      online_hidden=h2.shape[1])
 
 
 def _scales(op, temperature, softcap, logit_scale):
@@ -137,7 +152,8 @@ def linear_logprobs(
     scale, cap = _scales("linear_logprobs", temperature, softcap, logit_scale)
     lead = hidden.shape[:-1]
     h2, tok, needs, chunk = prepare_head_inputs(hidden, weight, bias, tokens, chunk_size)
-    logp, entropy = LinearLogprobsFunction.apply(h2, weight, bias, tok, scale, chunk, needs, cap)
+    online = _online_chunk(h2, weight, chunk_size)
+    logp, entropy = LinearLogprobsFunction.apply(h2, weight, bias, tok, scale, chunk, needs, cap, (), online)
     logp = logp.reshape(lead)
     if return_entropy:
         return logp, entropy.reshape(lead)
@@ -168,6 +184,7 @@ def linear_logprobs_stats(
     stats = tuple(k for k in STATS if k in stats)
     lead = hidden.shape[:-1]
     h2, tok, needs, chunk = prepare_head_inputs(hidden, weight, bias, tokens, chunk_size)
-    outs = LinearLogprobsFunction.apply(h2, weight, bias, tok, scale, chunk, needs, cap, stats)
+    online = _online_chunk(h2, weight, chunk_size)
+    outs = LinearLogprobsFunction.apply(h2, weight, bias, tok, scale, chunk, needs, cap, stats, online)
     names = ("log_probs", "entropy", *stats)
     return {k: t.reshape(lead) for k, t in zip(names, outs)}
