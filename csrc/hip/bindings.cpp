@@ -420,7 +420,7 @@ at::Tensor ce_online_finish_cuda(const at::Tensor& state, const at::Tensor& acc,
               "sloth.ce_online_finish: weight [V, H] and dh [rows, H] must be contiguous and of one dtype");
   TORCH_CHECK(labels.numel() == rows && labels.scalar_type() == at::kLong && labels.is_contiguous(),
               "sloth.ce_online_finish: labels must be contiguous int64 [", rows, "]");
-  for (const at::Tensor* t : {&state, &weight, &labels, &dh})
+  for (const at::Tensor* t : {&state, &weight, &labels, static_cast<const at::Tensor*>(&dh)})
     TORCH_CHECK(t->device() == acc.device(), "sloth.ce_online_finish: all tensors must be on ", acc.device());
   at::Tensor row_scale;
   if (row_scale_) row_scale = row_scale_->to(acc.device(), at::kFloat).contiguous();
