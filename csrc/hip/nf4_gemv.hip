@@ -20,7 +20,10 @@
 // 454 LEA, 365 ISETP per 48 HMMA): it recomputed (tile, chunk) from the item index by division and formed every
 // address in 64 bits. The kernel is issue-bound (ncu on variant 2: ~7.2 cycles per issued instruction at 4 warps
 // per scheduler, DRAM at 25% of peak); goal: 0.015 ms at M = 1 and 8.
+#include <stdlib.h>
+
 #include <algorithm>
+#include <type_traits>
 
 #include "../hip/launchers.h"
 #include "sloth/nf4.h"
@@ -37,6 +40,14 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kGroupK = 128;        // k per warp step: 4 lanes (c) x 32 elements (16 packed bytes)
 constexpr int kChunk = 2;           // groups per pipeline stage and warp
 constexpr int kStages = 3;          // register stages: one computed while two are in flight
+
+// Words per row of the byte -> pair table (32 lanes used): 128-byte rows, or 256-byte rows for the byte-permute
+// addressing of kVariant 4 (see lut_entry).
+constexpr int lut_stride(int variant) { return variant == 4 ? 64 : 32; }
+
+// Dynamic shared memory: table, double-quantization code, partial sums.
+template <int NT, int kVariant>
+constexpr size_t smem_bytes() { return (256 * lut_stride(kVariant) + 256) * 4 + 2 * kWarps * 32 * NT * 4 * 4; }
 
 template <OutType T>
 __device__ __forceinline__ uint32_t mul2(uint32_t a, uint32_t b) {
@@ -65,13 +76,14 @@ __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-// The per-lane byte -> pair table (s_lut [256][32]) and the double-quantization code (s_code2 [256]); ends
-// with the barrier that publishes them.
-template <OutType T>
+// The per-lane byte -> pair table (s_lut [256][kStride], lanes 0..31 of each row used) and the
+// double-quantization code (s_code2 [256]); ends with the barrier that publishes them.
+template <OutType T, int kStride>
 __device__ void fill_tables(const Nf4GemvArgs& a, uint32_t* s_lut, float* s_code2) {
   for (int i = threadIdx.x; i < 256 * 32; i += kThreads) {
     const int v = i / 32;  // byte: element 2j in the high nibble -> low half of the pair
-    s_lut[i] = (uint32_t)from_float<T>(nf4_value(v >> 4)) | ((uint32_t)from_float<T>(nf4_value(v & 15)) << 16);
+    s_lut[kStride == 32 ? i : v * kStride + i % 32] =
+        (uint32_t)from_float<T>(nf4_value(v >> 4)) | ((uint32_t)from_float<T>(nf4_value(v & 15)) << 16);
   }
   if (a.absmax.code2 != nullptr && threadIdx.x < 256) s_code2[threadIdx.x] = a.absmax.code2[threadIdx.x];
   __syncthreads();
@@ -126,6 +138,15 @@ __device__ __forceinline__ uint32_t lds32(uint32_t addr) {
   return v;
 }
 
+// Table entry of byte j of word w for this lane. kPerm (table rows 256 bytes apart, lut = the table's shared
+// address, lane4 = 4 * lane): one byte permute builds the row offset | lane offset. Otherwise (rows 128 bytes
+// apart, lut = the address of this lane's column): shift, mask and add.
+template <bool kPerm>
+__device__ __forceinline__ uint32_t lut_entry(uint32_t lut, uint32_t lane4, uint32_t w, int j) {
+  if constexpr (kPerm) return lds32(lut + __byte_perm(w, lane4, 0x5504u | (j << 4)));
+  else return lds32(lut + (((w >> (8 * j)) & 0xffu) << 7));
+}
+
 // CTA `blockIdx.x` computes the 16-row tiles [t0, t1) of y. Lane (g = lane / 4, c = lane % 4) of warp w owns,
 // in each K-group j (128 elements) with j % 16 == w, the 32 elements [128 j + 32 c, +32) of rows g and g + 8
 // (16 bytes each) and of tokens g (and g + 8): the MMA's k order is permuted identically on both sides, so no
@@ -133,15 +154,23 @@ __device__ __forceinline__ uint32_t lds32(uint32_t addr) {
 // it computes; every warp has the same item sequence, so the per-tile barriers line up. Integer work is kept
 // lean: the (tile, chunk) cursors advance by increments (no divisions), k offsets are 32-bit (K < 2^30), the
 // absmax2 factor is loaded with the stage, and table lookups use 32-bit shared addresses.
+// kVariant 4 (A/B candidate, SLOTH_NF4_GEMV_VARIANT=4; double-quantized absmax and N * K < 2^31 only): element
+// offsets in 32 bits, double quantization known at compile time, and each table lookup addressed by one byte
+// permute (256-byte table rows: 64 KB). Static SASS on sm_90a (bf16, M <= 8) per streamed item (one stage
+// load + two groups: 16 HMMA, 64 LDS): variant 3 661 instructions (369 integer), variant 4 425 (100 integer).
 // Traffic: reads N * K / 2 packed bytes once (+ N * K / blocksize absmax bytes, + N * r * sizeof(T) for B),
 // x [M, K] per CTA (L1 / L2 resident), writes M * N * sizeof(T).
-template <OutType T, int NT>
+template <OutType T, int NT, int kVariant>
 __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_lora_kernel(Nf4GemvArgs a) {
   using raw = typename OutStorage<T>::type;
+  constexpr bool v4 = kVariant == 4;
+  constexpr int kLutStride = lut_stride(kVariant);
+  using eidx = std::conditional_t<v4, uint32_t, int64_t>;  // element offset into W (or x)
+  using ridx = std::conditional_t<v4, int, int64_t>;       // row / tile index
   extern __shared__ uint32_t smem[];
-  uint32_t* s_lut = smem;                                       // [256 bytes][32 lanes] pairs of T
-  float* s_code2 = reinterpret_cast<float*>(smem + 256 * 32);  // [256] double-quantization code
-  float* s_red = s_code2 + 256;                                 // [2][kWarps][32][NT * 4] partial sums
+  uint32_t* s_lut = smem;                                               // [256 bytes][kLutStride] pairs of T
+  float* s_code2 = reinterpret_cast<float*>(smem + 256 * kLutStride);  // [256] double-quantization code
+  float* s_red = s_code2 + 256;                                         // [2][kWarps][32][NT * 4] partial sums
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane >> 2, c = lane & 3;
   const int64_t n_tiles = (a.n + 15) / 16;
@@ -153,20 +182,29 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_lora_kernel(Nf4GemvArgs 
   // k offset of this lane's slot u of chunk ch: kbase + ch * kChStride + u * kUStride.
   const int kbase = warp * kGroupK + 32 * c;
   constexpr int kUStride = kWarps * kGroupK, kChStride = kChunk * kUStride;
-  const bool dq = a.absmax.absmax == nullptr;
+  const bool dq = v4 || a.absmax.absmax == nullptr;
   const int log2_bs = __ffs(a.blocksize) - 1, log2_bs2 = a.absmax.log2_blocksize2;
   const float offset = dq ? __ldg(a.absmax.offset) : 0.0f;
-  const uint32_t lut = (uint32_t)__cvta_generic_to_shared(s_lut + lane);
-  const raw* xr[NT];  // x rows of tokens g (+ 8), clamped (tokens past M are zeroed below)
+  const uint32_t lut = (uint32_t)__cvta_generic_to_shared(v4 ? s_lut : s_lut + lane), lane4 = 4 * lane;
+  // x rows of tokens g (+ 8): a pointer each, or (kVariant 4) a 32-bit offset each. Tokens past M read row
+  // M - 1; kVariant 3 zeroes them, kVariant 4 keeps them (their MMA columns are never stored).
+  const raw* x = static_cast<const raw*>(a.x);
+  const raw* xr[NT];
+  eidx xo[NT];
 #pragma unroll
-  for (int j = 0; j < NT; ++j) xr[j] = static_cast<const raw*>(a.x) + (int64_t)min(g + 8 * j, a.m - 1) * k;
+  for (int j = 0; j < NT; ++j) {
+    xo[j] = (eidx)min(g + 8 * j, a.m - 1) * (eidx)k;
+    xr[j] = x + (int64_t)min(g + 8 * j, a.m - 1) * k;
+  }
 
   // Load cursor: the next (tile, chunk) to stream, with the element offsets of its rows g and g + 8.
   int ld_ch = 0;
-  int64_t ld_tile = t0, ld_rowk[2];
+  ridx ld_tile = (ridx)t0;
+  eidx ld_rowk[2];
   auto set_rows = [&]() {
-    ld_rowk[0] = min(ld_tile * 16 + g, a.n - 1) * a.k;  // clamped: rows past n are discarded
-    ld_rowk[1] = min(ld_tile * 16 + g + 8, a.n - 1) * a.k;
+    const ridx n1 = (ridx)(a.n - 1), kr = (ridx)a.k;
+    ld_rowk[0] = (eidx)(min(ld_tile * 16 + g, n1) * kr);  // clamped: rows past n are discarded
+    ld_rowk[1] = (eidx)(min(ld_tile * 16 + g + 8, n1) * kr);
   };
   set_rows();
   auto load = [&](Stage& s) {
@@ -175,8 +213,8 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_lora_kernel(Nf4GemvArgs 
       const int kk = kbase + ld_ch * kChStride + u * kUStride;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int64_t e = ld_rowk[h] + kk;
-        const int64_t blk = e >> log2_bs;
+        const eidx e = ld_rowk[h] + kk;
+        const eidx blk = e >> log2_bs;
         const bool in = kk < k;
         s.w[u][h] = in ? __ldg(reinterpret_cast<const uint4*>(a.packed + (e >> 1))) : make_uint4(0, 0, 0, 0);
         s.q[u][h] = in ? (dq ? (uint32_t)__ldg(a.absmax.absmax_q + blk) : __float_as_uint(__ldg(a.absmax.absmax + blk)))
@@ -206,19 +244,19 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_lora_kernel(Nf4GemvArgs 
       uint4 xv[NT][4];
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
-        const bool xin = in && g + 8 * j < a.m;
-        const uint4* xp = reinterpret_cast<const uint4*>(xr[j] + kk);
+        const bool xin = in && (v4 || g + 8 * j < a.m);
+        const uint4* xp = reinterpret_cast<const uint4*>(v4 ? x + (xo[j] + kk) : xr[j] + kk);
 #pragma unroll
         for (int q = 0; q < 4; ++q) xv[j][q] = xin ? __ldg(xp + q) : make_uint4(0, 0, 0, 0);
       }
 #pragma unroll
       for (int t = 0; t < 8; ++t) {  // MMA tile t: bytes 2t, 2t + 1 of the lane's 16
         const uint32_t wa = word_of(s.w[u][0], t >> 1), wb = word_of(s.w[u][1], t >> 1);
-        const int sh = 16 * (t & 1);  // byte b of the word at shift sh -> table offset b * 128 bytes
-        const uint32_t a0 = mul2<T>(lds32(lut + (((wa >> sh) & 0xffu) << 7)), sa);
-        const uint32_t a2 = mul2<T>(lds32(lut + (((wa >> (sh + 8)) & 0xffu) << 7)), sa);
-        const uint32_t a1 = mul2<T>(lds32(lut + (((wb >> sh) & 0xffu) << 7)), sb);
-        const uint32_t a3 = mul2<T>(lds32(lut + (((wb >> (sh + 8)) & 0xffu) << 7)), sb);
+        const int j0 = 2 * (t & 1);
+        const uint32_t a0 = mul2<T>(lut_entry<v4>(lut, lane4, wa, j0), sa);
+        const uint32_t a2 = mul2<T>(lut_entry<v4>(lut, lane4, wa, j0 + 1), sa);
+        const uint32_t a1 = mul2<T>(lut_entry<v4>(lut, lane4, wb, j0), sb);
+        const uint32_t a3 = mul2<T>(lut_entry<v4>(lut, lane4, wb, j0 + 1), sb);
 #pragma unroll
         for (int j = 0; j < NT; ++j)
           mma16816<T>(acc[j], a0, a1, a2, a3, word_of(xv[j][t >> 1], 2 * (t & 1)),
@@ -231,7 +269,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_lora_kernel(Nf4GemvArgs 
 #pragma unroll
   for (int p = 0; p < kStages - 1; ++p)
     if (p < items) load(st[p]);
-  fill_tables<T>(a, s_lut, s_code2);
+  fill_tables<T, kLutStride>(a, s_lut, s_code2);
 #pragma unroll
   for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
   int cp_ch = 0;
@@ -254,14 +292,27 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_lora_kernel(Nf4GemvArgs 
   }
 }
 
-template <OutType T, int NT>
-void launch_gemv(const Nf4GemvArgs& args, unsigned grid, hipStream_t stream) {
-  constexpr size_t kSmem = (256 * 32 + 256) * 4 + 2 * kWarps * 32 * NT * 4 * 4;  // lut, code2, s_red
-  static const bool opted_in = hipFuncSetAttribute(nf4_gemv_lora_kernel<T, NT>,
+template <OutType T, int NT, int kVariant>
+void launch_variant(const Nf4GemvArgs& args, unsigned grid, hipStream_t stream) {
+  constexpr size_t kSmem = smem_bytes<NT, kVariant>();
+  static const bool opted_in = hipFuncSetAttribute(nf4_gemv_lora_kernel<T, NT, kVariant>,
                                                     hipFuncAttributeMaxDynamicSharedMemorySize,
                                                     (int)kSmem) == hipSuccess;  // once per process
   (void)opted_in;
- hipLaunchKernelGGL(( nf4_gemv_lora_kernel<T, NT>), dim3(grid), dim3(kThreads), kSmem, stream, args);
+ hipLaunchKernelGGL(( nf4_gemv_lora_kernel<T, NT, kVariant>), dim3(grid), dim3(kThreads), kSmem, stream, args);
+}
+
+template <OutType T, int NT>
+void launch_gemv(const Nf4GemvArgs& args, unsigned grid, hipStream_t stream) {
+  // SLOTH_NF4_GEMV_VARIANT (read once): 3 (default, the verified kernel), 4 (A/B candidate, not yet run on a
+  // GPU; where it does not apply the default runs).
+  static const int variant = getenv("SLOTH_NF4_GEMV_VARIANT") ? atoi(getenv("SLOTH_NF4_GEMV_VARIANT")) : 3;
+  const bool v4 = variant == 4 && args.absmax.absmax == nullptr &&
+                  std::max<int64_t>(args.n, args.m) * args.k < (int64_t{1} << 31);
+  if (v4)
+    launch_variant<T, NT, 4>(args, grid, stream);
+  else
+    launch_variant<T, NT, 3>(args, grid, stream);
 }
 
 int num_sms() {
