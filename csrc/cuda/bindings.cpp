@@ -157,8 +157,8 @@ at::Tensor nf4_gemv_lora_cuda(const at::Tensor& x_, const at::Tensor& packed_, c
   TORCH_CHECK(x_.dim() == 2, "sloth.nf4_gemv_lora: x must be [M, K], got ", x_.sizes());
   const int64_t m = x_.size(0), k = x_.size(1);
   const OutType type = out_type_of(x_.scalar_type());
-  TORCH_CHECK(sloth::cuda::nf4_gemv_supported((int)m, k, type), "sloth.nf4_gemv_lora: needs 1 <= M <= 16, K % 32 == 0 "
-              "and bf16/fp16 x on an NVIDIA GPU; got x ", x_.sizes(), " ", x_.scalar_type(),
+  TORCH_CHECK(sloth::cuda::nf4_gemv_supported((int)m, k, type), "sloth.nf4_gemv_lora: needs 1 <= M <= 16, "
+              "K % 32 == 0, K < 2^30 and bf16/fp16 x on an NVIDIA GPU; got x ", x_.sizes(), " ", x_.scalar_type(),
               ". Use the dequantize + matmul path (sloth.lora_linear picks it for you)");
   TORCH_CHECK(packed_.numel() == (out_features * k + 1) / 2, "sloth.nf4_gemv_lora: packed holds ", packed_.numel(),
               " bytes, expected ", (out_features * k + 1) / 2, " for a [", out_features, ", ", k, "] weight");

@@ -9,9 +9,21 @@
 // rows of a tile are the MMA's M side and the (up to 16) tokens its N side, so x is reused 16x from registers.
 // One persistent CTA per SM owns a contiguous range of 16-row tiles (balanced to one tile) and its 16 warps
 // split K; their partial sums meet in shared memory once per tile.
+//
+// Measured (W [14336, 4096] NF4 double quant, CUDA-graph median per call, M = 1 / 8; "+ LoRA": r = 16):
+//   H100, first persistent version (variant 2): 0.0263 / 0.0315 ms (bitsandbytes 0.0288 / 0.0671; bf16 cuBLAS
+//     0.042).
+//   H200, variant 2: 0.0265 / 0.0320 ms, + LoRA 0.0352 / 0.0411.
+//   H200, variant 3 (lean integer work: this kernel, which replaced variant 2): 0.0230 / 0.0281 ms, + LoRA
+//     0.0319 / 0.0375 (bitsandbytes 0.0287 / 0.0679; bf16 cuBLAS dense 0.0305 / 0.0305).
+// Variant 2 spent most issue slots on 64-bit index arithmetic (static SASS on sm_90a, bf16, M <= 8: 975 IMAD,
+// 454 LEA, 365 ISETP per 48 HMMA): it recomputed (tile, chunk) from the item index by division and formed every
+// address in 64 bits. The kernel is issue-bound (ncu on variant 2: ~7.2 cycles per issued instruction at 4 warps
+// per scheduler, DRAM at 25% of peak); goal: 0.015 ms at M = 1 and 8.
 #include <stdlib.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "../hip/launchers.h"
 #include "sloth/nf4.h"
@@ -29,21 +41,14 @@ constexpr int kGroupK = 128;        // k per warp step: 4 lanes (c) x 32 element
 constexpr int kChunk = 2;           // groups per pipeline stage and warp
 constexpr int kStages = 3;          // register stages: one computed while two are in flight
 
-// The absmax of block b is loaded with the weights in two parts: the part that comes from DRAM (fp32 bits,
-// or the uint8 double-quantization index) in the pipeline stage, the rest (code2, absmax2: cache-resident)
-// once the stage is computed.
-__device__ __forceinline__ uint32_t load_absmax_raw(const Nf4Absmax& a, int64_t b) {
-  return a.absmax ? __float_as_uint(__ldg(a.absmax + b)) : (uint32_t)__ldg(a.absmax_q + b);
-}
+// Words per row of the byte -> pair table (32 lanes used): 128-byte rows, or 256-byte rows for the byte-permute
+// addressing of kVariant 4 (see lut_entry).
+constexpr int lut_stride(int variant) { return variant == 4 ? 64 : 32; }
 
-__device__ __forceinline__ float absmax_value(const Nf4Absmax& a, uint32_t raw, int64_t b, const float* s_code2,
-                                              float offset) {
-  if (a.absmax) return __uint_as_float(raw);
-  // bitsandbytes' order: code2 * absmax2 + offset
-  return __fadd_rn(__fmul_rn(s_code2[raw], __ldg(a.absmax2 + (b >> a.log2_blocksize2))), offset);
-}
+// Dynamic shared memory: table, double-quantization code, partial sums.
+template <int NT, int kVariant>
+constexpr size_t smem_bytes() { return (256 * lut_stride(kVariant) + 256) * 4 + 2 * kWarps * 32 * NT * 4 * 4; }
 
-// a * b for packed pairs (fma with -0 addend: exact products keep their sign).
 template <OutType T>
 __device__ __forceinline__ uint32_t mul2(uint32_t a, uint32_t b) {
   uint32_t r;
@@ -71,13 +76,14 @@ __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-// The per-lane byte -> pair table (s_lut [256][32]) and the double-quantization code (s_code2 [256]); ends
-// with the barrier that publishes them.
-template <OutType T>
+// The per-lane byte -> pair table (s_lut [256][kStride], lanes 0..31 of each row used) and the
+// double-quantization code (s_code2 [256]); ends with the barrier that publishes them.
+template <OutType T, int kStride>
 __device__ void fill_tables(const Nf4GemvArgs& a, uint32_t* s_lut, float* s_code2) {
   for (int i = threadIdx.x; i < 256 * 32; i += kThreads) {
     const int v = i / 32;  // byte: element 2j in the high nibble -> low half of the pair
-    s_lut[i] = (uint32_t)from_float<T>(nf4_value(v >> 4)) | ((uint32_t)from_float<T>(nf4_value(v & 15)) << 16);
+    s_lut[kStride == 32 ? i : v * kStride + i % 32] =
+        (uint32_t)from_float<T>(nf4_value(v >> 4)) | ((uint32_t)from_float<T>(nf4_value(v & 15)) << 16);
   }
   if (a.absmax.code2 != nullptr && threadIdx.x < 256) s_code2[threadIdx.x] = a.absmax.code2[threadIdx.x];
   __syncthreads();
@@ -122,125 +128,6 @@ __device__ void finish_tile(const Nf4GemvArgs& a, float* s_red, const float (&ac
 // One pipeline stage of a warp: kChunk K-groups of the weight rows g and g + 8 of one tile.
 struct Stage {
   uint4 w[kChunk][2];
-  uint32_t absmax[kChunk][2];
-};
-
-// CTA `blockIdx.x` computes the 16-row tiles [t0, t1) of y. Lane (g = lane / 4, c = lane % 4) of warp w owns,
-// in each K-group j (128 elements) with j % 16 == w, the 32 elements [128 j + 32 c, +32) of rows g and g + 8
-// (16 bytes each) and of tokens g (and g + 8): the MMA's k order is permuted identically on both sides, so no
-// shuffles are needed. The items a warp streams are (tile, chunk) pairs in order, kStages - 1 ahead of the one
-// it computes; every warp has the same item sequence, so the per-tile barriers line up.
-// Traffic: reads N * K / 2 packed bytes once (+ N * K / blocksize absmax bytes, + N * r * sizeof(T) for B),
-// x [M, K] per CTA (L1 / L2 resident), writes M * N * sizeof(T).
-template <OutType T, int NT>
-__global__ void __launch_bounds__(kThreads, 1) nf4_gemv_lora_kernel(Nf4GemvArgs a) {
-  using raw = typename OutStorage<T>::type;
-  extern __shared__ uint32_t smem[];
-  uint32_t* s_lut = smem;                                        // [256 bytes][32 lanes] pairs of T
-  float* s_code2 = reinterpret_cast<float*>(smem + 256 * 32);   // [256] double-quantization code
-  float* s_red = s_code2 + 256;                                  // [2][kWarps][32][NT * 4] partial sums
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int g = lane >> 2, c = lane & 3;
-  const int64_t n_tiles = (a.n + 15) / 16;
-  const int64_t t0 = blockIdx.x * n_tiles / gridDim.x, t1 = (blockIdx.x + 1) * n_tiles / gridDim.x;
-  const int64_t n_groups = (a.k + kGroupK - 1) / kGroupK;
-  const int nch = (int)((n_groups + kWarps * kChunk - 1) / (kWarps * kChunk));  // chunks per tile, all warps
-  const int items = (int)(t1 - t0) * nch;  // < 2^31: a CTA owns at most n / 16 / grid tiles
-  const raw* x = static_cast<const raw*>(a.x);
-  const Nf4Absmax absmax = a.absmax;
-  const float offset = absmax.offset != nullptr ? __ldg(absmax.offset) : 0.0f;
-  const uint32_t* lut = s_lut + lane;
-  const int log2_bs = __ffs(a.blocksize) - 1;  // blocksize is a power of two (checked by the launcher)
-
-  // Element index of (row, group slot u of chunk ch) of this lane, or -1 when past K.
-  auto elem = [&](int64_t row, int ch, int u) -> int64_t {
-    const int64_t kk = ((int64_t)(ch * kChunk + u) * kWarps + warp) * kGroupK + 32 * c;
-    return kk < a.k ? row * a.k + kk : -1;
-  };
-  auto load = [&](Stage& s, int item) {
-    const int64_t tile = t0 + item / nch;
-    const int ch = item % nch;
-    const int64_t rows[2] = {min(tile * 16 + g, a.n - 1), min(tile * 16 + g + 8, a.n - 1)};  // clamped
-#pragma unroll
-    for (int u = 0; u < kChunk; ++u)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int64_t e = elem(rows[h], ch, u);
-        s.w[u][h] = e >= 0 ? __ldg(reinterpret_cast<const uint4*>(a.packed + e / 2)) : make_uint4(0, 0, 0, 0);
-        s.absmax[u][h] = e >= 0 ? load_absmax_raw(absmax, e >> log2_bs) : 0u;
-      }
-  };
-
-  float acc[NT][4];
-  auto compute = [&](const Stage& s, int item) {
-    const int64_t tile = t0 + item / nch;
-    const int ch = item % nch;
-    const int64_t rows[2] = {min(tile * 16 + g, a.n - 1), min(tile * 16 + g + 8, a.n - 1)};
-#pragma unroll
-    for (int u = 0; u < kChunk; ++u) {
-      const int64_t ea = elem(rows[0], ch, u), eb = elem(rows[1], ch, u);
-      if (__all_sync(0xffffffffu, ea < 0)) continue;  // the whole group is past K
-      const int64_t kk = ((int64_t)(ch * kChunk + u) * kWarps + warp) * kGroupK + 32 * c;
-      const float fa = ea >= 0 ? absmax_value(absmax, s.absmax[u][0], ea >> log2_bs, s_code2, offset) : 0.0f;
-      const float fb = eb >= 0 ? absmax_value(absmax, s.absmax[u][1], eb >> log2_bs, s_code2, offset) : 0.0f;
-      const uint32_t sa = pack2<T>(fa, fa), sb = pack2<T>(fb, fb);
-      uint4 xv[NT][4];
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        const int tok = g + 8 * j;
-        const bool xin = ea >= 0 && tok < a.m;
-        const uint4* xp = reinterpret_cast<const uint4*>(x + (int64_t)tok * a.k + kk);
-#pragma unroll
-        for (int q = 0; q < 4; ++q) xv[j][q] = xin ? __ldg(xp + q) : make_uint4(0, 0, 0, 0);
-      }
-#pragma unroll
-      for (int t = 0; t < 8; ++t) {  // MMA tile t: elements 4t..4t+3 of the lane's 32 = bytes 2t, 2t+1
-        const uint32_t wa = word_of(s.w[u][0], t >> 1), wb = word_of(s.w[u][1], t >> 1);
-        const int sh = 16 * (t & 1);
-        const uint32_t a0 = mul2<T>(lut[((wa >> sh) & 0xffu) * 32], sa);
-        const uint32_t a2 = mul2<T>(lut[((wa >> (sh + 8)) & 0xffu) * 32], sa);
-        const uint32_t a1 = mul2<T>(lut[((wb >> sh) & 0xffu) * 32], sb);
-        const uint32_t a3 = mul2<T>(lut[((wb >> (sh + 8)) & 0xffu) * 32], sb);
-#pragma unroll
-        for (int j = 0; j < NT; ++j)
-          mma16816<T>(acc[j], a0, a1, a2, a3, word_of(xv[j][t >> 1], 2 * (t & 1)),
-                      word_of(xv[j][t >> 1], 2 * (t & 1) + 1));
-      }
-    }
-  };
-
-  // One barrier per tile: partial sums meet in shared memory (see finish_tile).
-  auto finish = [&](int64_t tile) { finish_tile<T, NT>(a, s_red, acc, tile, warp, lane); };
-
-  Stage st[kStages];
-#pragma unroll
-  for (int p = 0; p < kStages - 1; ++p)
-    if (p < items) load(st[p], p);
-  fill_tables<T>(a, s_lut, s_code2);  // while the first stages' loads are in flight
-#pragma unroll
-  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-  for (int i0 = 0; i0 < items; i0 += kStages) {
-#pragma unroll
-    for (int p = 0; p < kStages; ++p) {  // stage indices are compile-time: the ring stays in registers
-      const int i = i0 + p;
-      if (i >= items) break;
-      if (i + kStages - 1 < items) load(st[(p + kStages - 1) % kStages], i + kStages - 1);
-      compute(st[p], i);
-      if (i % nch == nch - 1) {
-        finish(t0 + i / nch);
-#pragma unroll
-        for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-      }
-    }
-  }
-}
-
-// ---- A/B candidate (SLOTH_NF4_GEMV_VARIANT=3): the same algorithm with lean integer work. The verified
-// kernel above spends most issue slots on 64-bit index arithmetic (static SASS on sm_90a: 975 IMAD, 454 LEA,
-// 365 ISETP per 48 HMMA); here the (tile, chunk) cursor advances by increments (no divisions), k offsets are
-// 32-bit, the absmax2 factor is loaded with the stage, and table lookups use 32-bit shared addresses.
-struct LeanStage {
-  uint4 w[kChunk][2];
   uint32_t q[kChunk][2];   // fp32 absmax bits, or the double-quantization index
   float s2[kChunk][2];     // absmax2 of the block (double quantization)
 };
@@ -251,47 +138,83 @@ __device__ __forceinline__ uint32_t lds32(uint32_t addr) {
   return v;
 }
 
-template <OutType T, int NT>
-__global__ void __launch_bounds__(kThreads, 1) nf4_gemv_lora_lean_kernel(Nf4GemvArgs a) {
+// Table entry of byte j of word w for this lane. kPerm (table rows 256 bytes apart, lut = the table's shared
+// address, lane4 = 4 * lane): one byte permute builds the row offset | lane offset. Otherwise (rows 128 bytes
+// apart, lut = the address of this lane's column): shift, mask and add.
+template <bool kPerm>
+__device__ __forceinline__ uint32_t lut_entry(uint32_t lut, uint32_t lane4, uint32_t w, int j) {
+  if constexpr (kPerm) return lds32(lut + __byte_perm(w, lane4, 0x5504u | (j << 4)));
+  else return lds32(lut + (((w >> (8 * j)) & 0xffu) << 7));
+}
+
+// CTA `blockIdx.x` computes the 16-row tiles [t0, t1) of y. Lane (g = lane / 4, c = lane % 4) of warp w owns,
+// in each K-group j (128 elements) with j % 16 == w, the 32 elements [128 j + 32 c, +32) of rows g and g + 8
+// (16 bytes each) and of tokens g (and g + 8): the MMA's k order is permuted identically on both sides, so no
+// shuffles are needed. The items a warp streams are (tile, chunk) pairs in order, kStages - 1 ahead of the one
+// it computes; every warp has the same item sequence, so the per-tile barriers line up. Integer work is kept
+// lean: the (tile, chunk) cursors advance by increments (no divisions), k offsets are 32-bit (K < 2^30), the
+// absmax2 factor is loaded with the stage, and table lookups use 32-bit shared addresses.
+// kVariant 4 (A/B candidate, SLOTH_NF4_GEMV_VARIANT=4; double-quantized absmax and N * K < 2^31 only): element
+// offsets in 32 bits, double quantization known at compile time, and each table lookup addressed by one byte
+// permute (256-byte table rows: 64 KB). Static SASS on sm_90a (bf16, M <= 8) per streamed item (one stage
+// load + two groups: 16 HMMA, 64 LDS): variant 3 661 instructions (369 integer), variant 4 425 (100 integer).
+// Traffic: reads N * K / 2 packed bytes once (+ N * K / blocksize absmax bytes, + N * r * sizeof(T) for B),
+// x [M, K] per CTA (L1 / L2 resident), writes M * N * sizeof(T).
+template <OutType T, int NT, int kVariant>
+__global__ void __launch_bounds__(kThreads, 1) nf4_gemv_lora_kernel(Nf4GemvArgs a) {
   using raw = typename OutStorage<T>::type;
+  constexpr bool v4 = kVariant == 4;
+  constexpr int kLutStride = lut_stride(kVariant);
+  using eidx = std::conditional_t<v4, uint32_t, int64_t>;  // element offset into W (or x)
+  using ridx = std::conditional_t<v4, int, int64_t>;       // row / tile index
   extern __shared__ uint32_t smem[];
-  uint32_t* s_lut = smem;
-  float* s_code2 = reinterpret_cast<float*>(smem + 256 * 32);
-  float* s_red = s_code2 + 256;
+  uint32_t* s_lut = smem;                                               // [256 bytes][kLutStride] pairs of T
+  float* s_code2 = reinterpret_cast<float*>(smem + 256 * kLutStride);  // [256] double-quantization code
+  float* s_red = s_code2 + 256;                                         // [2][kWarps][32][NT * 4] partial sums
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane >> 2, c = lane & 3;
   const int64_t n_tiles = (a.n + 15) / 16;
   const int64_t t0 = blockIdx.x * n_tiles / gridDim.x, t1 = (blockIdx.x + 1) * n_tiles / gridDim.x;
-  const int k = (int)a.k;  // K < 2^31 (checked by the launcher)
+  const int k = (int)a.k;  // K < 2^30 (nf4_gemv_supported): every k offset below fits in an int
   const int n_groups = (k + kGroupK - 1) / kGroupK;
   const int nch = (n_groups + kWarps * kChunk - 1) / (kWarps * kChunk);
   const int items = (int)(t1 - t0) * nch;
-  const int kbase = warp * kGroupK + 32 * c;                // k offset of slot (ch, u) = kbase + ch * kChStride + u * kUStride
+  // k offset of this lane's slot u of chunk ch: kbase + ch * kChStride + u * kUStride.
+  const int kbase = warp * kGroupK + 32 * c;
   constexpr int kUStride = kWarps * kGroupK, kChStride = kChunk * kUStride;
-  const bool dq = a.absmax.absmax == nullptr;
+  const bool dq = v4 || a.absmax.absmax == nullptr;
   const int log2_bs = __ffs(a.blocksize) - 1, log2_bs2 = a.absmax.log2_blocksize2;
   const float offset = dq ? __ldg(a.absmax.offset) : 0.0f;
-  const uint32_t lut = (uint32_t)__cvta_generic_to_shared(s_lut + lane);
+  const uint32_t lut = (uint32_t)__cvta_generic_to_shared(v4 ? s_lut : s_lut + lane), lane4 = 4 * lane;
+  // x rows of tokens g (+ 8): a pointer each, or (kVariant 4) a 32-bit offset each. Tokens past M read row
+  // M - 1; kVariant 3 zeroes them, kVariant 4 keeps them (their MMA columns are never stored).
+  const raw* x = static_cast<const raw*>(a.x);
   const raw* xr[NT];
+  eidx xo[NT];
 #pragma unroll
-  for (int j = 0; j < NT; ++j) xr[j] = static_cast<const raw*>(a.x) + (int64_t)min(g + 8 * j, a.m - 1) * k;
+  for (int j = 0; j < NT; ++j) {
+    xo[j] = (eidx)min(g + 8 * j, a.m - 1) * (eidx)k;
+    xr[j] = x + (int64_t)min(g + 8 * j, a.m - 1) * k;
+  }
 
   // Load cursor: the next (tile, chunk) to stream, with the element offsets of its rows g and g + 8.
   int ld_ch = 0;
-  int64_t ld_tile = t0, ld_rowk[2];
+  ridx ld_tile = (ridx)t0;
+  eidx ld_rowk[2];
   auto set_rows = [&]() {
-    ld_rowk[0] = min(ld_tile * 16 + g, a.n - 1) * a.k;       // clamped: rows past n are discarded
-    ld_rowk[1] = min(ld_tile * 16 + g + 8, a.n - 1) * a.k;
+    const ridx n1 = (ridx)(a.n - 1), kr = (ridx)a.k;
+    ld_rowk[0] = (eidx)(min(ld_tile * 16 + g, n1) * kr);  // clamped: rows past n are discarded
+    ld_rowk[1] = (eidx)(min(ld_tile * 16 + g + 8, n1) * kr);
   };
   set_rows();
-  auto load = [&](LeanStage& s) {
+  auto load = [&](Stage& s) {
 #pragma unroll
     for (int u = 0; u < kChunk; ++u) {
       const int kk = kbase + ld_ch * kChStride + u * kUStride;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int64_t e = ld_rowk[h] + kk;
-        const int64_t blk = e >> log2_bs;
+        const eidx e = ld_rowk[h] + kk;
+        const eidx blk = e >> log2_bs;
         const bool in = kk < k;
         s.w[u][h] = in ? __ldg(reinterpret_cast<const uint4*>(a.packed + (e >> 1))) : make_uint4(0, 0, 0, 0);
         s.q[u][h] = in ? (dq ? (uint32_t)__ldg(a.absmax.absmax_q + blk) : __float_as_uint(__ldg(a.absmax.absmax + blk)))
@@ -307,7 +230,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_lora_lean_kernel(Nf4Gemv
   };
 
   float acc[NT][4];
-  auto compute = [&](const LeanStage& s, int ch) {
+  auto compute = [&](const Stage& s, int ch) {
 #pragma unroll
     for (int u = 0; u < kChunk; ++u) {
       const int kk = kbase + ch * kChStride + u * kUStride;
@@ -321,19 +244,19 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_lora_lean_kernel(Nf4Gemv
       uint4 xv[NT][4];
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
-        const bool xin = in && g + 8 * j < a.m;
-        const uint4* xp = reinterpret_cast<const uint4*>(xr[j] + kk);
+        const bool xin = in && (v4 || g + 8 * j < a.m);
+        const uint4* xp = reinterpret_cast<const uint4*>(v4 ? x + (xo[j] + kk) : xr[j] + kk);
 #pragma unroll
         for (int q = 0; q < 4; ++q) xv[j][q] = xin ? __ldg(xp + q) : make_uint4(0, 0, 0, 0);
       }
 #pragma unroll
       for (int t = 0; t < 8; ++t) {  // MMA tile t: bytes 2t, 2t + 1 of the lane's 16
         const uint32_t wa = word_of(s.w[u][0], t >> 1), wb = word_of(s.w[u][1], t >> 1);
-        const int sh = 16 * (t & 1);  // byte b of the word at shift sh -> table offset b * 128 bytes
-        const uint32_t a0 = mul2<T>(lds32(lut + (((wa >> sh) & 0xffu) << 7)), sa);
-        const uint32_t a2 = mul2<T>(lds32(lut + (((wa >> (sh + 8)) & 0xffu) << 7)), sa);
-        const uint32_t a1 = mul2<T>(lds32(lut + (((wb >> sh) & 0xffu) << 7)), sb);
-        const uint32_t a3 = mul2<T>(lds32(lut + (((wb >> (sh + 8)) & 0xffu) << 7)), sb);
+        const int j0 = 2 * (t & 1);
+        const uint32_t a0 = mul2<T>(lut_entry<v4>(lut, lane4, wa, j0), sa);
+        const uint32_t a2 = mul2<T>(lut_entry<v4>(lut, lane4, wa, j0 + 1), sa);
+        const uint32_t a1 = mul2<T>(lut_entry<v4>(lut, lane4, wb, j0), sb);
+        const uint32_t a3 = mul2<T>(lut_entry<v4>(lut, lane4, wb, j0 + 1), sb);
 #pragma unroll
         for (int j = 0; j < NT; ++j)
           mma16816<T>(acc[j], a0, a1, a2, a3, word_of(xv[j][t >> 1], 2 * (t & 1)),
@@ -342,11 +265,11 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_lora_lean_kernel(Nf4Gemv
     }
   };
 
-  LeanStage st[kStages];
+  Stage st[kStages];
 #pragma unroll
   for (int p = 0; p < kStages - 1; ++p)
     if (p < items) load(st[p]);
-  fill_tables<T>(a, s_lut, s_code2);
+  fill_tables<T, kLutStride>(a, s_lut, s_code2);
 #pragma unroll
   for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
   int cp_ch = 0;
@@ -369,21 +292,27 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_lora_lean_kernel(Nf4Gemv
   }
 }
 
+template <OutType T, int NT, int kVariant>
+void launch_variant(const Nf4GemvArgs& args, unsigned grid, hipStream_t stream) {
+  constexpr size_t kSmem = smem_bytes<NT, kVariant>();
+  static const bool opted_in = hipFuncSetAttribute(nf4_gemv_lora_kernel<T, NT, kVariant>,
+                                                    hipFuncAttributeMaxDynamicSharedMemorySize,
+                                                    (int)kSmem) == hipSuccess;  // once per process
+  (void)opted_in;
+ hipLaunchKernelGGL(( nf4_gemv_lora_kernel<T, NT, kVariant>), dim3(grid), dim3(kThreads), kSmem, stream, args);
+}
+
 template <OutType T, int NT>
 void launch_gemv(const Nf4GemvArgs& args, unsigned grid, hipStream_t stream) {
-  constexpr size_t kSmem = (256 * 32 + 256) * 4 + 2 * kWarps * 32 * NT * 4 * 4;  // lut, code2, s_red
-  // Variant (SLOTH_NF4_GEMV_VARIANT, read once): 2 (default, verified on H100), 3 (lean integer work, A/B
-  // candidate, not yet run on a GPU).
-  static const int variant = getenv("SLOTH_NF4_GEMV_VARIANT") ? atoi(getenv("SLOTH_NF4_GEMV_VARIANT")) : 2;
-  const bool lean = variant == 3 && args.k < (int64_t{1} << 30);
-  auto kernel = lean ? nf4_gemv_lora_lean_kernel<T, NT> : nf4_gemv_lora_kernel<T, NT>;
-  static const bool opted_in =
-      hipFuncSetAttribute(nf4_gemv_lora_kernel<T, NT>, hipFuncAttributeMaxDynamicSharedMemorySize, (int)kSmem) ==
-          hipSuccess &&
-      hipFuncSetAttribute(nf4_gemv_lora_lean_kernel<T, NT>, hipFuncAttributeMaxDynamicSharedMemorySize,
-                           (int)kSmem) == hipSuccess;  // once per process
-  (void)opted_in;
- hipLaunchKernelGGL(( kernel), dim3(grid), dim3(kThreads), kSmem, stream, args);
+  // SLOTH_NF4_GEMV_VARIANT (read once): 3 (default, the verified kernel), 4 (A/B candidate, not yet run on a
+  // GPU; where it does not apply the default runs).
+  static const int variant = getenv("SLOTH_NF4_GEMV_VARIANT") ? atoi(getenv("SLOTH_NF4_GEMV_VARIANT")) : 3;
+  const bool v4 = variant == 4 && args.absmax.absmax == nullptr &&
+                  std::max<int64_t>(args.n, args.m) * args.k < (int64_t{1} << 31);
+  if (v4)
+    launch_variant<T, NT, 4>(args, grid, stream);
+  else
+    launch_variant<T, NT, 3>(args, grid, stream);
 }
 
 int num_sms() {
@@ -395,7 +324,7 @@ int num_sms() {
 }  // namespace
 
 bool nf4_gemv_supported(int m, int64_t k, OutType type) {
-  return m >= 1 && m <= 16 && k % 32 == 0 && k > 0 && type != OutType::kF32;
+  return m >= 1 && m <= 16 && k % 32 == 0 && k > 0 && k < (int64_t{1} << 30) && type != OutType::kF32;
 }
 
 hipError_t nf4_gemv_lora(const Nf4GemvArgs& args, OutType type, hipStream_t stream) {

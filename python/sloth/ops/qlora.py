@@ -90,9 +90,10 @@ def nf4_gemv_lora(x: torch.Tensor, w: NF4Args, lora_t=None, lora_B=None, scaling
 
 
 def gemv_available(x: torch.Tensor, w: NF4Args) -> bool:
-    """Whether the fused GEMV kernel runs for this call (CUDA, not ROCm, bf16/fp16, M <= 16, K % 32 == 0)."""
+    """Whether the fused GEMV kernel runs for this call (CUDA, not ROCm, bf16/fp16, M <= 16, K % 32 == 0,
+    K < 2^30)."""
     return (x.is_cuda and torch.version.hip is None and x.dtype in (torch.bfloat16, torch.float16)
-            and 1 <= x.shape[0] <= GEMV_MAX_M and w.shape[1] % 32 == 0)
+            and 1 <= x.shape[0] <= GEMV_MAX_M and w.shape[1] % 32 == 0 and w.shape[1] < 2**30)
 
 
 @torch.library.register_fake("sloth::nf4_dequantize_out")
