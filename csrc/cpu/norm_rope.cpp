@@ -6,19 +6,12 @@
 #include <vector>
 
 #include "dtype_dispatch.h"
+#include "norm_rope_checks.h"
 #include "sloth/norm_rope.h"
 #include "sloth/numeric.h"
 
 namespace sloth::cpu {
 namespace {
-
-void check_norm_args(const at::Tensor& x, const at::Tensor& weight, const char* op) {
-  TORCH_CHECK(x.dim() == 2, "sloth.", op, ": x must be [rows, H], got ", x.sizes());
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == x.size(1), "sloth.", op, ": weight must be [", x.size(1),
-              "], got ", weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "sloth.", op, ": weight and x must have one dtype, got ",
-              weight.scalar_type(), " and ", x.scalar_type());
-}
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x_, const at::Tensor& w_, double eps,
                                                     double offset, bool cast_before_weight) {
@@ -55,11 +48,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& x_, const 
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& dy_, const at::Tensor& x_, const at::Tensor& w_,
                                                      const at::Tensor& rstd_, double offset, bool cast_before_weight,
                                                      bool compute_dw) {
-  check_norm_args(x_, w_, "rms_norm_backward");
-  TORCH_CHECK(dy_.sizes() == x_.sizes() && dy_.scalar_type() == x_.scalar_type(),
-              "sloth.rms_norm_backward: dy must match x in shape and dtype");
-  TORCH_CHECK(rstd_.numel() == x_.size(0) && rstd_.scalar_type() == at::kFloat,
-              "sloth.rms_norm_backward: rstd must be [rows] float32");
+  check_rms_norm_backward_args(dy_, x_, w_, rstd_);
   at::Tensor dy = dy_.contiguous(), x = x_.contiguous(), w = w_.contiguous(), rstd = rstd_.contiguous();
   const int64_t rows = x.size(0), H = x.size(1);
   at::Tensor dx = at::empty_like(x);
@@ -131,19 +120,8 @@ void rope_apply(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
   });
 }
 
-void check_rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin) {
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3, "sloth.rope_: q and k must be [tokens, heads, D]");
-  TORCH_CHECK(q.size(0) == k.size(0) && q.size(2) == k.size(2), "sloth.rope_: q ", q.sizes(), " and k ", k.sizes(),
-              " must share tokens and head_dim");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type(), "sloth.rope_: q and k must have one dtype");
-  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1, "sloth.rope_: the last dim of q and k must be contiguous");
-  TORCH_CHECK(cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(0) == q.size(0),
-              "sloth.rope_: cos and sin must be [tokens, rot_dim]");
-  TORCH_CHECK(cos.size(1) % 2 == 0 && cos.size(1) <= q.size(2), "sloth.rope_: rot_dim must be even and <= head_dim");
-}
-
 void rope_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos_, const at::Tensor& sin_, bool inverse) {
-  check_rope(q, k, cos_, sin_);
+  check_rope_args(q, k, cos_, sin_);
   at::Tensor cos = cos_.to(at::kFloat).contiguous(), sin = sin_.to(at::kFloat).contiguous();
   rope_apply(q, cos, sin, inverse);
   rope_apply(k, cos, sin, inverse);

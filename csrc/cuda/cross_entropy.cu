@@ -69,6 +69,60 @@ __device__ __forceinline__ CeState shfl_state(const CeState& st, int mask) {
   return CeState{shfl_xor(st.m, mask), shfl_xor(st.s, mask), shfl_xor(st.t, mask)};
 }
 
+// A row of V logits split for 16-byte access: a scalar head [0, head) up to 16-byte alignment, a body of nvec
+// 16-byte vectors from element head, a scalar tail [tail0, V).
+struct RowSplit {
+  int64_t head, nvec, tail0;
+};
+
+template <OutType T>
+__device__ __forceinline__ RowSplit split_row(const typename OutStorage<T>::type* row, int64_t V) {
+  using raw = typename OutStorage<T>::type;
+  constexpr int N = Vec<T>::N;
+  const int64_t mis = (int64_t)(reinterpret_cast<uintptr_t>(row) & 15u);
+  int64_t head = mis == 0 ? 0 : (16 - mis) / (int64_t)sizeof(raw);
+  if (head > V) head = V;
+  const int64_t nvec = (V - head) / N;
+  return RowSplit{head, nvec, head + nvec * N};
+}
+
+// One CTA's traversal of a row, each element once, as fp32: scalar(j, x) on the head and the tail (scalar
+// loads), then vector(j0, x[N]) on each 16-byte vector of the body (elements j0 .. j0 + N - 1; kUnroll loads
+// in flight per thread). kWrite: each element is overwritten in place with scalar's return value, or with
+// what vector left in x (16-byte stores). Traffic: V * sizeof(T) read, plus as much written with kWrite.
+template <OutType T, bool kWrite, typename Scalar, typename Vector>
+__device__ __forceinline__ void for_each_in_row(typename OutStorage<T>::type* row, int64_t V, const RowSplit& sp,
+                                                Scalar&& scalar, Vector&& vector) {
+  using vec = Vec<T>;
+  constexpr int N = vec::N;
+  const int tid = threadIdx.x;
+  uint4* body = reinterpret_cast<uint4*>(row + sp.head);
+  const auto one = [&](int64_t j) {
+    if constexpr (kWrite) row[j] = from_float<T>(scalar(j, to_float<T>(row[j])));
+    else scalar(j, to_float<T>(row[j]));
+  };
+  for (int64_t j = tid; j < sp.head; j += kThreads) one(j);
+  for (int64_t j = sp.tail0 + tid; j < V; j += kThreads) one(j);
+  for (int64_t v0 = 0; v0 < sp.nvec; v0 += (int64_t)kThreads * kUnroll) {
+    uint4 buf[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t idx = v0 + (int64_t)u * kThreads + tid;
+      if (idx < sp.nvec) buf[u] = body[idx];
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t idx = v0 + (int64_t)u * kThreads + tid;
+      if (idx < sp.nvec) {
+        float z[N];
+        vec::unpack(buf[u], z);
+        vector(sp.head + idx * N, z);
+        if constexpr (kWrite) body[idx] = vec::pack(z);
+      }
+    }
+  }
+}
+
 // One CTA per row of logits [rows, V]: pass 1 reads the row (16-byte loads, scalar head / tail to reach
 // alignment) into the online state (max, sum exp, sum exp * z) in fp32; loss, lse, entropy per row; pass 2
 // (compute_grad) rereads the row and overwrites it in place with the gradient.
@@ -78,8 +132,7 @@ template <OutType T>
 __global__ void __launch_bounds__(kThreads) cross_entropy_chunk_kernel(typename OutStorage<T>::type* __restrict__ logits,
                                                                        int64_t V, CeChunkArgs a) {
   using raw = typename OutStorage<T>::type;
-  using vec = Vec<T>;
-  constexpr int N = vec::N;
+  constexpr int N = Vec<T>::N;
   __shared__ CeState s_warp[kWarps];
   __shared__ CeState s_row;
   __shared__ float s_zlabel;
@@ -92,37 +145,17 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_chunk_kernel(typename 
   const bool valid = !ignored && label >= 0 && label < V;
   if (tid == 0) s_zlabel = valid ? ce_logit(to_float<T>(row[label]), a.logit_scale, a.softcap) : 0.0f;
 
-  // Split the row into a scalar head (to 16-byte alignment), a vector body and a scalar tail.
-  const int64_t mis = (int64_t)(reinterpret_cast<uintptr_t>(row) & 15u);
-  int64_t head = mis == 0 ? 0 : (16 - mis) / (int64_t)sizeof(raw);
-  if (head > V) head = V;
-  const int64_t nvec = (V - head) / N;
-  const int64_t tail0 = head + nvec * N;
-  uint4* body = reinterpret_cast<uint4*>(row + head);
+  const RowSplit sp = split_row<T>(row, V);
 
+  // Pass 1: the online state of this thread's logits.
   CeState st = ce_state_empty();
-  for (int64_t j = tid; j < head; j += kThreads) ce_state_add(st, ce_logit(to_float<T>(row[j]), a.logit_scale, a.softcap));
-  for (int64_t j = tail0 + tid; j < V; j += kThreads)
-    ce_state_add(st, ce_logit(to_float<T>(row[j]), a.logit_scale, a.softcap));
-  for (int64_t v0 = 0; v0 < nvec; v0 += (int64_t)kThreads * kUnroll) {
-    uint4 buf[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t idx = v0 + (int64_t)u * kThreads + tid;
-      if (idx < nvec) buf[u] = body[idx];
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t idx = v0 + (int64_t)u * kThreads + tid;
-      if (idx < nvec) {
-        float z[N];
-        vec::unpack(buf[u], z);
+  for_each_in_row<T, false>(
+      row, V, sp, [&](int64_t, float x) { ce_state_add(st, ce_logit(x, a.logit_scale, a.softcap)); },
+      [&](int64_t, float (&z)[N]) {
 #pragma unroll
         for (int i = 0; i < N; ++i) z[i] = ce_logit(z[i], a.logit_scale, a.softcap);
         add_group<N>(st, z);
-      }
-    }
-  }
+      });
 
   // Block reduction of the online states.
 #pragma unroll
@@ -145,39 +178,22 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_chunk_kernel(typename 
   }
   if (!a.compute_grad) return;
 
+  // Pass 2: the gradient, in place.
   const float c_nll = ignored ? 0.0f : a.grad_scale * (a.grad_nll ? a.grad_nll[r] : 1.0f);
   const float c_ent = ignored ? 0.0f : a.grad_scale * (a.grad_entropy ? a.grad_entropy[r] : 0.0f);
-  for (int64_t j = tid; j < head; j += kThreads) {
-    const float z = ce_logit(to_float<T>(row[j]), a.logit_scale, a.softcap);
-    row[j] = from_float<T>(ce_grad(z, j == label, lse, mean_z, c_nll, c_ent, a.logit_scale, a.softcap));
-  }
-  for (int64_t j = tail0 + tid; j < V; j += kThreads) {
-    const float z = ce_logit(to_float<T>(row[j]), a.logit_scale, a.softcap);
-    row[j] = from_float<T>(ce_grad(z, j == label, lse, mean_z, c_nll, c_ent, a.logit_scale, a.softcap));
-  }
-  for (int64_t v0 = 0; v0 < nvec; v0 += (int64_t)kThreads * kUnroll) {
-    uint4 buf[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t idx = v0 + (int64_t)u * kThreads + tid;
-      if (idx < nvec) buf[u] = body[idx];
-    }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t idx = v0 + (int64_t)u * kThreads + tid;
-      if (idx < nvec) {
-        float z[N];
-        vec::unpack(buf[u], z);
-        const int64_t j0 = head + idx * N;
+  for_each_in_row<T, true>(
+      row, V, sp,
+      [&](int64_t j, float x) {
+        const float z = ce_logit(x, a.logit_scale, a.softcap);
+        return ce_grad(z, j == label, lse, mean_z, c_nll, c_ent, a.logit_scale, a.softcap);
+      },
+      [&](int64_t j0, float (&z)[N]) {
 #pragma unroll
         for (int i = 0; i < N; ++i) {
           const float zi = ce_logit(z[i], a.logit_scale, a.softcap);
           z[i] = ce_grad(zi, j0 + i == label, lse, mean_z, c_nll, c_ent, a.logit_scale, a.softcap);
         }
-        body[idx] = vec::pack(z);
-      }
-    }
-  }
+      });
 }
 
 }  // namespace

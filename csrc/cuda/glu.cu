@@ -25,6 +25,13 @@ __device__ __forceinline__ void load8(const typename OutStorage<T>::type* src, f
   }
 }
 
+// Grid-stride loop shared by the kernels below: f(i) for i in [start, n), kThreads-strided per CTA.
+template <typename F>
+__device__ __forceinline__ void grid_stride(int64_t start, int64_t n, F&& f) {
+  for (int64_t i = start + (int64_t)blockIdx.x * kThreads + threadIdx.x; i < n; i += (int64_t)gridDim.x * kThreads)
+    f(i);
+}
+
 // h = act(gate) * up over n elements, 8 per thread per step (16- or 32-byte loads and stores).
 // Traffic: reads 2 n * sizeof(T), writes n * sizeof(T).
 template <OutType T, GluKind K>
@@ -32,14 +39,14 @@ __global__ void __launch_bounds__(kThreads) glu_forward_vec_kernel(const typenam
                                                                    const typename OutStorage<T>::type* __restrict__ up,
                                                                    typename OutStorage<T>::type* __restrict__ out,
                                                                    int64_t n_vec) {
-  for (int64_t v = (int64_t)blockIdx.x * kThreads + threadIdx.x; v < n_vec; v += (int64_t)gridDim.x * kThreads) {
+  grid_stride(0, n_vec, [&](int64_t v) {
     float g[8], u[8], h[8];
     load8<T>(gate + v * 8, g);
     load8<T>(up + v * 8, u);
 #pragma unroll
     for (int i = 0; i < 8; ++i) h[i] = glu_fwd<K>(g[i], u[i]);
     store8<T>(out + v * 8, h);
-  }
+  });
 }
 
 // Element-wise forward for the tail (n % 8) and unaligned tensors. Traffic: as the vector kernel.
@@ -47,8 +54,8 @@ template <OutType T, GluKind K>
 __global__ void glu_forward_scalar_kernel(const typename OutStorage<T>::type* __restrict__ gate,
                                           const typename OutStorage<T>::type* __restrict__ up,
                                           typename OutStorage<T>::type* __restrict__ out, int64_t start, int64_t n) {
-  for (int64_t i = start + (int64_t)blockIdx.x * kThreads + threadIdx.x; i < n; i += (int64_t)gridDim.x * kThreads)
-    out[i] = from_float<T>(glu_fwd<K>(to_float<T>(gate[i]), to_float<T>(up[i])));
+  grid_stride(start, n,
+              [&](int64_t i) { out[i] = from_float<T>(glu_fwd<K>(to_float<T>(gate[i]), to_float<T>(up[i]))); });
 }
 
 // In place: gate <- dh * up * act'(gate), up <- dh * act(gate), 8 per thread per step.
@@ -58,7 +65,7 @@ __global__ void __launch_bounds__(kThreads) glu_backward_vec_kernel(const typena
                                                                     typename OutStorage<T>::type* __restrict__ gate,
                                                                     typename OutStorage<T>::type* __restrict__ up,
                                                                     int64_t n_vec) {
-  for (int64_t v = (int64_t)blockIdx.x * kThreads + threadIdx.x; v < n_vec; v += (int64_t)gridDim.x * kThreads) {
+  grid_stride(0, n_vec, [&](int64_t v) {
     float d[8], g[8], u[8], dg[8], du[8];
     load8<T>(grad + v * 8, d);
     load8<T>(gate + v * 8, g);
@@ -71,7 +78,7 @@ __global__ void __launch_bounds__(kThreads) glu_backward_vec_kernel(const typena
     }
     store8<T>(gate + v * 8, dg);
     store8<T>(up + v * 8, du);
-  }
+  });
 }
 
 // Element-wise backward for the tail and unaligned tensors. Traffic: as the vector kernel.
@@ -79,12 +86,12 @@ template <OutType T, GluKind K>
 __global__ void glu_backward_scalar_kernel(const typename OutStorage<T>::type* __restrict__ grad,
                                            typename OutStorage<T>::type* __restrict__ gate,
                                            typename OutStorage<T>::type* __restrict__ up, int64_t start, int64_t n) {
-  for (int64_t i = start + (int64_t)blockIdx.x * kThreads + threadIdx.x; i < n; i += (int64_t)gridDim.x * kThreads) {
+  grid_stride(start, n, [&](int64_t i) {
     const float d = to_float<T>(grad[i]), g = to_float<T>(gate[i]), u = to_float<T>(up[i]);
     const GluGrad a = glu_act<K>(g);
     gate[i] = from_float<T>(d * u * a.dact);
     up[i] = from_float<T>(d * a.act);
-  }
+  });
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }

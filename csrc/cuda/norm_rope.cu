@@ -52,6 +52,14 @@ __device__ __forceinline__ void storev(typename OutStorage<T>::type* dst, const 
   }
 }
 
+// Loop header over this thread's chunks of a row of nvec chunks of VEC elements: for it < ITERS (unrolled, so
+// per-chunk register arrays v[it] stay in registers), chunk c = threadIdx.x + it * blockDim.x when inside the row.
+// A macro rather than a function taking a lambda: the kernels compile exactly as with the loop written out (a
+// lambda version gives the same PTX on nvcc but more VGPRs and new spills from hipcc for gfx90a).
+#define SLOTH_FOR_EACH_CHUNK(it, c)                  \
+  _Pragma("unroll") for (int it = 0; it < ITERS; ++it) \
+    if (const int64_t c = threadIdx.x + (int64_t)it * blockDim.x; c < nvec)
+
 // Sum of v over the CTA (every thread gets the result). `red` holds kMaxThreads / kWarpSize floats.
 __device__ __forceinline__ float block_sum(float v, float* red) {
 #pragma unroll
@@ -80,27 +88,19 @@ __global__ void rms_norm_forward_kernel(const typename OutStorage<T>::type* __re
     const typename OutStorage<T>::type* xr = x + row * H;
     float v[ITERS][VEC];
     float ss = 0.f;
+    SLOTH_FOR_EACH_CHUNK(it, c) {
+      loadv<T, VEC>(xr + c * VEC, v[it]);
 #pragma unroll
-    for (int it = 0; it < ITERS; ++it) {
-      const int64_t c = threadIdx.x + (int64_t)it * blockDim.x;
-      if (c < nvec) {
-        loadv<T, VEC>(xr + c * VEC, v[it]);
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) ss += v[it][i] * v[it][i];
-      }
+      for (int i = 0; i < VEC; ++i) ss += v[it][i] * v[it][i];
     }
     const float rs = rms_norm_rstd(block_sum(ss, red), H, eps);
     if (threadIdx.x == 0) rstd[row] = rs;
+    SLOTH_FOR_EACH_CHUNK(it, c) {
+      float wv[VEC], o[VEC];
+      loadv<T, VEC>(w + c * VEC, wv);
 #pragma unroll
-    for (int it = 0; it < ITERS; ++it) {
-      const int64_t c = threadIdx.x + (int64_t)it * blockDim.x;
-      if (c < nvec) {
-        float wv[VEC], o[VEC];
-        loadv<T, VEC>(w + c * VEC, wv);
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) o[i] = rms_norm_n<T>(v[it][i], rs, cast_before_weight) * (offset + wv[i]);
-        storev<T, VEC>(y + row * H + c * VEC, o);
-      }
+      for (int i = 0; i < VEC; ++i) o[i] = rms_norm_n<T>(v[it][i], rs, cast_before_weight) * (offset + wv[i]);
+      storev<T, VEC>(y + row * H + c * VEC, o);
     }
   }
 }
@@ -127,44 +127,35 @@ __global__ void rms_norm_backward_kernel(const typename OutStorage<T>::type* __r
     const float rs = rstd[row];
     float xv[ITERS][VEC], dv[ITERS][VEC];
     float dot = 0.f;
+    SLOTH_FOR_EACH_CHUNK(it, c) {
+      float wv[VEC];
+      loadv<T, VEC>(x + row * H + c * VEC, xv[it]);
+      loadv<T, VEC>(dy + row * H + c * VEC, dv[it]);
+      loadv<T, VEC>(w + c * VEC, wv);
 #pragma unroll
-    for (int it = 0; it < ITERS; ++it) {
-      const int64_t c = threadIdx.x + (int64_t)it * blockDim.x;
-      if (c < nvec) {
-        float wv[VEC];
-        loadv<T, VEC>(x + row * H + c * VEC, xv[it]);
-        loadv<T, VEC>(dy + row * H + c * VEC, dv[it]);
-        loadv<T, VEC>(w + c * VEC, wv);
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) {
-          dot += dv[it][i] * (offset + wv[i]) * (xv[it][i] * rs);
-          if (partial) acc[it][i] += dv[it][i] * rms_norm_n<T>(xv[it][i], rs, cast_before_weight);
-        }
+      for (int i = 0; i < VEC; ++i) {
+        dot += dv[it][i] * (offset + wv[i]) * (xv[it][i] * rs);
+        if (partial) acc[it][i] += dv[it][i] * rms_norm_n<T>(xv[it][i], rs, cast_before_weight);
       }
     }
     dot = block_sum(dot, red) / (float)H;
+    SLOTH_FOR_EACH_CHUNK(it, c) {
+      float wv[VEC], o[VEC];
+      loadv<T, VEC>(w + c * VEC, wv);
 #pragma unroll
-    for (int it = 0; it < ITERS; ++it) {
-      const int64_t c = threadIdx.x + (int64_t)it * blockDim.x;
-      if (c < nvec) {
-        float wv[VEC], o[VEC];
-        loadv<T, VEC>(w + c * VEC, wv);
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) o[i] = rs * (dv[it][i] * (offset + wv[i]) - xv[it][i] * rs * dot);
-        storev<T, VEC>(dx + row * H + c * VEC, o);
-      }
+      for (int i = 0; i < VEC; ++i) o[i] = rs * (dv[it][i] * (offset + wv[i]) - xv[it][i] * rs * dot);
+      storev<T, VEC>(dx + row * H + c * VEC, o);
     }
   }
   if (partial) {
+    SLOTH_FOR_EACH_CHUNK(it, c) {
 #pragma unroll
-    for (int it = 0; it < ITERS; ++it) {
-      const int64_t c = threadIdx.x + (int64_t)it * blockDim.x;
-      if (c < nvec)
-#pragma unroll
-        for (int i = 0; i < VEC; ++i) partial[(int64_t)blockIdx.x * H + c * VEC + i] = acc[it][i];
+      for (int i = 0; i < VEC; ++i) partial[(int64_t)blockIdx.x * H + c * VEC + i] = acc[it][i];
     }
   }
 }
+
+#undef SLOTH_FOR_EACH_CHUNK
 
 // dw[j] = sum_b partial[b, j], in a fixed order (deterministic). Traffic: reads nparts * H * 4, writes H * 4 bytes.
 __global__ void rms_norm_dw_reduce_kernel(const float* __restrict__ partial, float* __restrict__ dw, int nparts,

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "../cpu/dtype_dispatch.h"
+#include "../cpu/norm_rope_checks.h"
 #include "../hip/launchers.h"
 #include "sloth/mxfp4.h"
 
@@ -293,19 +294,10 @@ TORCH_LIBRARY_IMPL(sloth, CUDA, m) { m.impl("cross_entropy_chunk", &cross_entrop
 namespace sloth::cuda {
 namespace {
 
-void check_norm_cuda(const at::Tensor& x, const at::Tensor& w, const char* op) {
-  TORCH_CHECK(x.dim() == 2, "sloth.", op, ": x must be [rows, H], got ", x.sizes());
-  TORCH_CHECK(w.dim() == 1 && w.size(0) == x.size(1), "sloth.", op, ": weight must be [", x.size(1), "], got ",
-              w.sizes());
-  TORCH_CHECK(w.scalar_type() == x.scalar_type(), "sloth.", op, ": weight and x must have one dtype, got ",
-              w.scalar_type(), " and ", x.scalar_type());
-  TORCH_CHECK(w.device() == x.device(), "sloth.", op, ": weight and x must be on one device");
-}
-
 std::tuple<at::Tensor, at::Tensor> rms_norm_forward_cuda(const at::Tensor& x_, const at::Tensor& w_, double eps,
                                                          double offset, bool cast_before_weight) {
   c10::cuda::CUDAGuard guard(x_.device());
-  check_norm_cuda(x_, w_, "rms_norm_forward");
+  check_norm_args(x_, w_, "rms_norm_forward");
   at::Tensor x = x_.contiguous(), w = w_.contiguous();
   at::Tensor y = at::empty_like(x);
   at::Tensor rstd = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
@@ -320,11 +312,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda(const at::Tensor& dy_,
                                                           const at::Tensor& w_, const at::Tensor& rstd_,
                                                           double offset, bool cast_before_weight, bool compute_dw) {
   c10::cuda::CUDAGuard guard(x_.device());
-  check_norm_cuda(x_, w_, "rms_norm_backward");
-  TORCH_CHECK(dy_.sizes() == x_.sizes() && dy_.scalar_type() == x_.scalar_type(),
-              "sloth.rms_norm_backward: dy must match x in shape and dtype");
-  TORCH_CHECK(rstd_.numel() == x_.size(0) && rstd_.scalar_type() == at::kFloat,
-              "sloth.rms_norm_backward: rstd must be [rows] float32");
+  check_rms_norm_backward_args(dy_, x_, w_, rstd_);
   at::Tensor dy = dy_.contiguous(), x = x_.contiguous(), w = w_.contiguous(), rstd = rstd_.contiguous();
   const int64_t rows = x.size(0), H = x.size(1);
   at::Tensor dx = at::empty_like(x);
@@ -344,15 +332,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda(const at::Tensor& dy_,
 void rope_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos_, const at::Tensor& sin_,
                bool inverse) {
   c10::cuda::CUDAGuard guard(q.device());
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3, "sloth.rope_: q and k must be [tokens, heads, D]");
-  TORCH_CHECK(q.size(0) == k.size(0) && q.size(2) == k.size(2), "sloth.rope_: q ", q.sizes(), " and k ", k.sizes(),
-              " must share tokens and head_dim");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.device() == k.device(),
-              "sloth.rope_: q and k must have one dtype and device");
-  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1, "sloth.rope_: the last dim of q and k must be contiguous");
-  TORCH_CHECK(cos_.dim() == 2 && cos_.sizes() == sin_.sizes() && cos_.size(0) == q.size(0),
-              "sloth.rope_: cos and sin must be [tokens, rot_dim]");
-  TORCH_CHECK(cos_.size(1) % 2 == 0 && cos_.size(1) <= q.size(2), "sloth.rope_: rot_dim must be even and <= head_dim");
+  check_rope_args(q, k, cos_, sin_);
   at::Tensor cos = cos_.to(q.device(), at::kFloat).contiguous(), sin = sin_.to(q.device(), at::kFloat).contiguous();
   const OutType type = out_type_of(q.scalar_type());
   auto stream = at::cuda::getCurrentCUDAStream();
