@@ -55,7 +55,7 @@ def clear_grads(*ts):
         t.grad = None
 
 
-def measure(impl, n, v, h, trainable, iters=5, warmup=2, chunk_size=None):
+def measure(impl, n, v, h, trainable, iters=10, warmup=2, chunk_size=None):
     """(median ms, extra peak GiB, TFLOP/s) of one forward + backward step; None values on OOM."""
     hidden, weight, labels = make_inputs(n, v, h, trainable)
     step = step_fn(impl, hidden, weight, labels, chunk_size)
@@ -127,18 +127,21 @@ def main():
 
 def sweep():
     """Rows per chunk x vocabulary block of the online frozen-W path at N = 8192: the time / memory trade-off
-    behind the defaults (1024 rows, 4096 columns). Memory above the inputs: dh (64 MiB) + rows x H fp32 + rows x
+    behind the defaults (1024 rows, 8192 columns). Memory above the inputs: dh (64 MiB) + rows x H fp32 + rows x
     block bf16. Each chunk's two GEMMs stream all of W (1.05 GB at V = 128256, H = 4096): 2 (N / rows) x 1.05 GB
     of traffic, overlapped with the math once rows >= ~512."""
     from sloth.nn import _online_head
 
     default = _online_head.VOCAB_BLOCK
     print(f"{'rows':>6} {'block':>6} {'ms':>9} {'extra GiB':>10} {'TFLOP/s':>8}")
-    for rows in (512, 1024, 2048):
-        for block in (2048, 4096, 8192):
-            _online_head.VOCAB_BLOCK = block
-            ms, extra, tflops = measure("sloth", 8192, 128256, 4096, False, chunk_size=rows)
-            print(f"{rows:>6} {block:>6} {ms:>9.2f} {extra:>10.3f} {tflops:>8.1f}")
+    import sys
+
+    grid = [(512, 16384), (768, 8192), (1024, 8192), (1024, 16384)] if "--short" in sys.argv else \
+        [(r, b) for r in (512, 1024, 2048) for b in (2048, 4096, 8192)]
+    for rows, block in grid:
+        _online_head.VOCAB_BLOCK = block
+        ms, extra, tflops = measure("sloth", 8192, 128256, 4096, False, chunk_size=rows)
+        print(f"{rows:>6} {block:>6} {ms:>9.2f} {extra:>10.3f} {tflops:>8.1f}")
     _online_head.VOCAB_BLOCK = default
 
 

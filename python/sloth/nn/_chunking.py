@@ -17,7 +17,7 @@ TRAINABLE_TARGET_BYTES = 256 * MIB
 #: Row counts are rounded down to a multiple of this (cuBLAS tile height) when the chunk is at least this big.
 ROW_MULTIPLE = 128
 #: Rows per chunk of the online path (frozen W, dh only: see _online_head), whose memory is rows x (H fp32 +
-#: a vocabulary block): 1024 rows keep both block GEMMs at tensor-core speed (M = 1024) for 16 + 8 MiB at
+#: a vocabulary block): 1024 rows keep both block GEMMs at tensor-core speed (M = 1024) for 16 + 16 MiB at
 #: H = 4096 in bf16.
 ONLINE_ROWS = 1024
 #: Fewest rows per chunk on a GPU, whatever the vocabulary (V = 262144 with 64 MiB would give 128 rows,

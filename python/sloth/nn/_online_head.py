@@ -5,7 +5,7 @@ them in place into ``p' = exp(z - m) dz/dx`` against a running max m (online sof
 second GEMM adds ``p' @ W_block`` into an fp32 accumulator ``acc [rows, H]``. After the last block,
 ``dh = acc / sum exp(z - m) - dz/dx_label W_label``: the same two GEMMs as the materialized chunked loss
 (2 x 2 N V H FLOP), but with ~1024-row GEMMs that run at tensor-core speed instead of 256-row GEMMs that stream
-W from memory, and far less memory (a 1024 x 4096 block, 8 MiB in bf16, and a 16 MiB accumulator at H = 4096).
+W from memory, and far less memory (a 1024 x 8192 block, 16 MiB in bf16, and a 16 MiB accumulator at H = 4096).
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ import torch
 from ._chunking import chunk_logits
 
 #: Vocabulary columns per block (the block GEMMs are [rows, H] x [H, VOCAB_BLOCK] and [rows, V_b] x [V_b, H]).
-VOCAB_BLOCK = 4096
+#: Measured on an H200 (N = 8192, V = 128256, H = 4096, bf16, 1024 rows): 2048 columns 33.6 ms, 4096 30.0 ms,
+#: 8192 27.3 ms (+0.094 GiB with dh); 2048 rows x 8192 28.0 ms but +0.125 GiB.
+VOCAB_BLOCK = 8192
 #: How far a block's max may exceed the reference max before it moves (p' <= e^margin): 8 for bf16 / fp32 (whose
 #: range reaches 3e38; most rows then need no acc rescale after their first block), 0 for fp16 (range ends at 65504).
 MARGIN = {torch.float32: 8.0, torch.bfloat16: 8.0, torch.float16: 0.0}

@@ -113,7 +113,7 @@ def linear_cross_entropy(
     Differentiable in hidden, weight and bias; gradients are computed in the forward pass, only for inputs that
     require grad (a frozen weight costs no dW work). Labels outside ``[0, V)`` other than ``ignore_index`` give NaN.
     ``chunk_size`` (rows per chunk) defaults to 1024 rows when only ``hidden`` needs a gradient (the frozen-head
-    online path: 1024 x 4096 logits + a 1024 x H fp32 accumulator alive), else ~64 MiB of logits but at least
+    online path: 1024 x 8192 logits + a 1024 x H fp32 accumulator alive), else ~64 MiB of logits but at least
     256 rows on a GPU (256 MiB when the weight is trainable); at most a quarter of the free GPU memory.
     """
     check_linear_head("linear_cross_entropy", hidden, weight, labels, bias)
