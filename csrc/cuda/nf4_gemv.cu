@@ -11,13 +11,16 @@
 //   H100, first persistent version (variant 2): 0.0263 / 0.0315 ms (bitsandbytes 0.0288 / 0.0671; bf16 cuBLAS
 //     0.042).
 //   H200, variant 2: 0.0265 / 0.0320 ms, + LoRA 0.0352 / 0.0411.
-//   H200, variant 3 (lean integer work: this kernel, which replaced variant 2): 0.0230 / 0.0281 ms, + LoRA
-//     0.0319 / 0.0375 (bitsandbytes 0.0287 / 0.0679; bf16 cuBLAS dense 0.0305 / 0.0305).
+//   H200, variant 3 (lean integer work, which replaced variant 2): 0.0230 / 0.0281 ms, + LoRA 0.0319 / 0.0375
+//     (bitsandbytes 0.0287 / 0.0679; bf16 cuBLAS dense 0.0305 / 0.0305); again in a later run 0.0227 / 0.0279.
+//   H200, variant 4 (byte-permute table lookups, 32-bit element offsets, double quantization at compile time;
+//     same run as the second variant-3 figure): 0.0205 / 0.0257 ms, + LoRA 0.0293 / 0.0340 (bitsandbytes
+//     0.0289 / 0.0681). Variant 4 runs wherever it applies (double-quantized absmax, N * K < 2^31: every
+//     bitsandbytes / sloth QLoRA weight of today's models), variant 3 elsewhere.
 // Variant 2 spent most issue slots on 64-bit index arithmetic (static SASS on sm_90a, bf16, M <= 8: 975 IMAD,
 // 454 LEA, 365 ISETP per 48 HMMA): it recomputed (tile, chunk) from the item index by division and formed every
 // address in 64 bits. The kernel is issue-bound (ncu on variant 2: ~7.2 cycles per issued instruction at 4 warps
 // per scheduler, DRAM at 25% of peak); goal: 0.015 ms at M = 1 and 8.
-#include <stdlib.h>
 
 #include <algorithm>
 #include <type_traits>
@@ -151,7 +154,7 @@ __device__ __forceinline__ uint32_t lut_entry(uint32_t lut, uint32_t lane4, uint
 // it computes; every warp has the same item sequence, so the per-tile barriers line up. Integer work is kept
 // lean: the (tile, chunk) cursors advance by increments (no divisions), k offsets are 32-bit (K < 2^30), the
 // absmax2 factor is loaded with the stage, and table lookups use 32-bit shared addresses.
-// kVariant 4 (A/B candidate, SLOTH_NF4_GEMV_VARIANT=4; double-quantized absmax and N * K < 2^31 only): element
+// kVariant 4 (double-quantized absmax and N * K < 2^31 only; variant 3 covers the rest): element
 // offsets in 32 bits, double quantization known at compile time, and each table lookup addressed by one byte
 // permute (256-byte table rows: 64 KB). Static SASS on sm_90a (bf16, M <= 8) per streamed item (one stage
 // load + two groups: 16 HMMA, 64 LDS): variant 3 661 instructions (369 integer), variant 4 425 (100 integer).
@@ -301,11 +304,8 @@ void launch_variant(const Nf4GemvArgs& args, unsigned grid, cudaStream_t stream)
 
 template <OutType T, int NT>
 void launch_gemv(const Nf4GemvArgs& args, unsigned grid, cudaStream_t stream) {
-  // SLOTH_NF4_GEMV_VARIANT (read once): 3 (default, the verified kernel), 4 (A/B candidate, not yet run on a
-  // GPU; where it does not apply the default runs).
-  static const int variant = getenv("SLOTH_NF4_GEMV_VARIANT") ? atoi(getenv("SLOTH_NF4_GEMV_VARIANT")) : 3;
-  const bool v4 = variant == 4 && args.absmax.absmax == nullptr &&
-                  std::max<int64_t>(args.n, args.m) * args.k < (int64_t{1} << 31);
+  // Variant 4 where it applies (double-quantized absmax, 32-bit element offsets), else variant 3.
+  const bool v4 = args.absmax.absmax == nullptr && std::max<int64_t>(args.n, args.m) * args.k < (int64_t{1} << 31);
   if (v4)
     launch_variant<T, NT, 4>(args, grid, stream);
   else
