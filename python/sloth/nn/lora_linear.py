@@ -3,12 +3,11 @@
 Paths (same semantics, fp32 accumulation everywhere):
 - small M (<= 16 rows, CUDA, bf16/fp16, NF4): one fused kernel reads the packed weight once
   (torch.ops.sloth.nf4_gemv_lora); the tiny t = x A^T is a torch.mm.
-- otherwise: dequantize W into a reusable per-device workspace (no per-call allocation), or, when a backward
-  will follow, into the DequantCache; y = (s t) B^T first (a K = r GEMM), then the main cuBLAS GEMM adds
-  x W^T into it (beta = 1: y's read hides in the compute-bound GEMM instead of a separate memory-bound pass
-  over [M, out]). CPU runs this path with the CPU kernels.
-Backward: dx = s (dy B) A, then += dy W (W from the DequantCache when the forward just left it there, as under
-gradient checkpointing, else dequantized again into the workspace), dA = s (dy B)^T x, dB = s dy^T t.
+- otherwise: dequantize W into a reusable per-device workspace (no per-call allocation); y = (s t) B^T first
+  (a K = r GEMM), then the main cuBLAS GEMM adds x W^T into it (beta = 1: y's read hides in the compute-bound
+  GEMM instead of a separate memory-bound pass over [M, out]). CPU runs this path with the CPU kernels.
+Backward: dx = s (dy B) A, then += dy W (W dequantized again into the workspace; keeping the forward's copy for
+the backward was measured slower end to end on an H200), dA = s (dy B)^T x, dB = s dy^T t.
 Saved: x and t = x A^T (never the dequantized W).
 """
 
@@ -20,14 +19,13 @@ import torch
 
 from ..ops._checks import FLOAT_DTYPES, check_device_supported, check_tensor
 from ..ops.qlora import NF4Args, gemv_available, nf4_gemv_lora
-from .workspace import DequantCache, Workspace
+from .workspace import Workspace
 
 
 class _Weight:
     """The frozen weight: dense [out, in] or NF4 (NF4Args); ``materialize`` gives a dense [out, in] of dtype."""
 
     def __init__(self, weight: torch.Tensor, quant_state):
-        self.quant_state = quant_state
         if quant_state is None:
             self.dense, self.nf4 = weight, None
             self.shape = tuple(weight.shape)
@@ -35,30 +33,20 @@ class _Weight:
             self.dense, self.nf4 = None, NF4Args.from_state(weight, quant_state)
             self.shape = self.nf4.shape
 
-    def materialize(self, dtype: torch.dtype, keep: bool = False) -> torch.Tensor:
-        """Dense [out, in] of dtype: the DequantCache's copy if it has one; else dequantized into the cache
-        (``keep``: a backward will need it) or into the workspace (valid until the next Workspace.get)."""
+    def materialize(self, dtype: torch.dtype) -> torch.Tensor:
         if self.nf4 is None:
             return self.dense if self.dense.dtype == dtype else self.dense.to(dtype)
         out, inn = self.shape
-        key = (id(self.quant_state), self.nf4.packed.data_ptr(), self.nf4.absmax.data_ptr(), dtype)
-        hit = DequantCache.lookup(key, self.quant_state)
-        if hit is not None:
-            return hit.view(out, inn)
-        device = self.nf4.packed.device
-        buf = DequantCache.insert(key, self.quant_state, out * inn, dtype, device) if keep else None
-        if buf is None:
-            buf = Workspace.get(out * inn, dtype, device)
-        return self.nf4.dequantize_into(buf).view(out, inn)  # [out, in]
+        buf = Workspace.get(out * inn, dtype, self.nf4.packed.device)
+        return self.nf4.dequantize_into(buf).view(out, inn)  # [out, in], valid until the next Workspace.get
 
 
-def _forward(x2d, w: _Weight, A, B, scaling, bias, keep=False):
-    # x2d [M, in], A [r, in] or None, B [out, r] or None, bias [out] or None -> (y [M, out], t [M, r] or None);
-    # keep: the backward will need W (leave the dequantized copy in the DequantCache)
+def _forward(x2d, w: _Weight, A, B, scaling, bias):
+    # x2d [M, in], A [r, in] or None, B [out, r] or None, bias [out] or None -> (y [M, out], t [M, r] or None)
     t = torch.mm(x2d, A.t()) if A is not None else None  # [M, r]
     if w.nf4 is not None and gemv_available(x2d, w.nf4):
         return nf4_gemv_lora(x2d, w.nf4, t, B, scaling, bias), t
-    W = w.materialize(x2d.dtype, keep)  # [out, in]
+    W = w.materialize(x2d.dtype)  # [out, in]
     if t is not None and bias is None:
         y = torch.mm(t * scaling, B.t())  # [M, out]
         return y.addmm_(x2d, W.t()), t
@@ -72,8 +60,8 @@ class LoraLinearFunction(torch.autograd.Function):
     """Autograd for lora_linear on 2-d x; the frozen weight gets no gradient unless it is dense and requires it."""
 
     @staticmethod
-    def forward(ctx, x2d, A, B, bias, weight_t, w: _Weight, scaling: float, keep: bool = False):
-        y, t = _forward(x2d, w, A, B, scaling, bias, keep)
+    def forward(ctx, x2d, A, B, bias, weight_t, w: _Weight, scaling: float):
+        y, t = _forward(x2d, w, A, B, scaling, bias)
         ctx.w, ctx.scaling = w, scaling
         ctx.save_for_backward(x2d, t, A, B)
         return y
@@ -100,7 +88,7 @@ class LoraLinearFunction(torch.autograd.Function):
             dbias = dy.sum(0)
         if need_w:
             dW = torch.mm(dy.t(), x2d)  # [out, in] (dense trainable weight only)
-        return dx, dA, dB, dbias, dW, None, None, None
+        return dx, dA, dB, dbias, dW, None, None
 
 
 def lora_linear(
@@ -158,6 +146,5 @@ def lora_linear(
     weight_t = w.dense if (w.dense is not None and w.dense.requires_grad) else None
     if x2d.shape[0] == 0:
         return x.new_zeros((*lead, out_f))
-    keep = torch.is_grad_enabled() and x.requires_grad  # the backward will compute dx from W
-    y = LoraLinearFunction.apply(x2d, lora_A, lora_B, bias, weight_t, w, float(scaling), keep)  # [tokens, out]
+    y = LoraLinearFunction.apply(x2d, lora_A, lora_B, bias, weight_t, w, float(scaling))  # [tokens, out]
     return y.view(*lead, out_f)
