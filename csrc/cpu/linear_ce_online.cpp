@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "dtype_dispatch.h"
+#include "linear_ce_online_checks.h"
 #include "sloth/cross_entropy.h"
 #include "sloth/numeric.h"
 
@@ -15,20 +16,6 @@ namespace {
 
 template <OutType T>
 using raw_t = typename OutStorage<T>::type;
-
-void check_block_args(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& state,
-                      const at::Tensor& acc) {
-  const int64_t rows = logits.size(0);
-  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "sloth.ce_online_block: logits must be a contiguous "
-              "[rows, vb] tensor (it is updated in place)");
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == rows && labels.scalar_type() == at::kLong && labels.is_contiguous(),
-              "sloth.ce_online_block: labels must be contiguous int64 [", rows, "]");
-  TORCH_CHECK(state.scalar_type() == at::kFloat && state.is_contiguous() && state.dim() == 2 && state.size(0) == rows &&
-                  state.size(1) == 4,
-              "sloth.ce_online_block: state must be contiguous fp32 [", rows, ", 4]");
-  TORCH_CHECK(acc.scalar_type() == at::kFloat && acc.is_contiguous() && acc.dim() == 2 && acc.size(0) == rows,
-              "sloth.ce_online_block: acc must be contiguous fp32 [", rows, ", H]");
-}
 
 // Per row: block max of z, then p' = exp(z - m) dz/dx in place, the state update and the acc rescale.
 // Traffic: reads the [rows, vb] block twice and writes it once; reads and writes acc rows that are rescaled.
@@ -70,7 +57,7 @@ void block_rows(raw_t<T>* logits, int64_t rows, int64_t vb, const int64_t* label
 
 void ce_online_block(at::Tensor& logits, const at::Tensor& labels, int64_t vocab_start, at::Tensor& state,
                      at::Tensor& acc, double softcap, double logit_scale, double margin) {
-  check_block_args(logits, labels, state, acc);
+  check_ce_online_block_args(logits, labels, state, acc);
   dispatch_out_type(out_type_of(logits.scalar_type()), [&](auto t) {
     constexpr OutType T = decltype(t)::value;
     block_rows<T>(static_cast<raw_t<T>*>(logits.data_ptr()), logits.size(0), logits.size(1),
@@ -83,19 +70,8 @@ void ce_online_block(at::Tensor& logits, const at::Tensor& labels, int64_t vocab
 at::Tensor ce_online_finish(const at::Tensor& state, const at::Tensor& acc, const at::Tensor& weight,
                             const at::Tensor& labels, const std::optional<at::Tensor>& row_scale_,
                             int64_t ignore_index, at::Tensor& dh) {
+  const at::Tensor row_scale = check_ce_online_finish_args(state, acc, weight, labels, row_scale_, dh);
   const int64_t rows = acc.size(0), H = acc.size(1), V = weight.size(0);
-  TORCH_CHECK(acc.scalar_type() == at::kFloat && acc.is_contiguous() && state.scalar_type() == at::kFloat &&
-                  state.is_contiguous() && state.numel() == 4 * rows,
-              "sloth.ce_online_finish: state [rows, 4] and acc [rows, H] must be contiguous fp32");
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == H && weight.is_contiguous() && dh.is_contiguous() &&
-                  dh.dim() == 2 && dh.size(0) == rows && dh.size(1) == H && dh.scalar_type() == weight.scalar_type(),
-              "sloth.ce_online_finish: weight [V, H] and dh [rows, H] must be contiguous and of one dtype");
-  TORCH_CHECK(labels.numel() == rows && labels.scalar_type() == at::kLong && labels.is_contiguous(),
-              "sloth.ce_online_finish: labels must be contiguous int64 [", rows, "]");
-  at::Tensor row_scale;
-  if (row_scale_) row_scale = row_scale_->to(at::kFloat).contiguous();
-  TORCH_CHECK(!row_scale.defined() || row_scale.numel() == rows, "sloth.ce_online_finish: row_scale must have ", rows,
-              " entries");
   const float* scale_p = row_scale.defined() ? row_scale.data_ptr<float>() : nullptr;
   at::Tensor loss = at::empty({rows}, acc.options());
   const float* st_all = state.data_ptr<float>();

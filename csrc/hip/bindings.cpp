@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "../cpu/dtype_dispatch.h"
+#include "../cpu/linear_ce_online_checks.h"
 #include "../cpu/norm_rope_checks.h"
 #include "../hip/launchers.h"
 #include "sloth/mxfp4.h"
@@ -361,18 +362,8 @@ namespace {
 void ce_online_block_cuda(at::Tensor& logits, const at::Tensor& labels, int64_t vocab_start, at::Tensor& state,
                           at::Tensor& acc, double softcap, double logit_scale, double margin) {
   c10::cuda::CUDAGuard guard(logits.device());
+  check_ce_online_block_args(logits, labels, state, acc);
   const int64_t rows = logits.size(0);
-  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "sloth.ce_online_block: logits must be a contiguous "
-              "[rows, vb] tensor (it is updated in place)");
-  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == rows && labels.scalar_type() == at::kLong &&
-                  labels.is_contiguous() && labels.device() == logits.device(),
-              "sloth.ce_online_block: labels must be contiguous int64 [", rows, "] on the logits' device");
-  TORCH_CHECK(state.scalar_type() == at::kFloat && state.is_contiguous() && state.dim() == 2 && state.size(0) == rows &&
-                  state.size(1) == 4 && state.device() == logits.device(),
-              "sloth.ce_online_block: state must be contiguous fp32 [", rows, ", 4] on the logits' device");
-  TORCH_CHECK(acc.scalar_type() == at::kFloat && acc.is_contiguous() && acc.dim() == 2 && acc.size(0) == rows &&
-                  acc.device() == logits.device(),
-              "sloth.ce_online_block: acc must be contiguous fp32 [", rows, ", H] on the logits' device");
   CeOnlineBlockArgs a;
   a.labels = labels.data_ptr<int64_t>();
   a.vocab_start = vocab_start;
@@ -391,21 +382,8 @@ at::Tensor ce_online_finish_cuda(const at::Tensor& state, const at::Tensor& acc,
                                  const at::Tensor& labels, const std::optional<at::Tensor>& row_scale_,
                                  int64_t ignore_index, at::Tensor& dh) {
   c10::cuda::CUDAGuard guard(acc.device());
+  const at::Tensor row_scale = check_ce_online_finish_args(state, acc, weight, labels, row_scale_, dh);
   const int64_t rows = acc.size(0), H = acc.size(1);
-  TORCH_CHECK(acc.scalar_type() == at::kFloat && acc.is_contiguous() && state.scalar_type() == at::kFloat &&
-                  state.is_contiguous() && state.numel() == 4 * rows,
-              "sloth.ce_online_finish: state [rows, 4] and acc [rows, H] must be contiguous fp32");
-  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == H && weight.is_contiguous() && dh.is_contiguous() &&
-                  dh.dim() == 2 && dh.size(0) == rows && dh.size(1) == H && dh.scalar_type() == weight.scalar_type(),
-              "sloth.ce_online_finish: weight [V, H] and dh [rows, H] must be contiguous and of one dtype");
-  TORCH_CHECK(labels.numel() == rows && labels.scalar_type() == at::kLong && labels.is_contiguous(),
-              "sloth.ce_online_finish: labels must be contiguous int64 [", rows, "]");
-  for (const at::Tensor* t : {&state, &weight, &labels, static_cast<const at::Tensor*>(&dh)})
-    TORCH_CHECK(t->device() == acc.device(), "sloth.ce_online_finish: all tensors must be on ", acc.device());
-  at::Tensor row_scale;
-  if (row_scale_) row_scale = row_scale_->to(acc.device(), at::kFloat).contiguous();
-  TORCH_CHECK(!row_scale.defined() || row_scale.numel() == rows, "sloth.ce_online_finish: row_scale must have ", rows,
-              " entries");
   at::Tensor loss = at::empty({rows}, acc.options());
   CeOnlineFinishArgs a;
   a.row_scale = row_scale.defined() ? row_scale.data_ptr<float>() : nullptr;
