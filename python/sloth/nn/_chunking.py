@@ -44,11 +44,10 @@ def chunk_rows(n: int, v: int, dtype: torch.dtype, device: torch.device, *, need
     else:
         row_bytes = max(1, v * itemsize)
         rows = max(1, (TRAINABLE_TARGET_BYTES if need_dw else FROZEN_TARGET_BYTES) // row_bytes)
-    if device.type == "cuda" and online_hidden is None:
+    if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        rows = min(max(rows, MIN_GPU_ROWS), max(1, free // 4 // row_bytes))
-    elif device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
+        if online_hidden is None:
+            rows = max(rows, MIN_GPU_ROWS)
         rows = min(rows, max(1, free // 4 // row_bytes))
     if rows >= ROW_MULTIPLE:
         rows -= rows % ROW_MULTIPLE
@@ -71,8 +70,9 @@ def prepare_head_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias, target
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)
+    online_hidden = h2.shape[1] if online and needs == (True, False, False) else None
     chunk = chunk_rows(h2.shape[0], weight.shape[0], hidden.dtype, hidden.device, need_dw=needs[1],
-                       chunk_size=chunk_size, online_hidden=h2.shape[1] if online and needs == (True, False, False) else None)
+                       chunk_size=chunk_size, online_hidden=online_hidden)
     return h2, t, needs, chunk
 
 

@@ -23,18 +23,21 @@ VOCAB_BLOCK = 8192
 #: How far a block's max may exceed the reference max before it moves (p' <= e^margin): 8 for bf16 / fp32 (whose
 #: range reaches 3e38; most rows then need no acc rescale after their first block), 0 for fp16 (range ends at 65504).
 MARGIN = {torch.float32: 8.0, torch.bfloat16: 8.0, torch.float16: 0.0}
+#: torch >= 2.8 has 16-bit x 16-bit -> fp32 GEMMs on CUDA (mm / addmm with out_dtype); older torch takes fp32
+#: copies of the operands (exact, slower).
+_FP32_OUT_GEMM = hasattr(torch.ops.aten.mm, "dtype_out") and hasattr(torch.ops.aten.addmm, "dtype_out")
 
 
 def _accumulate(acc: torch.Tensor, p: torch.Tensor, w_b: torch.Tensor, first: bool) -> None:
     """acc [rows, H] fp32 (first: =, else +=) p [rows, vb] @ w_b [vb, H], accumulated in fp32 by the GEMM."""
     if p.dtype == torch.float32:
         torch.addmm(acc, p, w_b, beta=0.0 if first else 1.0, out=acc)
-    elif acc.device.type == "cuda":  # cuBLAS: 16-bit operands, fp32 output C read and written in place
+    elif acc.device.type == "cuda" and _FP32_OUT_GEMM:  # cuBLAS: 16-bit operands, fp32 C read and written in place
         if first:
             torch.mm(p, w_b, out_dtype=torch.float32, out=acc)
         else:
             torch.addmm(acc, p, w_b, out_dtype=torch.float32, out=acc)
-    else:  # CPU has no 16-bit x 16-bit -> fp32 GEMM: fp32 copies of the operands (exact)
+    else:  # no 16-bit x 16-bit -> fp32 GEMM here (CPU, older torch): fp32 copies of the operands (exact)
         torch.addmm(acc, p.float(), w_b.float(), beta=0.0 if first else 1.0, out=acc)
 
 

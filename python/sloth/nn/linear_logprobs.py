@@ -47,7 +47,8 @@ class LinearLogprobsFunction(torch.autograd.Function):
     gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, tokens, logit_scale, chunk, needs, softcap=0.0, stats=(), online_chunk=None):
+    def forward(ctx, hidden, weight, bias, tokens, logit_scale, chunk, needs, softcap=0.0, stats=(),
+                online_chunk=None):
         # hidden [tokens, hidden], weight [vocab, hidden], bias [vocab] | None, tokens [tokens] int64;
         # z = softcap * tanh(logit_scale * logits / softcap) (no tanh when softcap is 0); stats: names in STATS
         n, v = hidden.shape[0], weight.shape[0]
@@ -109,8 +110,10 @@ class LinearLogprobsFunction(torch.autograd.Function):
         return dh, dw, db, *nones
 
 
-def _online_chunk(h2, weight, chunk_size):
-    """Rows per chunk of the backward's online path (see chunk_rows)."""
+def _online_chunk(h2, weight, needs, chunk_size):
+    """Rows per chunk of the backward's online path (see chunk_rows); None when dW or db is wanted too."""
+    if needs != (True, False, False):
+        return None
     return chunk_rows(h2.shape[0], weight.shape[0], h2.dtype, h2.device, chunk_size=chunk_size,
                       online_hidden=h2.shape[1])
 
@@ -152,7 +155,7 @@ def linear_logprobs(
     scale, cap = _scales("linear_logprobs", temperature, softcap, logit_scale)
     lead = hidden.shape[:-1]
     h2, tok, needs, chunk = prepare_head_inputs(hidden, weight, bias, tokens, chunk_size)
-    online = _online_chunk(h2, weight, chunk_size)
+    online = _online_chunk(h2, weight, needs, chunk_size)
     logp, entropy = LinearLogprobsFunction.apply(h2, weight, bias, tok, scale, chunk, needs, cap, (), online)
     logp = logp.reshape(lead)
     if return_entropy:
@@ -184,7 +187,7 @@ def linear_logprobs_stats(
     stats = tuple(k for k in STATS if k in stats)
     lead = hidden.shape[:-1]
     h2, tok, needs, chunk = prepare_head_inputs(hidden, weight, bias, tokens, chunk_size)
-    online = _online_chunk(h2, weight, chunk_size)
+    online = _online_chunk(h2, weight, needs, chunk_size)
     outs = LinearLogprobsFunction.apply(h2, weight, bias, tok, scale, chunk, needs, cap, stats, online)
     names = ("log_probs", "entropy", *stats)
     return {k: t.reshape(lead) for k, t in zip(names, outs)}
