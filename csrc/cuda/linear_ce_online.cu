@@ -170,8 +170,11 @@ cudaError_t ce_online_block(void* logits, OutType type, int64_t rows, int64_t vb
   dispatch_out_type(type, [&](auto t) {
     constexpr OutType T = decltype(t)::value;
     auto* p = static_cast<raw_t<T>*>(logits);
-    if (vec) ce_online_block_kernel<T, true><<<(unsigned)rows, kThreads, 0, stream>>>(p, vb, args);
-    else ce_online_block_kernel<T, false><<<(unsigned)rows, kThreads, 0, stream>>>(p, vb, args);
+    if (vec) {
+      ce_online_block_kernel<T, true><<<(unsigned)rows, kThreads, 0, stream>>>(p, vb, args);
+    } else {
+      ce_online_block_kernel<T, false><<<(unsigned)rows, kThreads, 0, stream>>>(p, vb, args);
+    }
   });
   return cudaGetLastError();
 }

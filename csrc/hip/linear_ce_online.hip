@@ -173,8 +173,11 @@ hipError_t ce_online_block(void* logits, OutType type, int64_t rows, int64_t vb,
   dispatch_out_type(type, [&](auto t) {
     constexpr OutType T = decltype(t)::value;
     auto* p = static_cast<raw_t<T>*>(logits);
-    if (vec)hipLaunchKernelGGL(( ce_online_block_kernel<T, true>), dim3((unsigned)rows), dim3(kThreads), 0, stream, p, vb, args);
-    elsehipLaunchKernelGGL(( ce_online_block_kernel<T, false>), dim3((unsigned)rows), dim3(kThreads), 0, stream, p, vb, args);
+    if (vec) {
+     hipLaunchKernelGGL(( ce_online_block_kernel<T, true>), dim3((unsigned)rows), dim3(kThreads), 0, stream, p, vb, args);
+    } else {
+     hipLaunchKernelGGL(( ce_online_block_kernel<T, false>), dim3((unsigned)rows), dim3(kThreads), 0, stream, p, vb, args);
+    }
   });
   return hipGetLastError();
 }

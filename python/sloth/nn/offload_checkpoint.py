@@ -28,6 +28,8 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
+from .pinned_arena import arena
+
 _local = threading.local()  # .last: weakref to the most recent _HostCopy of this thread (forward order)
 _streams: dict = {}         # cuda device index -> side stream for the offload copies
 
@@ -43,7 +45,7 @@ class _HostCopy:
     """A CUDA tensor's copy in pinned host memory, made on the side stream; :meth:`prefetch` starts the copy back,
     :meth:`fetch` returns the tensor on the GPU, ready on the current stream (once: the host copy is then freed)."""
 
-    __slots__ = ("host", "device", "prev", "_gpu", "_ready", "__weakref__")
+    __slots__ = ("host", "device", "prev", "_gpu", "_ready", "_arena", "_slot", "__weakref__")
 
     def __init__(self, t: torch.Tensor, prev: Optional["_HostCopy"]):
         self.device = t.device
@@ -51,7 +53,11 @@ class _HostCopy:
         self._gpu = self._ready = None
         stream = _side_stream(t.device)
         stream.wait_stream(torch.cuda.current_stream(t.device))  # t is written by work queued on the compute stream
-        self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        self._arena = arena()  # None: torch's pinned allocator
+        if self._arena is not None:
+            self.host, self._slot = self._arena.alloc(t.shape, t.dtype)
+        else:
+            self.host, self._slot = torch.empty(t.shape, dtype=t.dtype, pin_memory=True), None
         with torch.cuda.stream(stream):
             self.host.copy_(t, non_blocking=True)
         t.record_stream(stream)  # t's memory is not handed out again before the copy has read it
@@ -79,8 +85,21 @@ class _HostCopy:
         self.prefetch()
         torch.cuda.current_stream(self.device).wait_event(self._ready)
         gpu = self._gpu
-        self.host = self._gpu = self._ready = None  # the pinned block returns to torch's host cache after the copy
+        self._gpu = self._ready = None
+        self._release()
         return gpu
+
+    def _release(self) -> None:
+        # The pinned block returns to torch's host cache after the copy; an arena slot is reused only by a later
+        # offload, whose copy runs on the same side stream, after this one's.
+        self.host = None
+        if self._arena is not None and self._slot is not None:
+            self._arena.free(self._slot)
+        self._slot = None
+
+    def __del__(self):  # a checkpoint whose backward never ran (its graph freed)
+        if getattr(self, "_slot", None) is not None:
+            self._release()
 
     def previous(self) -> Optional["_HostCopy"]:
         return self.prev() if self.prev is not None else None

@@ -1,0 +1,118 @@
+"""Page-locked host memory for offloaded checkpoints, in one exact-size region used as a stack.
+
+torch's pinned-memory allocator rounds every block up to a power of two: 32 hidden states of 3.3 GB (400k tokens
+x 4096 x bf16) take 32 x 4 GiB = 128 GiB of host memory instead of 105 GB. The checkpoints of a training step
+are made in forward order and released in the reverse order in backward, so one region, sub-allocated as a stack,
+holds them exactly. The region is plain host memory page-locked with ``cudaHostRegister`` (exact size). When a
+step needs more than the region holds, the overflow comes from torch's pinned allocator and the region grows
+to the peak seen so far the next time nothing is alive in it (at the latest the next step's start), so from the
+second step on all checkpoints live in it.
+
+Opt-in (``SLOTH_PINNED_ARENA=1``) until verified on a GPU; :func:`arena` returns None otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Callable, List, Optional, Tuple
+
+import torch
+
+#: Offsets are multiples of this (bytes): the DMA engines' preferred alignment, and any dtype's.
+ALIGN = 512
+
+_local = threading.local()
+
+
+def _round_up(n: int, m: int = ALIGN) -> int:
+    return -(-n // m) * m
+
+
+def _cuda_pin(buf: torch.Tensor) -> Callable[[], None]:
+    """Page-lock ``buf``'s memory for the GPU (cudaHostRegister); returns the function that undoes it."""
+    cudart = torch.cuda.cudart()
+    ptr, size = buf.data_ptr(), buf.numel()
+    err = cudart.cudaHostRegister(ptr, size, 0)
+    if int(err) != 0:
+        raise RuntimeError(f"cudaHostRegister of {size} bytes failed with CUDA error {int(err)}")
+    return lambda: cudart.cudaHostUnregister(ptr)
+
+
+class PinnedArena:
+    """A stack of host tensors in one page-locked region: :meth:`alloc` -> (tensor, handle), :meth:`free` (handle).
+
+    Frees may come in any order; a slot's bytes return to the stack once every slot above it is free too.
+    ``pin`` page-locks a new region and returns its undo (tests pass a no-op); ``fallback`` allocates a tensor
+    that does not fit (torch's pinned allocator by default).
+    """
+
+    def __init__(self, pin: Callable[[torch.Tensor], Callable[[], None]] = _cuda_pin,
+                 fallback: Optional[Callable[[tuple, torch.dtype], torch.Tensor]] = None):
+        self._pin = pin
+        self._fallback = fallback or (lambda shape, dtype: torch.empty(shape, dtype=dtype, pin_memory=True))
+        self._buf: Optional[torch.Tensor] = None  # uint8 [capacity]
+        self._unpin: Optional[Callable[[], None]] = None
+        self._slots: List[list] = []  # [offset, nbytes, freed] in stack order
+        self._top = 0  # bytes of the region in use (end of the topmost slot)
+        self._in_use = 0  # bytes alive, region and overflow
+        self._peak = 0  # most bytes alive at once since the region was last sized
+        self.overflows = 0  # allocations that did not fit the region (for tests and reports)
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self._buf is None else self._buf.numel()
+
+    def alloc(self, shape, dtype: torch.dtype) -> Tuple[torch.Tensor, object]:
+        """An uninitialized host tensor of ``shape`` / ``dtype`` and the handle that frees it."""
+        shape = tuple(shape)
+        exact = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        nbytes = _round_up(max(1, exact))
+        if not self._slots and self._peak > self.capacity:
+            self._resize(self._peak)
+        self._in_use += nbytes
+        self._peak = max(self._peak, self._in_use)
+        if self._top + nbytes <= self.capacity:
+            slot = [self._top, nbytes, False]
+            self._slots.append(slot)
+            self._top += nbytes
+            return self._buf[slot[0]:slot[0] + exact].view(dtype).view(shape), slot
+        self.overflows += 1
+        return self._fallback(shape, dtype), ("overflow", nbytes)
+
+    def free(self, handle) -> None:
+        if isinstance(handle, tuple):  # an overflow tensor: its memory goes back with the tensor
+            self._in_use -= handle[1]
+            return
+        if handle[2]:
+            raise RuntimeError("sloth: pinned arena slot freed twice")
+        handle[2] = True
+        self._in_use -= handle[1]
+        while self._slots and self._slots[-1][2]:
+            self._slots.pop()
+        self._top = self._slots[-1][0] + self._slots[-1][1] if self._slots else 0
+
+    def _resize(self, nbytes: int) -> None:
+        self.release()
+        buf = torch.empty(_round_up(nbytes, 1 << 20), dtype=torch.uint8)
+        self._unpin = self._pin(buf)
+        self._buf = buf
+
+    def release(self) -> None:
+        """Give the region back (nothing may be alive in it)."""
+        if self._slots:
+            raise RuntimeError("sloth: pinned arena released while checkpoints are alive in it")
+        if self._unpin is not None:
+            self._unpin()
+        self._buf = self._unpin = None
+        self._top = 0
+
+
+def arena() -> Optional[PinnedArena]:
+    """This thread's arena when ``SLOTH_PINNED_ARENA=1`` and CUDA is available, else None."""
+    if os.environ.get("SLOTH_PINNED_ARENA", "0") != "1" or not torch.cuda.is_available():
+        return None
+    a = getattr(_local, "arena", None)
+    if a is None:
+        a = _local.arena = PinnedArena()
+    return a

@@ -1,0 +1,103 @@
+"""PinnedArena's bookkeeping (CPU: page-locking replaced by a no-op; the CUDA path runs in
+test_offload_checkpoint on a GPU with SLOTH_PINNED_ARENA=1)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sloth.nn.pinned_arena import ALIGN, PinnedArena
+
+
+def make_arena():
+    pinned = []
+
+    def pin(buf):
+        pinned.append(buf.numel())
+        return lambda: pinned.remove(buf.numel())
+
+    return PinnedArena(pin=pin, fallback=lambda shape, dtype: torch.empty(shape, dtype=dtype)), pinned
+
+
+def _span(t):
+    start = t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size()
+    return start, start + t.numel() * t.element_size()
+
+
+def one_step(a, shapes, order=None):
+    """Allocate in forward order, write a distinct value into each, check them, free in ``order`` (default LIFO)."""
+    got = [a.alloc(s, torch.bfloat16) for s in shapes]
+    for i, (t, _) in enumerate(got):
+        assert t.shape == tuple(shapes[i]) and t.dtype == torch.bfloat16
+        t.fill_(i)
+    for i, (t, _) in enumerate(got):
+        assert torch.all(t == i)  # no two views overlap
+    order = order or list(range(len(got)))[::-1]
+    for i in order:
+        a.free(got[i][1])
+    return got
+
+
+def test_first_step_overflows_then_fits_exactly():
+    a, pinned = make_arena()
+    shapes = [(600_000,), (7, 33), (1_000_000,), (2, 2, 2)]  # bf16: 1.2 MB, 462 B, 2 MB, 16 B
+    one_step(a, shapes)
+    first = a.overflows
+    assert first >= 1  # the region is sized from what it has seen: some of the first step overflows
+    one_step(a, shapes)
+    one_step(a, shapes)
+    assert a.overflows == first  # from the second step on everything fits
+    need = sum(-(-(torch.Size(s).numel() * 2) // ALIGN) * ALIGN for s in shapes)
+    assert need <= a.capacity < need + (1 << 20) and pinned == [a.capacity]  # exact up to 1 MiB rounding
+    views = one_step(a, shapes)
+    starts = [_span(t)[0] for t, _ in views]
+    assert all((x - starts[0]) % ALIGN == 0 for x in starts)
+
+
+def test_out_of_order_frees_reclaim_once_the_top_is_free():
+    a, _ = make_arena()
+    shapes = [(1024,)] * 4
+    one_step(a, shapes)  # sizes the region
+    got = [a.alloc(s, torch.bfloat16) for s in shapes]
+    a.free(got[1][1])
+    a.free(got[2][1])
+    assert a._top == 4 * 2048  # slot 3 still alive: nothing reclaimed
+    a.free(got[3][1])
+    assert a._top == 2048  # slots 3, 2, 1 reclaimed
+    t, h = a.alloc((1024,), torch.bfloat16)  # reuses slot 1's bytes
+    assert _span(t)[0] == _span(got[1][0])[0]
+    a.free(h)
+    a.free(got[0][1])
+    assert a._top == 0 and not a._slots
+
+
+def test_grows_at_a_step_boundary_and_releases():
+    a, pinned = make_arena()
+    one_step(a, [(1000,)])
+    one_step(a, [(1000,)])
+    small = a.capacity
+    one_step(a, [(1000,), (1 << 20,)])  # a longer step: its second tensor (2 MiB) overflows
+    assert a.overflows == 2
+    one_step(a, [(1000,), (1 << 20,)])
+    assert a.overflows == 2
+    assert a.capacity > small and len(pinned) == 1  # the old region was unpinned
+    a.release()
+    assert a.capacity == 0 and pinned == []
+
+
+def test_double_free_and_release_while_alive_are_errors():
+    a, _ = make_arena()
+    one_step(a, [(10,)])
+    t, h = a.alloc((10,), torch.float32)
+    with pytest.raises(RuntimeError, match="released while"):
+        a.release()
+    a.free(h)
+    with pytest.raises(RuntimeError, match="twice"):
+        a.free(h)
+
+
+def test_off_by_default(monkeypatch):
+    from sloth.nn import pinned_arena
+
+    monkeypatch.delenv("SLOTH_PINNED_ARENA", raising=False)
+    assert pinned_arena.arena() is None
