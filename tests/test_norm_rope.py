@@ -164,3 +164,102 @@ def test_norm_rope_opcheck(device):
     torch.library.opcheck(torch.ops.sloth.rope_.default,
                           (torch.randn(4, 2, 16, device=device), torch.randn(4, 1, 16, device=device),
                            cos.to(device), sin.to(device), False), test_utils=checks)
+
+
+# ---- RoPE layouts: every way q / k reach the kernel, aligned (16-byte fast path) or not (fallback) ----
+# (tokens, heads, kv_heads, D, rot): partial rotary, half % 8 != 0 (bf16 / fp16 fall back, fp32 does not), one
+# head, odd token counts, more heads than one pass of head slots covers.
+ROPE_LAYOUT_SHAPES = [(7, 4, 2, 64, 64), (5, 3, 1, 80, 32), (1, 2, 2, 256, 256), (9, 2, 1, 6, 4),
+                      (333, 32, 8, 128, 128), (65, 5, 1, 96, 48), (3, 6, 6, 40, 40), (130, 1, 1, 128, 128),
+                      (2, 64, 64, 16, 16), (3, 300, 2, 128, 128)]
+
+
+def _rope_layout(layout, T, H, KV, D, dtype, device, g):
+    """(buf, views): one buffer holding q and k, and views(b) -> (q, k) of any tensor shaped like it."""
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dtype).to(device)
+
+    if layout == "contiguous":  # one [T, H + KV, D] buffer: q and k its two head ranges (stride_t = (H + KV) D)
+        return rnd(T, H + KV, D), lambda b: (b[:, :H], b[:, H:])
+    if layout == "separate":  # q [T, H, D] and k [T, KV, D] each contiguous (as the backward passes them)
+        n = T * H * D
+        return rnd(n + T * KV * D), lambda b: (b[:n].view(T, H, D), b[n:].view(T, KV, D))
+    if layout == "projection":  # fused qkv projection output [T, (H + 2 KV) D], v untouched
+        return rnd(T, (H + 2 * KV) * D), lambda b: (b.view(T, H + 2 * KV, D)[:, :H],
+                                                    b.view(T, H + 2 * KV, D)[:, H:H + KV])
+    if layout == "head_major":  # [heads, T, D] seen as [T, heads, D]: strides (D, T D, 1)
+        return rnd(H + KV, T, D), lambda b: (b[:H].transpose(0, 1), b[H:].transpose(0, 1))
+    if layout == "offset_ptr":  # base pointer one element past 16-byte alignment: fallback
+        return rnd(T * (H + KV) * D + 1), lambda b: (b[1:].view(T, H + KV, D)[:, :H], b[1:].view(T, H + KV, D)[:, H:])
+    if layout == "odd_head_stride":  # stride_h = D + 1: fallback
+        return rnd(T, H + KV, D + 1), lambda b: (b[:, :H, :D], b[:, H:, :D])
+    if layout == "odd_token_stride":  # stride_t = (H + KV) D + 2 (4 / 8 bytes off): fallback
+        return rnd(T, (H + KV) * D + 2), lambda b: (b[:, :(H + KV) * D].view(T, H + KV, D)[:, :H],
+                                                    b[:, :(H + KV) * D].view(T, H + KV, D)[:, H:])
+    raise ValueError(layout)
+
+
+ROPE_LAYOUTS = ["contiguous", "separate", "projection", "head_major", "offset_ptr", "odd_head_stride",
+                "odd_token_stride", "offset_cos"]
+
+
+def check_rope_layouts(device, dtypes=DTYPES, shapes=ROPE_LAYOUT_SHAPES, layouts=ROPE_LAYOUTS):
+    """rope_ on every (shape, layout, dtype, direction) against sloth.reference, with general cos / sin (halves
+    unequal, so that mixing up cos[j] and cos[j + half] shows); the pass-through dims and everything of the
+    buffer outside q / k must be bit-identical. Returns the failures (strings); also run in a subprocess with
+    SLOTH_ROPE_VARIANT=2 (test_rope_variant2_cuda)."""
+    fails = []
+    for (T, H, KV, D, rot) in shapes:
+        for layout in layouts:
+            for dtype in dtypes:
+                for inverse in (False, True):
+                    g = torch.Generator().manual_seed(T * 1000 + H + D + rot)
+                    buf, views = _rope_layout("contiguous" if layout == "offset_cos" else layout, T, H, KV, D,
+                                              dtype, device, g)
+                    cs = torch.randn(2, T * rot + 1, generator=g).to(device)
+                    if layout == "offset_cos":  # cos / sin one fp32 past 16-byte alignment: fallback
+                        cos, sin = cs[0, 1:].view(T, rot), cs[1, 1:].view(T, rot)
+                    else:
+                        cos, sin = cs[0, :T * rot].view(T, rot), cs[1, :T * rot].view(T, rot)
+                    mask = torch.zeros(buf.shape, dtype=torch.bool, device=device)
+                    for m in views(mask):
+                        m[...] = True
+                    q0, k0 = views(buf)
+                    q_ref = reference.norm_rope.rope(q0, cos, sin, inverse)
+                    k_ref = reference.norm_rope.rope(k0, cos, sin, inverse)
+                    out = buf.clone()
+                    q, k = views(out)
+                    rope_(q, k, cos, sin, inverse)
+                    name = f"{layout} T={T} H={H} KV={KV} D={D} rot={rot} {dtype} inverse={inverse}"
+                    for what, got, want, x0 in (("q", q, q_ref, q0), ("k", k, k_ref, k0)):
+                        err = rel_err(got, want)
+                        if not err <= TOL[dtype]:
+                            fails.append(f"{name}: {what} rel err {err:.3g} > {TOL[dtype]}")
+                        if not torch.equal(got[..., rot:], x0[..., rot:]):
+                            fails.append(f"{name}: {what} pass-through dims changed")
+                    if not torch.equal(out[~mask], buf[~mask]):
+                        fails.append(f"{name}: memory outside q / k changed")
+    return fails
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rope_layouts(device, one_thread):
+    fails = check_rope_layouts(device)
+    assert not fails, f"{len(fails)} failures:\n" + "\n".join(fails[:20])
+
+
+@pytest.mark.cuda
+def test_rope_variant2_cuda():
+    """The A/B candidate kernel (SLOTH_ROPE_VARIANT=2, read once per process, so in a subprocess) on every layout;
+    the layouts it does not take (misaligned, half % VEC != 0) must fall back to the default kernel."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_norm_rope as t; "
+            "fails = t.check_rope_layouts('cuda'); print('\\n'.join(fails[:50])); print(len(fails), 'failures'); "
+            "sys.exit(1 if fails else 0)")
+    r = subprocess.run([sys.executable, "-c", code, str(pathlib.Path(__file__).resolve().parent)],
+                       env={**os.environ, "SLOTH_ROPE_VARIANT": "2"}, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-6000:]

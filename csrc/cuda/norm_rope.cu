@@ -1,4 +1,9 @@
 // CUDA kernels for RMSNorm (forward / backward) and in-place RoPE. Math: csrc/include/sloth/norm_rope.h.
+#include <stdint.h>
+#include <stdlib.h>
+
+#include <algorithm>
+
 #include "launchers.h"
 #include "sloth/norm_rope.h"
 #include "sloth/numeric.h"
@@ -11,22 +16,42 @@ constexpr int kMaxThreads = 1024;
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// One 16-byte word <-> VEC = 16 / sizeof(T) fp32 values.
+template <OutType T, int VEC>
+__device__ __forceinline__ void unpackv(const uint4 w, float (&v)[VEC]) {
+  static_assert(VEC * sizeof(typename OutStorage<T>::type) == 16, "one 16-byte word");
+  if constexpr (T == OutType::kF32) {
+    v[0] = bits_float(w.x), v[1] = bits_float(w.y), v[2] = bits_float(w.z), v[3] = bits_float(w.w);
+  } else {
+    const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      v[2 * i] = to_float<T>((uint16_t)(ws[i] & 0xffffu));
+      v[2 * i + 1] = to_float<T>((uint16_t)(ws[i] >> 16));
+    }
+  }
+}
+
+template <OutType T, int VEC>
+__device__ __forceinline__ uint4 packv(const float (&v)[VEC]) {
+  static_assert(VEC * sizeof(typename OutStorage<T>::type) == 16, "one 16-byte word");
+  if constexpr (T == OutType::kF32) {
+    return make_uint4(float_bits(v[0]), float_bits(v[1]), float_bits(v[2]), float_bits(v[3]));
+  } else {
+    uint32_t w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      w[i] = (uint32_t)from_float<T>(v[2 * i]) | ((uint32_t)from_float<T>(v[2 * i + 1]) << 16);
+    return make_uint4(w[0], w[1], w[2], w[3]);
+  }
+}
+
 // VEC contiguous elements of type T -> fp32 (one 16-byte load when VEC * sizeof(T) == 16).
 template <OutType T, int VEC>
 __device__ __forceinline__ void loadv(const typename OutStorage<T>::type* src, float (&v)[VEC]) {
   using raw = typename OutStorage<T>::type;
   if constexpr (VEC * sizeof(raw) == 16) {
-    const uint4 w = *reinterpret_cast<const uint4*>(src);
-    if constexpr (T == OutType::kF32) {
-      v[0] = bits_float(w.x), v[1] = bits_float(w.y), v[2] = bits_float(w.z), v[3] = bits_float(w.w);
-    } else {
-      const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        v[2 * i] = to_float<T>((uint16_t)(ws[i] & 0xffffu));
-        v[2 * i + 1] = to_float<T>((uint16_t)(ws[i] >> 16));
-      }
-    }
+    unpackv<T, VEC>(*reinterpret_cast<const uint4*>(src), v);
   } else {
 #pragma unroll
     for (int i = 0; i < VEC; ++i) v[i] = to_float<T>(src[i]);
@@ -37,15 +62,7 @@ template <OutType T, int VEC>
 __device__ __forceinline__ void storev(typename OutStorage<T>::type* dst, const float (&v)[VEC]) {
   using raw = typename OutStorage<T>::type;
   if constexpr (VEC * sizeof(raw) == 16) {
-    if constexpr (T == OutType::kF32) {
-      *reinterpret_cast<uint4*>(dst) = make_uint4(float_bits(v[0]), float_bits(v[1]), float_bits(v[2]), float_bits(v[3]));
-    } else {
-      uint32_t w[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-        w[i] = (uint32_t)from_float<T>(v[2 * i]) | ((uint32_t)from_float<T>(v[2 * i + 1]) << 16);
-      *reinterpret_cast<uint4*>(dst) = make_uint4(w[0], w[1], w[2], w[3]);
-    }
+    *reinterpret_cast<uint4*>(dst) = packv<T, VEC>(v);
   } else {
 #pragma unroll
     for (int i = 0; i < VEC; ++i) dst[i] = from_float<T>(v[i]);
@@ -228,6 +245,101 @@ __global__ void rope_kernel(typename OutStorage<T>::type* __restrict__ x, const 
   }
 }
 
+// RoPE A/B candidate (SLOTH_ROPE_VARIANT=2; variant 1, rope_kernel above, stays the default until this one is
+// verified and timed on a GPU). Baseline measured on an H200 inside a Llama-3.1-8B training step: rope_kernel,
+// 192 calls, 45 us average for q [4096, 32, 128] bf16 (32 MiB) / k [4096, 8, 128] (8 MiB), about 0.8 TB/s
+// against a ~4.5 TB/s copy ceiling (one thread per pair, 64-bit % and / per element, 2-byte loads).
+// This candidate is UNMEASURED: no GPU run yet (correctness: tests/test_norm_rope.py::test_rope_variant2_cuda).
+//
+// Layout: block (x: nchunk = half / VEC chunks of the first half, y: hs head slots, z: tpb tokens); the thread
+// of chunk c rotates pairs (j, j + half), j in [c VEC, c VEC + VEC), of token t for heads y, y + hs, ...,
+// HPT heads per step (all their loads issued before any store); cos / sin of its chunk (4 VEC fp32) stay in
+// registers for all its heads. 32-bit indices except the final 64-bit address products; no division.
+// Needs half % VEC == 0 and 16-byte aligned x, stride_t, stride_h (in bytes), cos and sin: rope_vec_plan.
+// ptxas, sm_90a bf16: 123 registers, no spills (2 CTAs of 256 per SM; 64 KB of loads in flight per SM); with
+// HPT = 2: 92, HPT = 1: 72 (kRopeHpt is the knob to sweep when timing).
+//
+// RoPE in place, VEC pairs per access; traffic: reads + writes rot_dim elements per (token, head), cos / sin from L2.
+template <OutType T, int VEC, int HPT>
+__global__ void rope_vec_kernel(typename OutStorage<T>::type* __restrict__ x, const float* __restrict__ cos,
+                                const float* __restrict__ sin, int tokens, int heads, int64_t stride_t,
+                                int64_t stride_h, int half, bool inverse) {
+  using raw = typename OutStorage<T>::type;
+  const int t = blockIdx.x * blockDim.z + threadIdx.z;
+  if (t >= tokens) return;
+  const int j = threadIdx.x * VEC, hs = blockDim.y;
+  float c1[VEC], c2[VEC], s1[VEC], s2[VEC];
+  {
+    const float* c = cos + (int64_t)t * (2 * half) + j;
+    const float* s = sin + (int64_t)t * (2 * half) + j;
+#pragma unroll
+    for (int i = 0; i < VEC; i += 4) {
+      const float4 a = *reinterpret_cast<const float4*>(c + i), b = *reinterpret_cast<const float4*>(c + half + i);
+      const float4 d = *reinterpret_cast<const float4*>(s + i), e = *reinterpret_cast<const float4*>(s + half + i);
+      c1[i] = a.x, c1[i + 1] = a.y, c1[i + 2] = a.z, c1[i + 3] = a.w;
+      c2[i] = b.x, c2[i + 1] = b.y, c2[i + 2] = b.z, c2[i + 3] = b.w;
+      s1[i] = d.x, s1[i + 1] = d.y, s1[i + 2] = d.z, s1[i + 3] = d.w;
+      s2[i] = e.x, s2[i + 1] = e.y, s2[i + 2] = e.z, s2[i + 3] = e.w;
+    }
+  }
+  raw* row = x + (int64_t)t * stride_t + j;
+  for (int h0 = threadIdx.y; h0 < heads; h0 += HPT * hs) {
+    uint4 w1[HPT], w2[HPT];  // raw words until the math: 4 registers per VEC elements
+#pragma unroll
+    for (int k = 0; k < HPT; ++k) {
+      const int h = h0 + k * hs;
+      if (h < heads) {
+        const raw* v = row + (int64_t)h * stride_h;
+        w1[k] = *reinterpret_cast<const uint4*>(v);
+        w2[k] = *reinterpret_cast<const uint4*>(v + half);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < HPT; ++k) {
+      const int h = h0 + k * hs;
+      if (h < heads) {
+        float a[VEC], b[VEC];
+        unpackv<T, VEC>(w1[k], a);
+        unpackv<T, VEC>(w2[k], b);
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) {
+          const RopePair p = rope_pair(a[i], b[i], c1[i], c2[i], s1[i], s2[i], inverse);
+          a[i] = p.a, b[i] = p.b;
+        }
+        raw* v = row + (int64_t)h * stride_h;
+        *reinterpret_cast<uint4*>(v) = packv<T, VEC>(a);
+        *reinterpret_cast<uint4*>(v + half) = packv<T, VEC>(b);
+      }
+    }
+  }
+}
+
+constexpr int kRopeHpt = 4;  // heads per thread per step of rope_vec_kernel
+
+struct RopeVecPlan {
+  dim3 grid, block;
+  bool ok = false;
+};
+
+// Launch shape of rope_vec_kernel, or ok = false (use rope_kernel) when the layout does not allow 16-byte
+// accesses or the sizes do not fit its 32-bit indices. ~256 threads: nchunk x hs x tpb.
+RopeVecPlan rope_vec_plan(const void* x, const float* cos, const float* sin, int64_t tokens, int64_t heads,
+                          int64_t stride_t, int64_t stride_h, int64_t half, int elem) {
+  RopeVecPlan p;
+  const int64_t vec = 16 / elem;
+  const bool strides_ok = (tokens == 1 || stride_t % vec == 0) && (heads == 1 || stride_h % vec == 0);
+  if (half % vec != 0 || !strides_ok || !aligned16(x) || !aligned16(cos) || !aligned16(sin)) return p;
+  const int64_t nchunk = half / vec;
+  if (nchunk > 256 || tokens > (int64_t)INT32_MAX - 64 || heads > (int64_t)INT32_MAX - kRopeHpt * 256) return p;
+  const int64_t slots_cap = 256 / nchunk;
+  const int64_t hs = std::min<int64_t>((heads + kRopeHpt - 1) / kRopeHpt, slots_cap);
+  const int64_t tpb = std::max<int64_t>(1, std::min<int64_t>({64, 256 / (nchunk * hs), tokens}));
+  p.block = dim3((unsigned)nchunk, (unsigned)hs, (unsigned)tpb);
+  p.grid = dim3((unsigned)((tokens + tpb - 1) / tpb));
+  p.ok = true;
+  return p;
+}
+
 }  // namespace
 
 int rms_norm_backward_parts(int64_t rows) {
@@ -291,6 +403,21 @@ cudaError_t rope_inplace(void* x, const float* cos, const float* sin, int64_t to
                          cudaStream_t stream) {
   const int64_t half = rot_dim / 2, n = tokens * heads * half;
   if (n == 0) return cudaSuccess;
+  // A/B switch (SLOTH_ROPE_VARIANT, read once): 1 (default) rope_kernel, 2 rope_vec_kernel where its layout
+  // conditions hold (rope_kernel elsewhere). Unmeasured candidate: see the comment above rope_vec_kernel.
+  static const int variant = getenv("SLOTH_ROPE_VARIANT") ? atoi(getenv("SLOTH_ROPE_VARIANT")) : 1;
+  if (variant == 2) {
+    const RopeVecPlan p = rope_vec_plan(x, cos, sin, tokens, heads, stride_t, stride_h, half, elem_bytes(type));
+    if (p.ok) {
+      dispatch_out_type(type, [&](auto t) {
+        constexpr OutType T = decltype(t)::value;
+        using raw = typename OutStorage<T>::type;
+        rope_vec_kernel<T, 16 / sizeof(raw), kRopeHpt><<<p.grid, p.block, 0, stream>>>(
+            static_cast<raw*>(x), cos, sin, (int)tokens, (int)heads, stride_t, stride_h, (int)half, inverse);
+      });
+      return cudaGetLastError();
+    }
+  }
   const unsigned grid = row_grid((n + 255) / 256, 65535 * 8);  // grid-stride loop covers the rest
   dispatch_out_type(type, [&](auto t) {
     constexpr OutType T = decltype(t)::value;
