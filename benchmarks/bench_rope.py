@@ -1,0 +1,88 @@
+"""RoPE of q and k in place (CUDA only): sloth's rope_ (variants 1 and 2, each in a fresh process, since
+SLOTH_ROPE_VARIANT is read once) vs Transformers' apply_rotary_pos_emb (rotate_half, out of place) on the layout a
+patched Llama-3.1-8B layer hands it: q [4096, 32, 128] and k [4096, 8, 128] bf16 views of one fused projection
+output (token stride 6144). Bytes: q and k read and written once; the copy ceiling is ~4.5 TB/s on an H200.
+
+    python benchmarks/bench_rope.py
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+
+T, H, KV, D = 4096, 32, 8, 128
+
+
+def inputs():
+    qkv = torch.randn(T, (H + 2 * KV) * D, device="cuda", dtype=torch.bfloat16)  # [tokens, (H + 2 KV) D]
+    heads = qkv.view(T, H + 2 * KV, D)
+    q, k = heads[:, :H], heads[:, H:H + KV]  # strides (6144, 128, 1)
+    inv = 1.0 / 500000.0 ** (torch.arange(0, D, 2, device="cuda").float() / D)
+    emb = torch.cat([torch.arange(T, device="cuda").float()[:, None] * inv] * 2, -1)  # [tokens, D]
+    return q, k, emb.cos().contiguous(), emb.sin().contiguous()
+
+
+def time_us(fn, calls=50):
+    """Per-call device time of fn over `calls` back-to-back calls captured in one CUDA graph (no launch gaps)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / calls
+
+
+def measure(impl: str) -> float:
+    import sloth  # noqa: F401  (registers torch.ops.sloth)
+
+    q, k, cos, sin = inputs()
+    if impl == "sloth":
+        def fn():
+            torch.ops.sloth.rope_(q, k, cos, sin, False)
+    else:
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        qh, kh = q.transpose(0, 1)[None], k.transpose(0, 1)[None]  # [1, heads, tokens, D], as Llama calls it
+        c, s = cos.bfloat16()[None], sin.bfloat16()[None]
+
+        def fn():
+            apply_rotary_pos_emb(qh, kh, c, s)
+    return time_us(fn)
+
+
+def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "--one":
+        print(f"{measure(sys.argv[2]):.2f}")
+        return
+    nbytes = 2 * T * (H + KV) * D * 2  # read + write of q and k, bf16
+    print(f"{torch.cuda.get_device_name()}  q [{T}, {H}, {D}] + k [{T}, {KV}, {D}] bf16, projection-view layout")
+    rows = [("transformers apply_rotary_pos_emb", "hf", {}),
+            ("sloth rope_ (variant 1)", "sloth", {"SLOTH_ROPE_VARIANT": "1"}),
+            ("sloth rope_ (variant 2)", "sloth", {"SLOTH_ROPE_VARIANT": "2"})]
+    for name, impl, env in rows:
+        out = subprocess.run([sys.executable, __file__, "--one", impl], env={**os.environ, **env},
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            print(f"{name:36s} failed: {out.stderr.strip().splitlines()[-1] if out.stderr else out.returncode}")
+            continue
+        us = float(out.stdout.strip().splitlines()[-1])
+        print(f"{name:36s} {us:9.1f} us {nbytes / us / 1e6:8.2f} TB/s")
+
+
+if __name__ == "__main__":
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_rope needs a CUDA GPU")
+    main()
