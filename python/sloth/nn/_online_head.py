@@ -52,7 +52,6 @@ def online_head_grad(
     rows: int,
     *,
     row_scale: Optional[torch.Tensor] = None,
-    vocab_block: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss [tokens] fp32, dh [tokens, hidden]) of ``sum_rows c_row * (lse(z) - z[label])`` with ``z`` the
     (scaled, softcapped) logits of ``hidden [tokens, H] @ weight [V, H]^T (+ bias)``, ``c = row_scale [tokens]``
@@ -65,7 +64,7 @@ def online_head_grad(
     if n == 0:
         return loss, dh
     r = max(1, min(rows, n))
-    vb = max(1, min(vocab_block or VOCAB_BLOCK, v))
+    vb = max(1, min(VOCAB_BLOCK, v))
     margin = MARGIN[hidden.dtype]
     buf = hidden.new_empty((r * vb,))  # one [rows, vb] block of logits, then of p'
     state = hidden.new_empty((r, 4), dtype=torch.float32)  # [rows, (m, s, z_label, dz/dx_label)]
