@@ -89,9 +89,7 @@ def online_block(logits, labels, vocab_start, state, acc, softcap=0.0, logit_sca
     if vb:
         new_state[:, 2] = torch.where(inside, z.gather(1, idx)[:, 0], new_state[:, 2])
         new_state[:, 3] = torch.where(inside, dz.gather(1, idx)[:, 0], new_state[:, 3])
-    new_acc = acc.cpu().clone() if not first else acc.cpu()
-    if not first:
-        new_acc = new_acc * alpha[:, None]
+    new_acc = acc.cpu() if first else acc.cpu() * alpha[:, None]  # the first block's GEMM overwrites acc
     dev = logits.device
     return (e * dz).to(dev, logits.dtype), new_state.to(dev), new_acc.to(dev)
 
