@@ -9,6 +9,7 @@ warm-up, the peak memory of the steps (``torch.cuda.max_memory_allocated``) and 
 
     python benchmarks/e2e.py                                  # Llama-3.1-8B config, seq 2048, batch 2
     python benchmarks/e2e.py --config qwen3-8b
+    python benchmarks/e2e.py --config gemma-3-12b
     python benchmarks/e2e.py --seq 8192 --batch 1
     python benchmarks/e2e.py --config tiny --device cpu --steps 2 --warmup 1 --seq 64   # smoke test, no GPU
 """
@@ -33,6 +34,12 @@ CONFIGS = {
         family="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
         num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960, rms_norm_eps=1e-6,
         rope_theta=1000000.0, tie_word_embeddings=False),
+    "gemma-3-12b": dict(
+        family="gemma3", hidden_size=3840, intermediate_size=15360, num_hidden_layers=48, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=256, vocab_size=262208, max_position_embeddings=131072, rms_norm_eps=1e-6,
+        query_pre_attn_scalar=256, sliding_window=1024, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+        rope_scaling=dict(rope_type="linear", factor=8.0), hidden_activation="gelu_pytorch_tanh",
+        tie_word_embeddings=True),
     "tiny": dict(
         family="llama", hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096, tie_word_embeddings=False),
@@ -52,6 +59,7 @@ def build_model(name, device: str, dtype: torch.dtype, **overrides):
     config_cls, model_cls = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "gemma3": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
     }[family]
     config = config_cls(**cfg)
     config._attn_implementation = "sdpa"

@@ -207,7 +207,7 @@ def check_rope_layouts(device, dtypes=DTYPES, shapes=ROPE_LAYOUT_SHAPES, layouts
     """rope_ on every (shape, layout, dtype, direction) against sloth.reference, with general cos / sin (halves
     unequal, so that mixing up cos[j] and cos[j + half] shows); the pass-through dims and everything of the
     buffer outside q / k must be bit-identical. Returns the failures (strings); also run in a subprocess with
-    SLOTH_ROPE_VARIANT=2 (test_rope_variant2_cuda)."""
+    SLOTH_ROPE_VARIANT=1 (test_rope_variant1_cuda)."""
     fails = []
     for (T, H, KV, D, rot) in shapes:
         for layout in layouts:
@@ -249,9 +249,9 @@ def test_rope_layouts(device, one_thread):
 
 
 @pytest.mark.cuda
-def test_rope_variant2_cuda():
-    """The A/B candidate kernel (SLOTH_ROPE_VARIANT=2, read once per process, so in a subprocess) on every layout;
-    the layouts it does not take (misaligned, half % VEC != 0) must fall back to the default kernel."""
+def test_rope_variant1_cuda():
+    """The scalar kernel that SLOTH_ROPE_VARIANT=1 selects for A/B timing (read once per process, so in a
+    subprocess) on every layout; by default it only serves the layouts the vectorized kernel does not take."""
     import os
     import pathlib
     import subprocess
@@ -261,5 +261,5 @@ def test_rope_variant2_cuda():
             "fails = t.check_rope_layouts('cuda'); print('\\n'.join(fails[:50])); print(len(fails), 'failures'); "
             "sys.exit(1 if fails else 0)")
     r = subprocess.run([sys.executable, "-c", code, str(pathlib.Path(__file__).resolve().parent)],
-                       env={**os.environ, "SLOTH_ROPE_VARIANT": "2"}, capture_output=True, text=True, timeout=600)
+                       env={**os.environ, "SLOTH_ROPE_VARIANT": "1"}, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-6000:]

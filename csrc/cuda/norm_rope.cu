@@ -245,11 +245,11 @@ __global__ void rope_kernel(typename OutStorage<T>::type* __restrict__ x, const 
   }
 }
 
-// RoPE A/B candidate (SLOTH_ROPE_VARIANT=2; variant 1, rope_kernel above, stays the default until this one is
-// verified and timed on a GPU). Baseline measured on an H200 inside a Llama-3.1-8B training step: rope_kernel,
-// 192 calls, 45 us average for q [4096, 32, 128] bf16 (32 MiB) / k [4096, 8, 128] (8 MiB), about 0.8 TB/s
-// against a ~4.5 TB/s copy ceiling (one thread per pair, 64-bit % and / per element, 2-byte loads).
-// This candidate is UNMEASURED: no GPU run yet (correctness: tests/test_norm_rope.py::test_rope_variant2_cuda).
+// RoPE, vectorized (the default; SLOTH_ROPE_VARIANT=1 selects rope_kernel above for A/B). Measured on an H200,
+// q [4096, 32, 128] + k [4096, 8, 128] bf16 on a fused-projection view, CUDA-graph median per call
+// (benchmarks/bench_rope.py): this kernel 25.3 us (3.3 TB/s of the ~4.5 TB/s copy ceiling), rope_kernel 86.0 us
+// (0.97 TB/s: one thread per pair, 64-bit % and / per element, 2-byte loads), Transformers'
+// apply_rotary_pos_emb 289 us. Correctness: tests/test_norm_rope.py (both kernels, every layout).
 //
 // Layout: block (x: nchunk = half / VEC chunks of the first half, y: hs head slots, z: tpb tokens); the thread
 // of chunk c rotates pairs (j, j + half), j in [c VEC, c VEC + VEC), of token t for heads y, y + hs, ...,
@@ -403,9 +403,9 @@ cudaError_t rope_inplace(void* x, const float* cos, const float* sin, int64_t to
                          cudaStream_t stream) {
   const int64_t half = rot_dim / 2, n = tokens * heads * half;
   if (n == 0) return cudaSuccess;
-  // A/B switch (SLOTH_ROPE_VARIANT, read once): 1 (default) rope_kernel, 2 rope_vec_kernel where its layout
-  // conditions hold (rope_kernel elsewhere). Unmeasured candidate: see the comment above rope_vec_kernel.
-  static const int variant = getenv("SLOTH_ROPE_VARIANT") ? atoi(getenv("SLOTH_ROPE_VARIANT")) : 1;
+  // rope_vec_kernel where its layout conditions hold, rope_kernel elsewhere or with SLOTH_ROPE_VARIANT=1 (read
+  // once; for A/B timing).
+  static const int variant = getenv("SLOTH_ROPE_VARIANT") ? atoi(getenv("SLOTH_ROPE_VARIANT")) : 2;
   if (variant == 2) {
     const RopeVecPlan p = rope_vec_plan(x, cos, sin, tokens, heads, stride_t, stride_h, half, elem_bytes(type));
     if (p.ok) {
