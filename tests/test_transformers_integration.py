@@ -166,15 +166,17 @@ def test_unpatch_restores(family, capsys):
     for n in norms:
         assert f"{n}: " in printed and "sloth.rms_norm" in printed
     assert "ForCausalLM.forward -> loss by sloth.causal_lm_loss" in printed
+    assert "ForCausalLM.generate -> CUDA-graph decoding" in printed
     mlps = [n for n, m in model.named_modules() if type(m).__name__.endswith("MLP")]
     assert len(mlps) == 2 and all(f"{n}: " in printed for n in mlps) and "sloth.lora_mlp" in printed
     attns = [n for n, m in model.named_modules() if type(m).__name__.endswith("Attention")]
     assert len(attns) == 2 and all(f"{n}: " in printed for n in attns) and "sloth.rope" in printed
     assert sloth.patch(model) is model  # idempotent
-    n = len(norms) + len(mlps) + len(attns) + 1
+    n = len(norms) + len(mlps) + len(attns) + 2  # + the causal LM's forward and generate
     assert len(sloth.integrations.transformers.patched_modules(model)) == n
     assert sloth.unpatch(model) == n
-    assert all("forward" not in m.__dict__ and "_sloth_orig_forward" not in m.__dict__ for m in model.modules())
+    assert all(a not in m.__dict__ for m in model.modules()
+               for a in ("forward", "_sloth_orig_forward", "generate", "_sloth_orig_generate"))
     out, out_ref = model(input_ids=ids, attention_mask=mask, labels=labels), ref(input_ids=ids, attention_mask=mask,
                                                                                  labels=labels)
     assert torch.equal(out.logits, out_ref.logits) and torch.equal(out.loss, out_ref.loss)

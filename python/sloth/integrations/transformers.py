@@ -17,6 +17,9 @@ Supported: Llama 3, Qwen3, Mistral and Gemma 3 text models (``*ForCausalLM``), b
   activation run through :func:`sloth.lora_mlp` (fused activation, in-place backward; token chunks for long
   sequences), see :mod:`sloth.integrations.mlp`.
 - PEFT LoRA layers (when the model is a ``PeftModel``): :func:`sloth.integrations.peft.patch_peft_model`.
+- the causal LM's ``generate``: on CUDA, supported calls (greedy or sampled, no beams) decode by replaying one
+  captured CUDA graph per token on a static KV cache (:mod:`sloth.integrations.generation`); everything else
+  runs the model's own ``generate``.
 
 - every attention module (``LlamaAttention``, ``Qwen3Attention``, ``MistralAttention``, ``Gemma3Attention``):
   its forward is wrapped so that the rotary embedding of q and k runs on :func:`sloth.rope`, in place (see
@@ -95,17 +98,19 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
         given = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                      past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache)
         return self._sloth_orig_forward(**{k: v for k, v in given.items() if v is not None}, **kwargs)
+    if past_key_values is not None:  # only when given: newer Transformers take the cache as `cache`
+        kwargs["past_key_values"] = past_key_values
     if labels is None or type(lm_head) is not torch.nn.Linear:
         return self._sloth_orig_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                        past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
-                                        use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs)
+                                        inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                                        logits_to_keep=logits_to_keep, **kwargs)
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     return_dict = kwargs.pop("return_dict", None)
     loss_kwargs = {k: kwargs.pop(k) for k in _LOSS_ONLY_KWARGS if k in kwargs}
     base = getattr(self, self.base_model_prefix)
     outputs = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+                   inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
     hidden = _slice_to_keep(outputs.last_hidden_state, logits_to_keep)
     loss = causal_lm_loss(
         hidden, lm_head.weight, labels, num_items_in_batch=loss_kwargs.get("num_items_in_batch"),
@@ -118,12 +123,20 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
     return out
 
 
-def _replace_forward(record, module, fn, what):
-    had_own = "forward" in module.__dict__
-    old = module.__dict__.get("forward")
-    module._sloth_orig_forward = module.forward
-    module.forward = types.MethodType(fn, module)
-    record.append((module, had_own, old, what))
+def _replace_forward(record, module, fn, what, attr="forward"):
+    """Bind ``fn`` as ``module.<attr>`` (the previous one kept as ``module._sloth_orig_<attr>``) and record it."""
+    had_own = attr in module.__dict__
+    old = module.__dict__.get(attr)
+    setattr(module, f"_sloth_orig_{attr}", getattr(module, attr))
+    setattr(module, attr, types.MethodType(fn, module))
+    record.append((module, attr, had_own, old, what))
+
+
+def _generate(self, *args, **kwargs):
+    """sloth's ``generate``: graph-captured decoding where supported, the model's own otherwise."""
+    from .generation import graphed_generate
+
+    return graphed_generate(self, self._sloth_orig_generate, *args, **kwargs)
 
 
 def _peft_base(model):
@@ -177,6 +190,10 @@ def patch(model, verbose: bool = False):
             _replace_forward(record, module, _causal_lm_forward,
                              f"{names[module] or '<root>'}: {cls}.forward -> loss by sloth.causal_lm_loss "
                              f"(chunked linear cross-entropy, softcap={softcap}; logits=None when labels are given)")
+            _replace_forward(record, module, _generate,
+                             f"{names[module] or '<root>'}: {cls}.generate -> CUDA-graph decoding on a static cache "
+                             f"(sloth.integrations.generation; the model's generate where unsupported)",
+                             attr="generate")
     lora: list = []
     if is_peft:
         from .peft import patch_peft_model
@@ -210,7 +227,14 @@ def unpatch(model) -> int:
     if entry is None:
         return 0
     record, is_peft, _ = entry
-    for module, had_own, old, _ in reversed(record):
+    for module, attr, had_own, old, _ in reversed(record):
+        if attr != "forward":
+            if had_own:
+                setattr(module, attr, old)
+            else:
+                module.__dict__.pop(attr, None)
+            module.__dict__.pop(f"_sloth_orig_{attr}", None)
+            continue
         on_top = None  # sloth's fused LM head added on top of sloth's forward (a TRL trainer built after patch)
         if _FUSED_HEAD in module.__dict__ and getattr(module.__dict__.get("forward"), "__func__", None) \
                 is not _causal_lm_forward:
