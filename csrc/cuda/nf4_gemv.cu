@@ -21,6 +21,14 @@
 // 454 LEA, 365 ISETP per 48 HMMA): it recomputed (tile, chunk) from the item index by division and formed every
 // address in 64 bits. The kernel is issue-bound (ncu on variant 2: ~7.2 cycles per issued instruction at 4 warps
 // per scheduler, DRAM at 25% of peak); goal: 0.015 ms at M = 1 and 8.
+// Variant 5 (opt-in, SLOTH_GEMV_VARIANT=5; UNMEASURED candidate, see nf4_gemv_lora_v5_kernel): per-lane k slices
+// laid out so that each MMA's 16 k values of a row lie in one 64-element quantization block; the MMAs take the
+// raw NF4 code pairs into a fresh fp32 fragment per block, folded into the accumulator with the fp32 block scale
+// (4 FFMA per block instead of 16 HMUL2; the weight is rounded once, not three times). Static SASS per streamed
+// item (sm_90a, main loop less the tile epilogue, scratch counting by opcode; bf16 / fp16, M <= 8): variant 4
+// 451 / 441 instructions (16 HMMA, 68 LDS, 64 PRMT, 64 HMUL2), variant 5 369 / 359 (16 HMMA, 72 LDS, 64 PRMT,
+// 16 FFMA, no HMUL2); M > 8: 560 / 551 -> 451 / 442. Applies to double-quantized absmax, blocksize 64,
+// K % 128 == 0, N * K < 2^31; variant 4 / 3 elsewhere.
 
 #include <algorithm>
 #include <cstdlib>
