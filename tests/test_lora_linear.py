@@ -170,6 +170,61 @@ def test_gemv_cuda(M, dtype, shape, kind):
 test_gemv_cuda = pytest.mark.cuda(test_gemv_cuda)
 
 
+def check_gemv_cases(device="cuda"):
+    """The fused GEMV (M <= 16) against the reference on shapes that exercise every variant's edges; returns the
+    failures. (in, out): K % 128 == 0 with odd N; K > 4096 (several K chunks per warp, the last one partial);
+    K % 128 == 64 and K % 64 == 32 (variant 5 does not apply: fallback); fp32 absmax (fallback). LoRA and bias
+    on / off cycle with M."""
+    from sloth.ops.qlora import NF4Args, gemv_available
+
+    kinds = ["nf4", "nf4_fp32absmax"]
+    try:
+        import bitsandbytes  # noqa: F401
+        kinds.append("bnb")
+    except ImportError:
+        pass
+    fails = []
+    for kind in kinds:
+        for dtype in (torch.bfloat16, torch.float16):
+            for in_f, out_f in ((4096, 1000), (2048, 333), (4224, 257), (8448, 45), (4160, 100), (96, 333)):
+                W, qs = make_weight(kind, out_f, in_f, dtype, device)
+                g = torch.Generator().manual_seed(in_f + out_f)
+                A = (torch.randn(16, in_f, generator=g) / in_f**0.5).to(dtype).to(device)
+                B = (torch.randn(out_f, 16, generator=g) / 4).to(dtype).to(device)
+                bias = torch.randn(out_f, generator=g).to(dtype).to(device)
+                for M in range(1, 17):
+                    lora, with_bias = M % 2 == 1, M % 4 < 2
+                    x = torch.randn(M, in_f, generator=g).to(dtype).to(device)
+                    if not gemv_available(x, NF4Args.from_state(W, qs)):
+                        fails.append(f"{kind} {dtype} {in_f}x{out_f} M={M}: gemv not available")
+                        continue
+                    args = (x, W, A if lora else None, B if lora else None, 0.7)
+                    y = sloth.lora_linear(*args, bias=bias if with_bias else None, quant_state=qs)
+                    yr = reference.lora_linear.lora_linear(*args, bias=bias if with_bias else None, quant_state=qs)
+                    e = rel_err(y, yr)
+                    if not e <= TOL[dtype] * 1.5:  # as test_gemv_cuda
+                        fails.append(f"{kind} {dtype} {in_f}x{out_f} M={M} lora={lora} bias={with_bias}: {e:.3g}")
+    return fails
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_gemv_variant5_cuda():
+    """The opt-in GEMV variant 5 (SLOTH_GEMV_VARIANT=5, read once per process, so in a subprocess) where it applies
+    and the fallbacks where it does not."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_lora_linear as t; "
+            "fails = t.check_gemv_cases('cuda'); print('\\n'.join(fails[:50])); print(len(fails), 'failures'); "
+            "sys.exit(1 if fails else 0)")
+    r = subprocess.run([sys.executable, "-c", code, str(pathlib.Path(__file__).resolve().parent)],
+                       env={**os.environ, "SLOTH_GEMV_VARIANT": "5"}, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-6000:]
+
+
 @pytest.mark.parametrize("kind,M,in_f,out_f,r,dtype", [c for c in CASES if c[5] != torch.float32] + [
     ("nf4", 8, 4096, 1024, 32, torch.bfloat16), ("nf4", 4096, 1024, 3584, 64, torch.bfloat16),
     ("nf4", 200, 1024, 1000, 16, torch.float32)])

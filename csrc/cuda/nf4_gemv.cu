@@ -21,8 +21,17 @@
 // 454 LEA, 365 ISETP per 48 HMMA): it recomputed (tile, chunk) from the item index by division and formed every
 // address in 64 bits. The kernel is issue-bound (ncu on variant 2: ~7.2 cycles per issued instruction at 4 warps
 // per scheduler, DRAM at 25% of peak); goal: 0.015 ms at M = 1 and 8.
+// Variant 5 (opt-in, SLOTH_GEMV_VARIANT=5; UNMEASURED candidate, see nf4_gemv_lora_v5_kernel): per-lane k slices
+// laid out so that each MMA's 16 k values of a row lie in one 64-element quantization block; the MMAs take the
+// raw NF4 code pairs into a fresh fp32 fragment per block, folded into the accumulator with the fp32 block scale
+// (4 FFMA per block instead of 16 HMUL2; the weight is rounded once, not three times). Static SASS per streamed
+// item (sm_90a, main loop less the tile epilogue, scratch counting by opcode; bf16 / fp16, M <= 8): variant 4
+// 451 / 441 instructions (16 HMMA, 68 LDS, 64 PRMT, 64 HMUL2), variant 5 369 / 359 (16 HMMA, 72 LDS, 64 PRMT,
+// 16 FFMA, no HMUL2); M > 8: 560 / 551 -> 451 / 442. Applies to double-quantized absmax, blocksize 64,
+// K % 128 == 0, N * K < 2^31; variant 4 / 3 elsewhere.
 
 #include <algorithm>
+#include <cstdlib>
 #include <type_traits>
 
 #include "launchers.h"
@@ -292,6 +301,228 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_lora_kernel(Nf4GemvArgs 
   }
 }
 
+// ---- kVariant 5 (opt-in: SLOTH_GEMV_VARIANT=5; UNMEASURED) ----
+// Each MMA's 16 k-values of a weight row lie inside ONE quantization block, so the MMAs take the raw NF4 code
+// values (the same byte -> pair table, no absmax multiply) into a zero-initialised fp32 fragment per block, which
+// is folded into the accumulator with the block's fp32 scale per row (4 FFMA per block and token tile, instead of
+// 16 HMUL2 on the A fragments). Needs blocksize 64 and K % 128 == 0 (see v5_applies).
+//
+// Fragment layout (mma.m16n8k16, lane = 4 g + c): A a0 = (row g, k 2c..2c+1), a1 = (row g+8, k 2c..2c+1),
+// a2 = (row g, k 2c+8..2c+9), a3 = (row g+8, k 2c+8..2c+9); B b0 = (k 2c..2c+1, col g), b1 = (k 2c+8..2c+9,
+// col g); C c0, c1 = (row g, cols 2c, 2c+1), c2, c3 = (row g+8, cols 2c, 2c+1).
+// A K-group (128 elements, warp w owns the groups j with j % 16 == w, as in variants 3 / 4) is two halves of 64
+// elements: the quantization blocks 2b and 2b + 1 of a row (K % 128 == 0: every row starts on an even block).
+// Lane c holds the 16 elements [64 hf + 16 c, +16) of half hf, i.e. 8 packed bytes (one 8-byte load per row and
+// half: 16 bytes per row and group, as before), and the same 16 elements of x for tokens g (and g + 8). MMA t
+// (0..3) of half hf uses the lane's bytes 2t (-> a0 / a1) and 2t + 1 (-> a2 / a3), i.e. k slot 2c + i <- element
+// 64 hf + 16 c + 4 t + i and k slot 2c + 8 + i <- element 64 hf + 16 c + 4 t + 2 + i (i = 0, 1), and x words 2t
+// (b0) and 2t + 1 (b1) of the lane's 8 words of that half: the same k permutation on both sides, depending only
+// on (c, t, i); the 16 k values of MMA t are {64 hf + 16 c + 4 t + 0..3 : c = 0..3}, all inside block hf.
+// The two absmax bytes of a group (blocks 2b, 2b + 1) are one 16-bit load, and they share one absmax2 (its
+// blocks cover an even number of blocks, aligned). K % 128 == 0 makes every group all-in or all-out of K for the
+// whole warp: out-of-K groups are skipped by a uniform branch, their loads predicated off (no zero fill), x is
+// loaded only for groups that are computed.
+struct Stage5 {
+  uint2 w[kChunk][2][2];   // [group][row g / g + 8][half]: 8 packed bytes
+  uint32_t q[kChunk][2];   // the absmax_q bytes of blocks 2b (low byte) and 2b + 1 of the group, per row
+  float s2[kChunk][2];     // absmax2 of those blocks, per row
+};
+
+template <OutType T>
+__device__ __forceinline__ void mma16816_zero(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                              uint32_t b0, uint32_t b1) {
+  const float z = 0.0f;
+  if constexpr (T == OutType::kBF16)
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%10,%10,%10,%10};"
+                 : "=f"(c[0]), "=f"(c[1]), "=f"(c[2]), "=f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(z));
+  else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%10,%10,%10,%10};"
+                 : "=f"(c[0]), "=f"(c[1]), "=f"(c[2]), "=f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "f"(z));
+}
+
+// Predicated read-only loads (inline PTX, so that the compiler can neither speculate them nor zero-fill the
+// registers when the predicate is off: those keep their previous contents).
+__device__ __forceinline__ void ldg_pred(uint2& v, const void* p, bool pred) {
+  asm("{\n .reg .pred q;\n setp.ne.b32 q, %3, 0;\n @q ld.global.nc.v2.u32 {%0, %1}, [%2];\n}"
+      : "+r"(v.x), "+r"(v.y) : "l"(p), "r"((int)pred));
+}
+__device__ __forceinline__ void ldg_pred(float& v, const void* p, bool pred) {
+  asm("{\n .reg .pred q;\n setp.ne.b32 q, %2, 0;\n @q ld.global.nc.f32 %0, [%1];\n}" : "+f"(v) : "l"(p), "r"((int)pred));
+}
+__device__ __forceinline__ void ldg_pred_u16(uint32_t& v, const void* p, bool pred) {
+  asm("{\n .reg .pred q;\n setp.ne.b32 q, %2, 0;\n @q ld.global.nc.u16 %0, [%1];\n}" : "+r"(v) : "l"(p), "r"((int)pred));
+}
+
+template <OutType T, int NT>
+__global__ void __launch_bounds__(kThreads, 1) nf4_gemv_lora_v5_kernel(Nf4GemvArgs a) {
+  using raw = typename OutStorage<T>::type;
+  constexpr int kLutStride = lut_stride(4);
+  extern __shared__ uint32_t smem[];
+  uint32_t* s_lut = smem;                                               // [256 bytes][kLutStride] pairs of T
+  float* s_code2 = reinterpret_cast<float*>(smem + 256 * kLutStride);  // [256] double-quantization code
+  float* s_red = s_code2 + 256;                                         // [2][kWarps][32][NT * 4] partial sums
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane >> 2, c = lane & 3;
+  const int64_t n_tiles = (a.n + 15) / 16;
+  const int64_t t0 = blockIdx.x * n_tiles / gridDim.x, t1 = (blockIdx.x + 1) * n_tiles / gridDim.x;
+  const int k = (int)a.k;                 // K % 128 == 0, N * K < 2^31: element offsets in 32 bits
+  const int n_groups = k / kGroupK;
+  const int nch = (n_groups + kWarps * kChunk - 1) / (kWarps * kChunk);
+  const int items = (int)(t1 - t0) * nch;
+  // Group start (k) of slot u of chunk ch: kbase + ch * kChStride + u * kUStride; the same for the whole warp.
+  const int kbase = warp * kGroupK;
+  constexpr int kUStride = kWarps * kGroupK, kChStride = kChunk * kUStride;
+  const int log2_bs2 = a.absmax.log2_blocksize2;
+  const float offset = __ldg(a.absmax.offset);
+  const uint32_t lut = (uint32_t)__cvta_generic_to_shared(s_lut), lane4 = 4 * lane;
+  // x: 32-bit offset of this lane's 16 elements of half 0 in the rows of tokens g (+ 8); tokens past M read row
+  // M - 1 (their MMA columns are never stored).
+  const raw* x = static_cast<const raw*>(a.x);
+  uint32_t xo[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) xo[j] = (uint32_t)min(g + 8 * j, a.m - 1) * (uint32_t)k + 16 * c;
+
+  // Load cursor: the next (tile, chunk) to stream, with the element offsets of its rows g and g + 8.
+  int ld_ch = 0;
+  int ld_tile = (int)t0;
+  uint32_t ld_rowk[2];
+  auto set_rows = [&]() {
+    const int n1 = (int)(a.n - 1);
+    ld_rowk[0] = (uint32_t)min(ld_tile * 16 + g, n1) * (uint32_t)k;  // clamped: rows past n are discarded
+    ld_rowk[1] = (uint32_t)min(ld_tile * 16 + g + 8, n1) * (uint32_t)k;
+  };
+  set_rows();
+  // Byte offsets (32 bits) from a.packed / absmax_q; rows and groups differ by immediates, out-of-K groups keep
+  // whatever their stage registers held (predicated loads: no zero fill, no branch).
+  const uint8_t* wbase = a.packed + 8 * c;
+  const uint8_t* qbase = a.absmax.absmax_q;
+  const float* s2base = a.absmax.absmax2;
+  auto load = [&](Stage5& s) {
+    const int kk0 = kbase + ld_ch * kChStride;
+    bool in[kChunk];
+#pragma unroll
+    for (int u = 0; u < kChunk; ++u) in[u] = kk0 + u * kUStride < k;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t e0 = ld_rowk[h] + (uint32_t)kk0;  // element offset of the stage's first group in W
+      const uint8_t* wp = wbase + (e0 >> 1);
+      const uint8_t* qp = qbase + (e0 >> 6);            // block 2b of the first group
+#pragma unroll
+      for (int u = 0; u < kChunk; ++u) {
+        ldg_pred(s.w[u][h][0], wp + u * (kUStride / 2), in[u]);
+        ldg_pred(s.w[u][h][1], wp + u * (kUStride / 2) + 32, in[u]);  // + 64 elements: half 1
+        ldg_pred_u16(s.q[u][h], qp + u * (kUStride / 64), in[u]);
+        ldg_pred(s.s2[u][h], s2base + (((e0 >> 6) + u * (kUStride / 64)) >> log2_bs2), in[u]);
+      }
+    }
+    if (++ld_ch == nch) {
+      ld_ch = 0;
+      ++ld_tile;
+      set_rows();
+    }
+  };
+
+  float acc[NT][4];
+  auto compute = [&](const Stage5& s, int ch) {
+#pragma unroll
+    for (int u = 0; u < kChunk; ++u) {
+      const int kk = kbase + ch * kChStride + u * kUStride;
+      // Warp-uniform (kk depends on the warp only), but the vote makes that visible to the compiler, which then
+      // keeps the table base in a uniform register (LDS [R + UR]) instead of adding it per lookup.
+      if (__all_sync(0xffffffffu, kk >= k)) continue;  // the whole group is past K
+      uint4 xv[NT][4];        // [token tile][half 0: 0, 1; half 1: 2, 3]
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        const uint4* xp = reinterpret_cast<const uint4*>(x + (xo[j] + (uint32_t)kk));
+        xv[j][0] = __ldg(xp);
+        xv[j][1] = __ldg(xp + 1);
+        xv[j][2] = __ldg(xp + 8);  // + 64 elements
+        xv[j][3] = __ldg(xp + 9);
+      }
+      float sc[2][2];  // [row g / g + 8][half]: bitsandbytes' order, code2 * absmax2 + offset, in fp32
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf)
+          sc[h][hf] = __fadd_rn(__fmul_rn(s_code2[(s.q[u][h] >> (8 * hf)) & 0xffu], s.s2[u][h]), offset);
+      // The two halves' MMA chains interleaved (NT == 1), or one half after the other (NT == 2: fewer live
+      // fragment registers, no spills).
+      constexpr int kTogether = NT == 1 ? 2 : 1;
+#pragma unroll
+      for (int hb = 0; hb < 2; hb += kTogether) {
+        float tmp[kTogether][NT][4];
+#pragma unroll
+        for (int t = 0; t < 4; ++t) {  // MMA t of each half: bytes 2t, 2t + 1 of the lane's 8
+#pragma unroll
+          for (int hh = 0; hh < kTogether; ++hh) {
+            const int hf = hb + hh;
+            const uint32_t wa = t < 2 ? s.w[u][0][hf].x : s.w[u][0][hf].y;
+            const uint32_t wb = t < 2 ? s.w[u][1][hf].x : s.w[u][1][hf].y;
+            const int j0 = 2 * (t & 1);
+            const uint32_t a0 = lut_entry<true>(lut, lane4, wa, j0), a2 = lut_entry<true>(lut, lane4, wa, j0 + 1);
+            const uint32_t a1 = lut_entry<true>(lut, lane4, wb, j0), a3 = lut_entry<true>(lut, lane4, wb, j0 + 1);
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+              const uint4& xw = xv[j][2 * hf + (t >> 1)];
+              const uint32_t b0 = word_of(xw, 2 * (t & 1)), b1 = word_of(xw, 2 * (t & 1) + 1);
+              if (t == 0) mma16816_zero<T>(tmp[hh][j], a0, a1, a2, a3, b0, b1);
+              else mma16816<T>(tmp[hh][j], a0, a1, a2, a3, b0, b1);
+            }
+          }
+        }
+#pragma unroll
+        for (int hh = 0; hh < kTogether; ++hh)
+#pragma unroll
+          for (int j = 0; j < NT; ++j) {  // C: c0, c1 row g; c2, c3 row g + 8
+            const int hf = hb + hh;
+            acc[j][0] = fmaf(sc[0][hf], tmp[hh][j][0], acc[j][0]);
+            acc[j][1] = fmaf(sc[0][hf], tmp[hh][j][1], acc[j][1]);
+            acc[j][2] = fmaf(sc[1][hf], tmp[hh][j][2], acc[j][2]);
+            acc[j][3] = fmaf(sc[1][hf], tmp[hh][j][3], acc[j][3]);
+          }
+      }
+    }
+  };
+
+  Stage5 st[kStages] = {};  // defined contents for the predicated-off loads
+#pragma unroll
+  for (int p = 0; p < kStages - 1; ++p)
+    if (p < items) load(st[p]);
+  fill_tables<T, kLutStride>(a, s_lut, s_code2);
+#pragma unroll
+  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+  int cp_ch = 0;
+  int64_t cp_tile = t0;
+  for (int i0 = 0; i0 < items; i0 += kStages) {
+#pragma unroll
+    for (int p = 0; p < kStages; ++p) {
+      const int i = i0 + p;
+      if (i >= items) break;
+      if (i + kStages - 1 < items) load(st[(p + kStages - 1) % kStages]);
+      compute(st[p], cp_ch);
+      if (++cp_ch == nch) {
+        finish_tile<T, NT>(a, s_red, acc, cp_tile, warp, lane);
+#pragma unroll
+        for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+        cp_ch = 0;
+        ++cp_tile;
+      }
+    }
+  }
+}
+
+// Variant 5 applies: double-quantized absmax (absmax2 blocks of >= 2 blocks), blocksize 64, K % 128 == 0,
+// 32-bit element offsets, a 2-byte aligned absmax_q (read two blocks at a time).
+bool v5_applies(const Nf4GemvArgs& args) {
+  return args.absmax.absmax == nullptr && args.blocksize == 64 && args.k % 128 == 0 &&
+         args.absmax.log2_blocksize2 >= 1 && reinterpret_cast<uintptr_t>(args.absmax.absmax_q) % 2 == 0 &&
+         std::max<int64_t>(args.n, args.m) * args.k < (int64_t{1} << 31);
+}
+
 template <OutType T, int NT, int kVariant>
 void launch_variant(const Nf4GemvArgs& args, unsigned grid, cudaStream_t stream) {
   constexpr size_t kSmem = smem_bytes<NT, kVariant>();
@@ -303,8 +534,24 @@ void launch_variant(const Nf4GemvArgs& args, unsigned grid, cudaStream_t stream)
 }
 
 template <OutType T, int NT>
+void launch_v5(const Nf4GemvArgs& args, unsigned grid, cudaStream_t stream) {
+  constexpr size_t kSmem = smem_bytes<NT, 4>();  // the same layout as variant 4
+  static const bool opted_in = cudaFuncSetAttribute(nf4_gemv_lora_v5_kernel<T, NT>,
+                                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                    (int)kSmem) == cudaSuccess;  // once per process
+  (void)opted_in;
+  nf4_gemv_lora_v5_kernel<T, NT><<<grid, kThreads, kSmem, stream>>>(args);
+}
+
+template <OutType T, int NT>
 void launch_gemv(const Nf4GemvArgs& args, unsigned grid, cudaStream_t stream) {
-  // Variant 4 where it applies (double-quantized absmax, 32-bit element offsets), else variant 3.
+  // SLOTH_GEMV_VARIANT=5 (read once; for A/B timing): variant 5 where it applies (v5_applies). Otherwise variant
+  // 4 where it applies (double-quantized absmax, 32-bit element offsets), else variant 3.
+  static const int variant = getenv("SLOTH_GEMV_VARIANT") ? atoi(getenv("SLOTH_GEMV_VARIANT")) : 4;
+  if (variant == 5 && v5_applies(args)) {
+    launch_v5<T, NT>(args, grid, stream);
+    return;
+  }
   const bool v4 = args.absmax.absmax == nullptr && std::max<int64_t>(args.n, args.m) * args.k < (int64_t{1} << 31);
   if (v4)
     launch_variant<T, NT, 4>(args, grid, stream);
