@@ -26,17 +26,21 @@ _active = contextvars.ContextVar("sloth_rope_active", default=False)
 _ORIGINAL = "_sloth_original"  # attribute of the dispatcher: the module's own apply_rotary_pos_emb
 
 
-def _pieces(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+def _pieces(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, memo: dict):
     """``x [B, heads, T, D]`` and ``cos / sin [B or 1, T, D]`` as a list of ``(x3 [tokens, heads', D] view of x,
-    cos2 [tokens, D], sin2)`` that cover x, or None for a layout the kernel cannot address."""
+    cos2 [tokens, D], sin2)`` that cover x, or None for a layout the kernel cannot address. ``memo`` keeps the
+    [B * T, D] cos / sin made for q, so that k (same B, T) reuses them instead of copying them again."""
     b, t = x.shape[0], x.shape[2]
     if x.stride(-1) != 1:
         return None
     bthd = x.transpose(1, 2)  # [B, T, heads, D]
     if bthd.is_contiguous():  # q / k straight from the projection: tokens = B * T
-        c = cos.expand(b, -1, -1) if cos.shape[0] != b else cos
-        s = sin.expand(b, -1, -1) if sin.shape[0] != b else sin
-        return [(bthd.reshape(b * t, x.shape[1], x.shape[3]), c.reshape(b * t, -1), s.reshape(b * t, -1))]
+        if "flat" not in memo:  # a copy when cos / sin are [1, T, D] broadcast over B > 1, else views
+            c = cos.expand(b, -1, -1) if cos.shape[0] != b else cos
+            s = sin.expand(b, -1, -1) if sin.shape[0] != b else sin
+            memo["flat"] = (c.reshape(b * t, -1), s.reshape(b * t, -1))  # [B * T, D] each
+        c2, s2 = memo["flat"]
+        return [(bthd.reshape(b * t, x.shape[1], x.shape[3]), c2, s2)]
     if cos.shape[0] == 1 and x.is_contiguous():  # [B, heads, T, D] (normed after the transpose, Gemma 3)
         return [(x.permute(2, 0, 1, 3).view(t, b * x.shape[1], x.shape[3]), cos[0], sin[0])]
     return [(x[i].transpose(0, 1), cos[i if cos.shape[0] == b else 0], sin[i if sin.shape[0] == b else 0])
@@ -53,7 +57,8 @@ def _sloth_rotary(q, k, cos, sin):
     if k.shape[0] != b or k.shape[2] != t or k.shape[3] != q.shape[3]:
         return None
     cos, sin = cos.float(), sin.float()  # once for q and k (the kernel reads fp32; exact for bf16 / fp16)
-    pieces = [_pieces(q, cos, sin), _pieces(k, cos, sin)]
+    memo: dict = {}
+    pieces = [_pieces(q, cos, sin, memo), _pieces(k, cos, sin, memo)]
     if pieces[0] is None or pieces[1] is None:
         return None
     for x3, c2, s2 in pieces[0] + pieces[1]:
