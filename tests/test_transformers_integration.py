@@ -305,3 +305,32 @@ def test_rope_layouts_match_transformers(layout):
     ((out[0] * w).sum() + (out[1] * w).sum()).backward()
     for a, b in zip(leaves[2:], leaves[:2]):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_rope_fp32_cos_sin_made_once_per_forward():
+    """The fp32 cos / sin (and their [B * T, D] layout) are made by the first layer and reused by the next ones
+    while the rotary embedding's tensors are the same and unmodified; an in-place change makes new ones."""
+    from sloth.integrations.rope import _fp32_cos_sin, _sloth_rotary
+
+    g = torch.Generator().manual_seed(5)
+    B, H, T, D = 2, 3, 4, 8
+    ang = torch.rand(1, T, D // 2, generator=g)
+    cos, sin = torch.cat([ang, ang], -1).cos().bfloat16(), torch.cat([ang, ang], -1).sin().bfloat16()  # [1, T, D]
+    c1, s1, memo = _fp32_cos_sin(cos, sin)
+    c2, s2, memo2 = _fp32_cos_sin(cos, sin)
+    assert c1 is c2 and s1 is s2 and memo is memo2 and c1.dtype == torch.float32
+    outs = []
+    for _ in range(2):  # two "layers" with the same cos / sin: same answer as fresh copies
+        q = torch.randn(B, T, H, D, generator=g, dtype=torch.bfloat16).transpose(1, 2)
+        k = torch.randn(B, T, H, D, generator=g, dtype=torch.bfloat16).transpose(1, 2)
+        q_ref, k_ref = q.clone(), k.clone()
+        _sloth_rotary(q, k, cos, sin)
+        _sloth_rotary(q_ref, k_ref, cos.clone(), sin.clone())  # other tensors: no cache hit
+        outs.append((q, k, q_ref, k_ref))
+    for q, k, q_ref, k_ref in outs:
+        assert torch.equal(q, q_ref) and torch.equal(k, k_ref)
+    cos.mul_(0.5)
+    c3, _, memo3 = _fp32_cos_sin(cos, sin)
+    assert c3 is not c1 and memo3 is not memo and torch.equal(c3, cos.float())
+    leaf = cos.clone().requires_grad_()  # bf16, requires grad: fresh copies every call (never cached)
+    assert _fp32_cos_sin(leaf, sin)[0] is not _fp32_cos_sin(leaf, sin)[0]

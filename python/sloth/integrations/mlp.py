@@ -70,7 +70,7 @@ def chunk_tokens(tokens: int, intermediate: int, dtype: torch.dtype, device: tor
         return tokens if n <= 0 else min(n, tokens)
     if device.type != "cuda":
         return tokens
-    per_token = 3 * intermediate * torch.empty((), dtype=dtype).element_size()  # gate, up, act(gate) * up
+    per_token = 3 * intermediate * dtype.itemsize  # gate, up, act(gate) * up
     free, _ = torch.cuda.mem_get_info(device)
     if tokens * per_token <= free // 4:
         return tokens

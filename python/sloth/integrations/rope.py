@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextvars
 import sys
+import threading
+import weakref
 
 import torch
 
@@ -24,19 +26,47 @@ ATTENTIONS = ("LlamaAttention", "Qwen3Attention", "MistralAttention", "Gemma3Att
 
 _active = contextvars.ContextVar("sloth_rope_active", default=False)
 _ORIGINAL = "_sloth_original"  # attribute of the dispatcher: the module's own apply_rotary_pos_emb
+#: .entry: (weakref cos, weakref sin, cos._version, sin._version, fp32 cos, fp32 sin, memo for _pieces)
+_fp32_cache = threading.local()
 
 
-def _pieces(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+def _fp32_cos_sin(cos: torch.Tensor, sin: torch.Tensor):
+    """(cos fp32, sin fp32, memo) for ``cos / sin [B or 1, T, D]``, made once per rotary embedding output.
+
+    A model computes ``position_embeddings`` once per forward and hands the same two tensors to every decoder
+    layer (and, under checkpointing, to every layer's recompute): the fp32 copies (the kernel reads fp32; exact
+    for bf16 / fp16) and the [B * T, D] layouts derived from them (``memo``, see :func:`_pieces`) are made by the
+    first layer and reused by the others while cos / sin are the same, unmodified tensors. Not cached when cos /
+    sin require grad (the copies would belong to another graph), for inference-mode tensors (no version counter)
+    or under torch.compile tracing."""
+    if cos.requires_grad or sin.requires_grad or cos.is_inference() or sin.is_inference() or \
+            torch.compiler.is_compiling():
+        return cos.float(), sin.float(), {}
+    e = getattr(_fp32_cache, "entry", None)
+    if e is not None and e[0]() is cos and e[1]() is sin and e[2] == cos._version and e[3] == sin._version:
+        return e[4], e[5], e[6]
+    c, s, memo = cos.float(), sin.float(), {}
+    _fp32_cache.entry = (weakref.ref(cos), weakref.ref(sin), cos._version, sin._version, c, s, memo)
+    return c, s, memo
+
+
+def _pieces(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, memo: dict):
     """``x [B, heads, T, D]`` and ``cos / sin [B or 1, T, D]`` as a list of ``(x3 [tokens, heads', D] view of x,
-    cos2 [tokens, D], sin2)`` that cover x, or None for a layout the kernel cannot address."""
+    cos2 [tokens, D], sin2)`` that cover x, or None for a layout the kernel cannot address. ``memo`` keeps the
+    [B * T, D] cos / sin made for q, so that k (and the other layers, see :func:`_fp32_cos_sin`) reuse them
+    instead of copying them again."""
     b, t = x.shape[0], x.shape[2]
     if x.stride(-1) != 1:
         return None
     bthd = x.transpose(1, 2)  # [B, T, heads, D]
     if bthd.is_contiguous():  # q / k straight from the projection: tokens = B * T
-        c = cos.expand(b, -1, -1) if cos.shape[0] != b else cos
-        s = sin.expand(b, -1, -1) if sin.shape[0] != b else sin
-        return [(bthd.reshape(b * t, x.shape[1], x.shape[3]), c.reshape(b * t, -1), s.reshape(b * t, -1))]
+        key = ("flat", b)
+        if key not in memo:  # a copy when cos / sin are [1, T, D] broadcast over B > 1, else views
+            c = cos.expand(b, -1, -1) if cos.shape[0] != b else cos
+            s = sin.expand(b, -1, -1) if sin.shape[0] != b else sin
+            memo[key] = (c.reshape(b * t, -1), s.reshape(b * t, -1))  # [B * T, D] each
+        c2, s2 = memo[key]
+        return [(bthd.reshape(b * t, x.shape[1], x.shape[3]), c2, s2)]
     if cos.shape[0] == 1 and x.is_contiguous():  # [B, heads, T, D] (normed after the transpose, Gemma 3)
         return [(x.permute(2, 0, 1, 3).view(t, b * x.shape[1], x.shape[3]), cos[0], sin[0])]
     return [(x[i].transpose(0, 1), cos[i if cos.shape[0] == b else 0], sin[i if sin.shape[0] == b else 0])
@@ -52,8 +82,8 @@ def _sloth_rotary(q, k, cos, sin):
         return None
     if k.shape[0] != b or k.shape[2] != t or k.shape[3] != q.shape[3]:
         return None
-    cos, sin = cos.float(), sin.float()  # once for q and k (the kernel reads fp32; exact for bf16 / fp16)
-    pieces = [_pieces(q, cos, sin), _pieces(k, cos, sin)]
+    cos, sin, memo = _fp32_cos_sin(cos, sin)  # once for q and k, and for every layer of this forward
+    pieces = [_pieces(q, cos, sin, memo), _pieces(k, cos, sin, memo)]
     if pieces[0] is None or pieces[1] is None:
         return None
     for x3, c2, s2 in pieces[0] + pieces[1]:

@@ -35,7 +35,7 @@ def chunk_rows(n: int, v: int, dtype: torch.dtype, device: torch.device, *, need
         if int(chunk_size) < 1:
             raise ValueError(f"sloth: chunk_size must be a positive number of rows, got {chunk_size}")
         return max(1, min(int(chunk_size), max(n, 1)))
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     if online_hidden is not None:
         from ._online_head import VOCAB_BLOCK
 

@@ -81,7 +81,9 @@ def _divisor(labels, ignore_index, reduction, num_items_in_batch, device):
     divisor of 0 (nothing to average) becomes 1, so an all-ignored batch has loss 0, not NaN."""
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, torch.Tensor):
-            d = num_items_in_batch.to(device=device, dtype=torch.float32).reshape(())
+            # a host tensor (a Trainer's count made on the CPU): an asynchronous copy (the value is staged at once),
+            # not a blocking one that waits for the queued forward to drain
+            d = num_items_in_batch.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
             return torch.where(d == 0, torch.ones_like(d), d)
         d = float(num_items_in_batch)
         return d if d != 0 else 1.0

@@ -50,7 +50,9 @@ class RopeFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dx):
         cos, sin = ctx.saved_tensors
-        g = dx.contiguous().clone()
+        # one copy whatever dx's layout (``dx.contiguous().clone()`` made two for a strided dx, e.g. the gradient
+        # of q / k viewed out of SDPA's [B, heads, T, D]); rotated in place, dx itself is never written
+        g = dx.clone(memory_format=torch.contiguous_format)  # [tokens, heads, D]
         rope_(g, _no_heads(g), cos, sin, True)
         return g, None, None
 

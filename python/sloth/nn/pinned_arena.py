@@ -30,13 +30,27 @@ def _round_up(n: int, m: int = ALIGN) -> int:
 
 
 def _cuda_pin(buf: torch.Tensor) -> Callable[[], None]:
-    """Page-lock ``buf``'s memory for the GPU (cudaHostRegister); returns the function that undoes it."""
+    """Page-lock ``buf``'s memory for the GPU (cudaHostRegister); returns the function that undoes it.
+
+    The undo first waits for the offload side streams, where every copy to or from the region runs: its last
+    copies (the backward's host-to-device prefetches) may still be reading it when the arena is resized or
+    released, and neither unregistering nor freeing memory under an in-flight DMA is allowed. A resize happens
+    only when a step needed more than the region holds (the first steps), so this host sync is not paid in
+    steady state."""
     cudart = torch.cuda.cudart()
     ptr, size = buf.data_ptr(), buf.numel()
     err = cudart.cudaHostRegister(ptr, size, 0)
     if int(err) != 0:
         raise RuntimeError(f"cudaHostRegister of {size} bytes failed with CUDA error {int(err)}")
-    return lambda: cudart.cudaHostUnregister(ptr)
+
+    def unpin() -> None:
+        from .offload_checkpoint import _streams  # cuda device index -> side stream of the offload copies
+
+        for stream in list(_streams.values()):
+            stream.synchronize()
+        cudart.cudaHostUnregister(ptr)
+
+    return unpin
 
 
 class PinnedArena:
@@ -66,7 +80,7 @@ class PinnedArena:
     def alloc(self, shape, dtype: torch.dtype) -> Tuple[torch.Tensor, object]:
         """An uninitialized host tensor of ``shape`` / ``dtype`` and the handle that frees it."""
         shape = tuple(shape)
-        exact = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        exact = torch.Size(shape).numel() * dtype.itemsize
         nbytes = _round_up(max(1, exact))
         if not self._slots and self._peak > self.capacity:
             self._resize(self._peak)
