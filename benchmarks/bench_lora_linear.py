@@ -175,7 +175,19 @@ def test_large_m_mlp(benchmark, impl):
 
 
 def main():
+    import argparse
+
+    ap = argparse.ArgumentParser(description="sloth.lora_linear vs its baselines: (a) small M, (b) the large-M MLP")
+    ap.add_argument("--part", choices=["a", "b", "all"], default="all")
+    part = ap.parse_args().part
     print(f"device: {torch.cuda.get_device_name()}")
+    if part in ("a", "all"):
+        small_m_table()
+    if part in ("b", "all"):
+        large_m_table()
+
+
+def small_m_table():
     print(f"\n(a) small M, W [{N}, {K}] NF4 double-quant (median ms per call, CUDA graphs)")
     print(f"{'impl':32s} {'M':>3s} {'ms':>9s} {'GB/s packed':>12s}")
     for M in (1, 8):
@@ -183,6 +195,9 @@ def main():
         for name, fn in fns.items():
             ms = time_graph(fn)
             print(f"{name:32s} {M:3d} {ms:9.4f} {nbytes / ms / 1e6:12.0f}")
+
+
+def large_m_table():
     print(f"\n(b) Llama-3.1-8B MLP {H}->{I}->{H}, {T} tokens, forward + backward (median ms)")
     dense = mlp_weights()
     res = {}

@@ -209,9 +209,10 @@ def check_gemv_cases(device="cuda"):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-def test_gemv_variant5_cuda():
-    """The opt-in GEMV variant 5 (SLOTH_GEMV_VARIANT=5, read once per process, so in a subprocess) where it applies
-    and the fallbacks where it does not."""
+@pytest.mark.parametrize("variant", ["5", "4"])
+def test_gemv_variants_cuda(variant):
+    """The GEMV cases with the default variant 5 and with the A/B switch SLOTH_GEMV_VARIANT=4 (read once per
+    process, so in a subprocess): each where it applies, and the fallbacks where it does not."""
     import os
     import pathlib
     import subprocess
@@ -221,7 +222,7 @@ def test_gemv_variant5_cuda():
             "fails = t.check_gemv_cases('cuda'); print('\\n'.join(fails[:50])); print(len(fails), 'failures'); "
             "sys.exit(1 if fails else 0)")
     r = subprocess.run([sys.executable, "-c", code, str(pathlib.Path(__file__).resolve().parent)],
-                       env={**os.environ, "SLOTH_GEMV_VARIANT": "5"}, capture_output=True, text=True, timeout=900)
+                       env={**os.environ, "SLOTH_GEMV_VARIANT": variant}, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-6000:]
 
 

@@ -24,14 +24,18 @@
 // 454 LEA, 365 ISETP per 48 HMMA): it recomputed (tile, chunk) from the item index by division and formed every
 // address in 64 bits. The kernel is issue-bound (ncu on variant 2: ~7.2 cycles per issued instruction at 4 warps
 // per scheduler, DRAM at 25% of peak); goal: 0.015 ms at M = 1 and 8.
-// Variant 5 (opt-in, SLOTH_GEMV_VARIANT=5; UNMEASURED candidate, see nf4_gemv_lora_v5_kernel): per-lane k slices
+// Variant 5 (the default where it applies; SLOTH_GEMV_VARIANT=4 selects variant 4 / 3 for A/B; see
+// nf4_gemv_lora_v5_kernel): per-lane k slices
 // laid out so that each MMA's 16 k values of a row lie in one 64-element quantization block; the MMAs take the
 // raw NF4 code pairs into a fresh fp32 fragment per block, folded into the accumulator with the fp32 block scale
 // (4 FFMA per block instead of 16 HMUL2; the weight is rounded once, not three times). Static SASS per streamed
 // item (sm_90a, main loop less the tile epilogue, scratch counting by opcode; bf16 / fp16, M <= 8): variant 4
 // 451 / 441 instructions (16 HMMA, 68 LDS, 64 PRMT, 64 HMUL2), variant 5 369 / 359 (16 HMMA, 72 LDS, 64 PRMT,
 // 16 FFMA, no HMUL2); M > 8: 560 / 551 -> 451 / 442. Applies to double-quantized absmax, blocksize 64,
-// K % 128 == 0, N * K < 2^31; variant 4 / 3 elsewhere.
+// K % 128 == 0, N * K < 2^31; variant 4 / 3 elsewhere. Measured on an H200 (two runs, same process as
+// variant 4): 0.0206 / 0.0203 ms at M = 1 (variant 4 0.0205), 0.0232 / 0.0228 ms at M = 8 (variant 4 0.0254),
+// + LoRA r = 16 0.0289 / 0.0315 (variant 4 0.0290 / 0.0341). M = 1 is unchanged: there the table lookups
+// (64 LDS + 64 PRMT per item) and the per-tile epilogue bound it, not the multiplies.
 
 #include <algorithm>
 #include <cstdlib>
@@ -304,7 +308,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_lora_kernel(Nf4GemvArgs 
   }
 }
 
-// ---- kVariant 5 (opt-in: SLOTH_GEMV_VARIANT=5; UNMEASURED) ----
+// ---- kVariant 5 (the default where v5_applies; SLOTH_GEMV_VARIANT=4 for A/B) ----
 // Each MMA's 16 k-values of a weight row lie inside ONE quantization block, so the MMAs take the raw NF4 code
 // values (the same byte -> pair table, no absmax multiply) into a zero-initialised fp32 fragment per block, which
 // is folded into the accumulator with the block's fp32 scale per row (4 FFMA per block and token tile, instead of
@@ -548,9 +552,9 @@ void launch_v5(const Nf4GemvArgs& args, unsigned grid, hipStream_t stream) {
 
 template <OutType T, int NT>
 void launch_gemv(const Nf4GemvArgs& args, unsigned grid, hipStream_t stream) {
-  // SLOTH_GEMV_VARIANT=5 (read once; for A/B timing): variant 5 where it applies (v5_applies). Otherwise variant
-  // 4 where it applies (double-quantized absmax, 32-bit element offsets), else variant 3.
-  static const int variant = getenv("SLOTH_GEMV_VARIANT") ? atoi(getenv("SLOTH_GEMV_VARIANT")) : 4;
+  // Variant 5 where it applies (v5_applies), unless SLOTH_GEMV_VARIANT=4 (read once; for A/B timing). Otherwise
+  // variant 4 where it applies (double-quantized absmax, 32-bit element offsets), else variant 3.
+  static const int variant = getenv("SLOTH_GEMV_VARIANT") ? atoi(getenv("SLOTH_GEMV_VARIANT")) : 5;
   if (variant == 5 && v5_applies(args)) {
     launch_v5<T, NT>(args, grid, stream);
     return;
