@@ -7,7 +7,8 @@ the step speed.
 Each side builds its own random-weight model of the real configuration on the device (no download; the same seed,
 so the same weights), quantizes every decoder linear layer to bitsandbytes NF4 with double quantization
 (``e2e.quantize_nf4``), adds LoRA (r = 16, alpha = 16 on q, k, v, o, gate, up, down; the same initialization on
-every side) and trains it with ``trl.GRPOTrainer`` (TRL's own generation through ``model.generate``, no vLLM;
+every side) and trains it with ``trl.GRPOTrainer`` (TRL's own generation through ``model.generate``, no vLLM; on the
+sloth sides ``sloth.patch`` makes that graph-captured decoding, ``sloth.integrations.generation``;
 bf16; gradient checkpointing; beta = 0, TRL's default, so no reference model) on the same prompts:
 
 - ``hf``: the plain PeftModel, TRL's code paths as they are.
