@@ -1,6 +1,6 @@
 """Graph-captured decoding (sloth.integrations.generation) against Transformers' generate: the same tokens for
 greedy decoding and, from the same seed, for sampling (the same multinomial draws on the same probabilities), end
-tokens, padding and min_new_tokens; the calls it must leave to generate; on CUDA, graph replay against the eager
+tokens, padding and min_new_tokens, Gemma 3's sliding-window layers; the calls it must leave to generate; on CUDA, graph replay against the eager
 static-cache step and against generate, for a 16-bit model and a QLoRA PeftModel."""
 
 import pytest
@@ -119,10 +119,23 @@ def test_unsupported_calls_are_left_to_generate(kw):
     assert generation.plan(model, (ids,), dict(attention_mask=mask, **kw), require_cuda=False) is None
 
 
-def test_sliding_window_models_and_cpu_are_left_to_generate(monkeypatch):
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_gemma3_sliding_window_matches_generate(attn):
+    """Gemma 3's interleaved sliding-window layers (window 4, 12 new tokens: the window slides past the prompt)."""
+    model = make_model("gemma3", attn=attn)
     ids, mask = prompts()
-    gemma = make_model("gemma3")
-    assert generation.plan(gemma, (ids,), dict(attention_mask=mask, max_new_tokens=4), require_cuda=False) is None
+    want = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=12, eos_token_id=None)
+    got = ours(model, ids, mask, do_sample=False, max_new_tokens=12, eos_token_id=None)
+    assert torch.equal(got, want)
+
+
+def test_windows_it_cannot_mask_and_cpu_are_left_to_generate(monkeypatch):
+    ids, mask = prompts()
+    mistral = make_model("mistral")
+    mistral.config.sliding_window = 8  # a window without per-layer types, shorter than 9 + 4 positions
+    assert generation.plan(mistral, (ids,), dict(attention_mask=mask, max_new_tokens=4), require_cuda=False) is None
+    mistral.config.sliding_window = 64  # covers the sequence: plain causal attention
+    assert generation.plan(mistral, (ids,), dict(attention_mask=mask, max_new_tokens=4), require_cuda=False)
     llama = make_model("llama")
     assert generation.plan(llama, (ids,), dict(attention_mask=mask, max_new_tokens=4)) is None  # CPU tensors
     monkeypatch.setenv("SLOTH_GRAPHED_GENERATE", "0")
@@ -144,7 +157,7 @@ def test_patch_installs_and_unpatch_removes_generate():
 # ----------------------------------------------------------------------------------------------------- CUDA
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
 def test_cuda_graph_replay_matches(family):
     """bf16 SDPA: the replayed graph gives bit-identical tokens to the eager static-cache step (the same kernels);
     fp32: the same tokens as Transformers' generate; a patched model's generate takes the graphed path."""

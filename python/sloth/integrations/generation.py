@@ -6,19 +6,22 @@ few ms), which is what makes RL rollouts slow. On CUDA, :func:`sloth.patch` rout
 call through :func:`graphed_generate`:
 
 1. prefill: the model's own forward on the prompt, into a ``StaticCache`` of prompt + ``max_new_tokens``
-   positions (eager, Transformers builds the masks);
-2. one decode step (the model's forward on static ``[B, 1]`` buffers: token ids, positions, a 4-D additive
-   attention mask over the cache; the step also advances them) is captured into a ``torch.cuda.CUDAGraph``
-   after one eager warm-up (whose cache writes are undone), then replayed per token;
+   positions (eager);
+2. one decode step (the model's forward on static ``[B, 1]`` buffers: token ids, positions, the cache slot;
+   the step also advances them) is captured into a ``torch.cuda.CUDAGraph`` after one eager warm-up (whose
+   cache writes are undone), then replayed per token;
 3. sampling runs eagerly on the graph's logits with Transformers' own warpers (temperature, top-k, top-p,
    min-p) and min-length / min-new-tokens masking, in Transformers' order, so tokens are drawn from the
    distribution ``generate`` samples from; greedy decoding takes the argmax. Finished rows get the pad token and
    decoding stops when every row has finished (checked every few steps, then trimmed to where ``generate``
    would have stopped).
 
-The configuration is resolved by Transformers' own ``_prepare_generation_config`` (the model's generation
+Both build their own 4-D additive attention masks over the cache slots (left padding, causality and, for the
+sliding-window layers of Gemma 3, the window; every layer's cache holds all positions), which the model takes as
+prepared masks. The configuration is resolved by Transformers' own ``_prepare_generation_config`` (the model's generation
 config merged with the call's). Anything else — beams, other logits processors, stopping strings, streamers,
-dict outputs, extra model inputs, sliding-window layers, attention other than SDPA / eager, CPU — runs the
+dict outputs, extra model inputs, a sliding window without per-layer types shorter than the sequence,
+attention other than SDPA / eager, CPU — runs the
 model's own ``generate`` unchanged, as does ``SLOTH_GRAPHED_GENERATE=0``. The model is put in eval mode for the
 call (dropout off, as in vLLM-backed rollouts) and restored after.
 """
@@ -49,13 +52,14 @@ _CHECK_EVERY = 8  # decode steps between the host's looks at "has every row fini
 class _Plan:
     """What one graphed ``generate`` call does: the resolved settings and the prompt."""
 
-    def __init__(self, input_ids, attention_mask, max_new, min_new, min_length, do_sample, warpers, eos, pad):
+    def __init__(self, input_ids, attention_mask, max_new, min_new, min_length, do_sample, warpers, eos, pad, window):
         self.input_ids = input_ids            # [B, P] long
         self.attention_mask = attention_mask  # [B, P] long (1 = token, 0 = left padding)
         self.max_new, self.min_new, self.min_length = max_new, min_new, min_length
         self.do_sample, self.warpers = do_sample, warpers
         self.eos = eos                        # [n_eos] long on the device, or None
         self.pad = pad                        # int, or None (no eos: nothing finishes)
+        self.window = window                  # sliding window of the sliding layers (None: full attention only)
 
 
 def _fallback(why: str) -> None:
@@ -91,10 +95,24 @@ def _non_default(gc) -> list:
                   if k not in _ALLOWED and v != getattr(base, k, None) and not (k in glob and v == glob[k]))
 
 
-def _full_attention_only(lm) -> bool:
-    cfg = lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+def _text_config(lm):
+    return lm.config.get_text_config() if hasattr(lm.config, "get_text_config") else lm.config
+
+
+def _attention_layout(lm, total: int):
+    """``(supported, window)`` for ``lm`` decoding ``total`` positions: ``window`` None for full attention
+    everywhere, the sliding window for interleaved sliding-window layers (Gemma 3). A model with a sliding window
+    but no per-layer types (Mistral with ``sliding_window`` set) is taken only when the window covers ``total``."""
+    cfg = _text_config(lm)
     types = getattr(cfg, "layer_types", None)
-    return not types or all(t == "full_attention" for t in types)
+    window = getattr(cfg, "sliding_window", None)
+    if types:
+        if not set(types) <= {"full_attention", "sliding_attention"}:
+            return False, None
+        if "sliding_attention" in types:
+            return isinstance(window, int) and window > 0, window
+        return True, None
+    return window is None or not getattr(cfg, "use_sliding_window", True) or window >= total, None
 
 
 def plan(lm, args, kwargs, require_cuda: bool = True) -> Optional[_Plan]:
@@ -111,8 +129,8 @@ def plan(lm, args, kwargs, require_cuda: bool = True) -> Optional[_Plan]:
     if require_cuda and (input_ids.device.type != "cuda" or not torch.cuda.is_available()):
         return _fallback("not CUDA")
     attn = getattr(lm.config, "_attn_implementation", None)
-    if attn not in ("sdpa", "eager") or not _full_attention_only(lm) or lm.config.is_encoder_decoder:
-        return _fallback(f"attention {attn} / layer types")
+    if attn not in ("sdpa", "eager") or lm.config.is_encoder_decoder:
+        return _fallback(f"attention {attn}")
     attention_mask = kwargs.pop("attention_mask", None)
     gen_cfg = kwargs.pop("generation_config", None)
     for k in ("streamer", "logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "assistant_model",
@@ -147,12 +165,15 @@ def plan(lm, args, kwargs, require_cuda: bool = True) -> Optional[_Plan]:
         return _fallback("no max_new_tokens / max_length")
     if max_new <= 0:
         return _fallback("nothing to generate")
+    supported, window = _attention_layout(lm, p + max_new)
+    if not supported:
+        return _fallback("layer types")
     eos = gc.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos) if eos is not None else []
     pad = gc.pad_token_id if gc.pad_token_id is not None else (eos[0] if eos else None)
     eos_t = torch.tensor(eos, dtype=torch.long, device=input_ids.device) if eos else None
     return _Plan(input_ids, attention_mask.to(torch.long), max_new, gc.min_new_tokens or 0, gc.min_length or 0,
-                 bool(gc.do_sample), _warpers(gc) if gc.do_sample else [], eos_t, pad)
+                 bool(gc.do_sample), _warpers(gc) if gc.do_sample else [], eos_t, pad, window)
 
 
 def _cache_kwargs(lm):
@@ -181,28 +202,45 @@ def decode(lm, pl: _Plan, use_graph: bool = True) -> torch.Tensor:
     total = p + pl.max_new
     dev = ids.device
     dtype = lm.get_input_embeddings().weight.dtype
-    cache = StaticCache(config=lm.config, max_cache_len=total)
+    cfg = _text_config(lm)
+    if pl.window is not None:  # every layer caches every position; the sliding layers' masks apply the window
+        cfg = copy.deepcopy(cfg)
+        cfg.layer_types = ["full_attention"] * len(cfg.layer_types)
+    cache = StaticCache(config=cfg, max_cache_len=total)
     cache_kw, takes_cache_position = _cache_kwargs(lm)
+    neg = torch.finfo(dtype).min
+    slots = torch.arange(total, device=dev)  # [L] cache slots = positions in the left-padded sequence
 
-    # prefill (eager): Transformers builds the masks from the 2-D padding mask
-    pos0 = (am.cumsum(-1) - 1).masked_fill(am == 0, 1)  # [B, P] positions, as generate computes them
-    extra = {"cache_position": torch.arange(p, device=dev)} if takes_cache_position else {}
-    logits = lm(input_ids=ids, attention_mask=am, position_ids=pos0, use_cache=True, logits_to_keep=1,
-                **{cache_kw: cache}, **extra).logits[:, -1, :]
+    def masks(valid, q_slots):
+        """The attention masks handed to the model: additive ``[B, 1, Q, L]`` in the model dtype (0 = attend)
+        from ``valid [B, L]`` (bool, slot holds a token) for queries in slots ``q_slots [Q]``: a tensor for
+        full attention only, else one per layer type (the sliding one also needs ``slot > q - window``)."""
+        ok = valid[:, None, None, :] & (slots[None, None, None, :] <= q_slots[None, None, :, None])
+        full = torch.zeros(ok.shape, dtype=dtype, device=dev).masked_fill_(~ok, neg)
+        if pl.window is None:
+            return full
+        ok &= slots[None, None, None, :] > (q_slots - pl.window)[None, None, :, None]
+        return {"full_attention": full,
+                "sliding_attention": torch.zeros(ok.shape, dtype=dtype, device=dev).masked_fill_(~ok, neg)}
+
+    # prefill (eager), positions as generate computes them for left padding
+    valid = torch.zeros(b, total, dtype=torch.bool, device=dev)  # [B, L] slots holding a token
+    valid[:, :p] = am.bool()
+    pos0 = (am.cumsum(-1) - 1).masked_fill(am == 0, 1)  # [B, P]
+    extra = {"cache_position": slots[:p]} if takes_cache_position else {}
+    logits = lm(input_ids=ids, attention_mask=masks(valid, slots[:p]), position_ids=pos0, use_cache=True,
+                logits_to_keep=1, **{cache_kw: cache}, **extra).logits[:, -1, :]
 
     # decode-step state: static buffers the (captured) step reads and advances
-    tok_buf = torch.zeros(b, 1, dtype=torch.long, device=dev)   # [B, 1] the token to feed
-    pos_buf = am.sum(-1, keepdim=True)                          # [B, 1] its position
+    tok_buf = torch.zeros(b, 1, dtype=torch.long, device=dev)     # [B, 1] the token to feed
+    pos_buf = am.sum(-1, keepdim=True)                            # [B, 1] its position
     cpos_buf = torch.full((1,), p, dtype=torch.long, device=dev)  # [1] its cache slot
-    neg = torch.finfo(dtype).min
-    mask = torch.full((b, 1, 1, total), neg, dtype=dtype, device=dev)  # [B, 1, 1, L] additive
-    mask[:, 0, 0, :p].masked_fill_(am.bool(), 0.0)
 
     def step():
-        mask.index_fill_(3, cpos_buf, 0.0)  # the new token attends to itself
+        valid.index_fill_(1, cpos_buf, True)  # the new token's slot
         extra = {"cache_position": cpos_buf} if takes_cache_position else {}
-        out = lm(input_ids=tok_buf, attention_mask=mask, position_ids=pos_buf, use_cache=True, logits_to_keep=1,
-                 **{cache_kw: cache}, **extra).logits[:, -1, :]
+        out = lm(input_ids=tok_buf, attention_mask=masks(valid, cpos_buf), position_ids=pos_buf, use_cache=True,
+                 logits_to_keep=1, **{cache_kw: cache}, **extra).logits[:, -1, :]
         pos_buf.add_(1)
         cpos_buf.add_(1)
         return out
@@ -245,7 +283,7 @@ def decode(lm, pl: _Plan, use_graph: bool = True) -> torch.Tensor:
             torch.cuda.current_stream().wait_stream(side)
             for c, v in zip(counters + [pos_buf, cpos_buf], saved):
                 c.copy_(v)  # undo the warm-up (its cache write is redone identically by the first replay)
-            mask.index_fill_(3, cpos_buf, neg)
+            valid.index_fill_(1, cpos_buf, False)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 graph_logits = step()
