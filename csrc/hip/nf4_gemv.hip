@@ -141,6 +141,39 @@ __device__ void finish_tile(const Nf4GemvArgs& a, float* s_red, const float (&ac
   }
 }
 
+// The per-warp item loop of both kernels: the first kStages - 1 items' loads are issued before the tables are
+// filled (so their latency overlaps the fill), then each item is computed while the loads of the next
+// kStages - 1 are in flight; after a tile's last chunk its partial sums go through finish_tile.
+template <OutType T, int NT, int kLutStride, class StageT, class Load, class Compute>
+__device__ __forceinline__ void stream_items(const Nf4GemvArgs& a, StageT (&st)[kStages], float (&acc)[NT][4],
+                                             uint32_t* s_lut, float* s_code2, float* s_red, int items, int nch,
+                                             int64_t t0, int warp, int lane, Load& load, Compute& compute) {
+#pragma unroll
+  for (int p = 0; p < kStages - 1; ++p)
+    if (p < items) load(st[p]);
+  fill_tables<T, kLutStride>(a, s_lut, s_code2);
+#pragma unroll
+  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+  int cp_ch = 0;
+  int64_t cp_tile = t0;
+  for (int i0 = 0; i0 < items; i0 += kStages) {
+#pragma unroll
+    for (int p = 0; p < kStages; ++p) {
+      const int i = i0 + p;
+      if (i >= items) break;
+      if (i + kStages - 1 < items) load(st[(p + kStages - 1) % kStages]);
+      compute(st[p], cp_ch);
+      if (++cp_ch == nch) {
+        finish_tile<T, NT>(a, s_red, acc, cp_tile, warp, lane);
+#pragma unroll
+        for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+        cp_ch = 0;
+        ++cp_tile;
+      }
+    }
+  }
+}
+
 // One pipeline stage of a warp: kChunk K-groups of the weight rows g and g + 8 of one tile.
 struct Stage {
   uint4 w[kChunk][2];
@@ -282,30 +315,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_lora_kernel(Nf4GemvArgs 
   };
 
   Stage st[kStages];
-#pragma unroll
-  for (int p = 0; p < kStages - 1; ++p)
-    if (p < items) load(st[p]);
-  fill_tables<T, kLutStride>(a, s_lut, s_code2);
-#pragma unroll
-  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-  int cp_ch = 0;
-  int64_t cp_tile = t0;
-  for (int i0 = 0; i0 < items; i0 += kStages) {
-#pragma unroll
-    for (int p = 0; p < kStages; ++p) {
-      const int i = i0 + p;
-      if (i >= items) break;
-      if (i + kStages - 1 < items) load(st[(p + kStages - 1) % kStages]);
-      compute(st[p], cp_ch);
-      if (++cp_ch == nch) {
-        finish_tile<T, NT>(a, s_red, acc, cp_tile, warp, lane);
-#pragma unroll
-        for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-        cp_ch = 0;
-        ++cp_tile;
-      }
-    }
-  }
+  stream_items<T, NT, kLutStride>(a, st, acc, s_lut, s_code2, s_red, items, nch, t0, warp, lane, load, compute);
 }
 
 // ---- kVariant 5 (the default where v5_applies; SLOTH_GEMV_VARIANT=4 for A/B) ----
@@ -496,30 +506,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_lora_v5_kernel(Nf4GemvAr
   };
 
   Stage5 st[kStages] = {};  // defined contents for the predicated-off loads
-#pragma unroll
-  for (int p = 0; p < kStages - 1; ++p)
-    if (p < items) load(st[p]);
-  fill_tables<T, kLutStride>(a, s_lut, s_code2);
-#pragma unroll
-  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-  int cp_ch = 0;
-  int64_t cp_tile = t0;
-  for (int i0 = 0; i0 < items; i0 += kStages) {
-#pragma unroll
-    for (int p = 0; p < kStages; ++p) {
-      const int i = i0 + p;
-      if (i >= items) break;
-      if (i + kStages - 1 < items) load(st[(p + kStages - 1) % kStages]);
-      compute(st[p], cp_ch);
-      if (++cp_ch == nch) {
-        finish_tile<T, NT>(a, s_red, acc, cp_tile, warp, lane);
-#pragma unroll
-        for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-        cp_ch = 0;
-        ++cp_tile;
-      }
-    }
-  }
+  stream_items<T, NT, kLutStride>(a, st, acc, s_lut, s_code2, s_red, items, nch, t0, warp, lane, load, compute);
 }
 
 // Variant 5 applies: double-quantized absmax (absmax2 blocks of >= 2 blocks), blocksize 64, K % 128 == 0,
