@@ -303,8 +303,8 @@ def graphed_generate(lm, orig_generate, *args, **kwargs):
     pl = plan(lm, args, kwargs)
     if pl is None:
         return orig_generate(*args, **kwargs)
-    was_training = lm.training
-    lm.eval()
+    modes = [(m, m.training) for m in lm.modules()]  # restored one by one: some may be in eval on purpose
+    lm.eval()  # also keeps training-mode gradient checkpointing from turning the cache off
     try:
         return decode(lm, pl)
     except torch.cuda.OutOfMemoryError:
@@ -317,4 +317,5 @@ def graphed_generate(lm, orig_generate, *args, **kwargs):
         lm._sloth_generate_broken = True
         return orig_generate(*args, **kwargs)
     finally:
-        lm.train(was_training)
+        for m, training in modes:
+            m.training = training
