@@ -70,10 +70,20 @@ def prepare_head_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias, target
     grad_on = torch.is_grad_enabled()
     needs = (grad_on and hidden.requires_grad, grad_on and weight.requires_grad,
              grad_on and bias is not None and bias.requires_grad)
-    online_hidden = h2.shape[1] if online and needs == (True, False, False) else None
-    chunk = chunk_rows(h2.shape[0], weight.shape[0], hidden.dtype, hidden.device, need_dw=needs[1],
-                       chunk_size=chunk_size, online_hidden=online_hidden)
+    chunk = online_rows(h2, weight, needs, chunk_size) if online else None
+    if chunk is None:
+        chunk = chunk_rows(h2.shape[0], weight.shape[0], h2.dtype, h2.device, need_dw=needs[1],
+                           chunk_size=chunk_size)
     return h2, t, needs, chunk
+
+
+def online_rows(h2: torch.Tensor, weight: torch.Tensor, needs, chunk_size: Optional[int]) -> Optional[int]:
+    """Rows per chunk of the online frozen-head path (_online_head; see chunk_rows) for ``h2 [tokens, H]`` when
+    only dh is wanted (``needs == (True, False, False)``), else None."""
+    if needs != (True, False, False):
+        return None
+    return chunk_rows(h2.shape[0], weight.shape[0], h2.dtype, h2.device, chunk_size=chunk_size,
+                      online_hidden=h2.shape[1])
 
 
 def chunk_logits(hidden_c: torch.Tensor, weight: torch.Tensor, bias, out: torch.Tensor) -> torch.Tensor:

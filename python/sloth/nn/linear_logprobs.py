@@ -13,7 +13,7 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from ._checks import check_linear_head
-from ._chunking import chunk_logits, chunk_rows, fold_chunk_grads, prepare_head_inputs
+from ._chunking import chunk_logits, fold_chunk_grads, online_rows, prepare_head_inputs
 from ._online_head import online_head_grad
 
 #: Tokens equal to this give log-prob 0, entropy still computed, and no gradient (padding).
@@ -87,7 +87,7 @@ class LinearLogprobsFunction(torch.autograd.Function):
         g_ent = None if g_entropy is None else g_entropy.float()  # [tokens]
         if g_nll is None:
             g_nll = torch.zeros((n,), dtype=torch.float32, device=hidden.device)
-        if ctx.needs == (True, False, False) and g_ent is None and ctx.online_chunk:
+        if g_ent is None and ctx.online_chunk:  # set only when dh alone is wanted
             _, dh = online_head_grad(hidden, weight, bias, tokens, PAD_TOKEN, ctx.softcap, ctx.logit_scale,
                                      ctx.online_chunk, row_scale=g_nll)
             return dh, None, None, *nones
@@ -108,14 +108,6 @@ class LinearLogprobsFunction(torch.autograd.Function):
         if db is not None:
             db = db.to(bias.dtype)
         return dh, dw, db, *nones
-
-
-def _online_chunk(h2, weight, needs, chunk_size):
-    """Rows per chunk of the backward's online path (see chunk_rows); None when dW or db is wanted too."""
-    if needs != (True, False, False):
-        return None
-    return chunk_rows(h2.shape[0], weight.shape[0], h2.dtype, h2.device, chunk_size=chunk_size,
-                      online_hidden=h2.shape[1])
 
 
 def _scales(op, temperature, softcap, logit_scale):
@@ -155,7 +147,7 @@ def linear_logprobs(
     scale, cap = _scales("linear_logprobs", temperature, softcap, logit_scale)
     lead = hidden.shape[:-1]
     h2, tok, needs, chunk = prepare_head_inputs(hidden, weight, bias, tokens, chunk_size)
-    online = _online_chunk(h2, weight, needs, chunk_size)
+    online = online_rows(h2, weight, needs, chunk_size)  # the backward's, when only dh is wanted
     logp, entropy = LinearLogprobsFunction.apply(h2, weight, bias, tok, scale, chunk, needs, cap, (), online)
     logp = logp.reshape(lead)
     if return_entropy:
@@ -187,7 +179,7 @@ def linear_logprobs_stats(
     stats = tuple(k for k in STATS if k in stats)
     lead = hidden.shape[:-1]
     h2, tok, needs, chunk = prepare_head_inputs(hidden, weight, bias, tokens, chunk_size)
-    online = _online_chunk(h2, weight, needs, chunk_size)
+    online = online_rows(h2, weight, needs, chunk_size)  # the backward's, when only dh is wanted
     outs = LinearLogprobsFunction.apply(h2, weight, bias, tok, scale, chunk, needs, cap, stats, online)
     names = ("log_probs", "entropy", *stats)
     return {k: t.reshape(lead) for k, t in zip(names, outs)}
