@@ -13,42 +13,17 @@
 
 from __future__ import annotations
 
-import statistics
-
 import pytest
 import torch
 
 import sloth
-from timing import cuda_median_ms
+from timing import cuda_median_ms, graph_median_ms
 
 HAS_CUDA = torch.cuda.is_available()
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
 
 N, K = 14336, 4096
 DT = torch.bfloat16
-
-
-def time_graph(fn, calls=20, reps=25) -> float:
-    """Median ms per call of fn, captured `calls` times in one CUDA graph and replayed `reps` times."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / calls)
-    return statistics.median(times)
 
 
 def time_eager(fn, reps=20) -> float:
@@ -87,7 +62,7 @@ def small_m_fns(M):
 def test_small_m(benchmark, M, impl):
     fns, nbytes = small_m_fns(M)
     fn = fns[impl]
-    ms = time_graph(fn)
+    ms = graph_median_ms(fn)
     benchmark.extra_info.update(ms_graph_median=ms, gb_per_s=nbytes / ms / 1e6)
     benchmark(lambda: (fn(), torch.cuda.synchronize()))
 
@@ -193,7 +168,7 @@ def small_m_table():
     for M in (1, 8):
         fns, nbytes = small_m_fns(M)
         for name, fn in fns.items():
-            ms = time_graph(fn)
+            ms = graph_median_ms(fn)
             print(f"{name:32s} {M:3d} {ms:9.4f} {nbytes / ms / 1e6:12.0f}")
 
 

@@ -1,5 +1,5 @@
-"""RoPE of q and k in place (CUDA only): sloth's rope_ (variants 1 and 2, each in a fresh process, since
-SLOTH_ROPE_VARIANT is read once) vs Transformers' apply_rotary_pos_emb (rotate_half, out of place) on the layout a
+"""RoPE of q and k in place (CUDA only): sloth's rope_ (the vectorized default, variant 2, and the scalar
+SLOTH_ROPE_VARIANT=1 kernel, each in a fresh process, since SLOTH_ROPE_VARIANT is read once) vs Transformers' apply_rotary_pos_emb (rotate_half, out of place) on the layout a
 patched Llama-3.1-8B layer hands it: q [4096, 32, 128] and k [4096, 8, 128] bf16 views of one fused projection
 output (token stride 6144). Bytes: q and k read and written once; the copy ceiling is ~4.5 TB/s on an H200.
 
@@ -14,6 +14,8 @@ import sys
 
 import torch
 
+from timing import graph_median_ms
+
 T, H, KV, D = 4096, 32, 8, 128
 
 
@@ -24,25 +26,6 @@ def inputs():
     inv = 1.0 / 500000.0 ** (torch.arange(0, D, 2, device="cuda").float() / D)
     emb = torch.cat([torch.arange(T, device="cuda").float()[:, None] * inv] * 2, -1)  # [tokens, D]
     return q, k, emb.cos().contiguous(), emb.sin().contiguous()
-
-
-def time_us(fn, calls=50):
-    """Per-call device time of fn over `calls` back-to-back calls captured in one CUDA graph (no launch gaps)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1e3 / calls
 
 
 def measure(impl: str) -> float:
@@ -60,7 +43,7 @@ def measure(impl: str) -> float:
 
         def fn():
             apply_rotary_pos_emb(qh, kh, c, s)
-    return time_us(fn)
+    return graph_median_ms(fn) * 1e3  # us per call
 
 
 def main():
