@@ -123,7 +123,7 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
     return out
 
 
-def _replace_forward(record, module, fn, what, attr="forward"):
+def _replace_method(record, module, fn, what, attr="forward"):
     """Bind ``fn`` as ``module.<attr>`` (the previous one kept as ``module._sloth_orig_<attr>``) and record it."""
     had_own = attr in module.__dict__
     old = module.__dict__.get(attr)
@@ -175,22 +175,22 @@ def patch(model, verbose: bool = False):
         if cls in RMS_NORMS and "_sloth_orig_forward" not in module.__dict__:
             offset, cast, _ = RMS_NORMS[cls]
             order = "round(x*rstd)*w" if cast else "round(x*rstd*(1+w))"
-            _replace_forward(record, module, _rms_norm_forward,
+            _replace_method(record, module, _rms_norm_forward,
                              f"{names[module] or '<root>'}: {cls}.forward -> sloth.rms_norm (offset={offset:g}, {order})")
         elif cls in MLPS and glu_kind_of(module) and "_sloth_orig_forward" not in module.__dict__:
-            _replace_forward(record, module, sloth_mlp_forward,
+            _replace_method(record, module, sloth_mlp_forward,
                              f"{names[module] or '<root>'}: {cls}.forward -> sloth.lora_mlp (fused {glu_kind_of(module)};"
                              f" the model's forward where a projection is off the fast path)")
         elif cls in ATTENTIONS and "_sloth_orig_forward" not in module.__dict__ and install_dispatcher(module):
-            _replace_forward(record, module, sloth_attention_forward,
+            _replace_method(record, module, sloth_attention_forward,
                              f"{names[module] or '<root>'}: {cls}.forward -> RoPE of q, k by sloth.rope (in place; "
                              f"the attention itself is the model's)")
         elif cls in CAUSAL_LMS and "_sloth_orig_forward" not in module.__dict__:
             softcap = getattr(module.config, "final_logit_softcapping", None)
-            _replace_forward(record, module, _causal_lm_forward,
+            _replace_method(record, module, _causal_lm_forward,
                              f"{names[module] or '<root>'}: {cls}.forward -> loss by sloth.causal_lm_loss "
                              f"(chunked linear cross-entropy, softcap={softcap}; logits=None when labels are given)")
-            _replace_forward(record, module, _generate,
+            _replace_method(record, module, _generate,
                              f"{names[module] or '<root>'}: {cls}.generate -> CUDA-graph decoding on a static cache "
                              f"(sloth.integrations.generation; the model's generate where unsupported)",
                              attr="generate")

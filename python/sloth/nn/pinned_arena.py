@@ -8,7 +8,8 @@ step needs more than the region holds, the overflow comes from torch's pinned al
 to the peak seen so far the next time nothing is alive in it (at the latest the next step's start), so from the
 second step on all checkpoints live in it.
 
-Opt-in (``SLOTH_PINNED_ARENA=1``) until verified on a GPU; :func:`arena` returns None otherwise.
+Opt-in (``SLOTH_PINNED_ARENA=1``; worth it past ~256k tokens, where the rounding costs tens of GiB of host
+memory): :func:`arena` returns None otherwise.
 """
 
 from __future__ import annotations
