@@ -173,8 +173,9 @@ test_gemv_cuda = pytest.mark.cuda(test_gemv_cuda)
 def check_gemv_cases(device="cuda"):
     """The fused GEMV (M <= 16) against the reference on shapes that exercise every variant's edges; returns the
     failures. (in, out): K % 128 == 0 with odd N; K > 4096 (several K chunks per warp, the last one partial);
-    K % 128 == 64 and K % 64 == 32 (variant 5 does not apply: fallback); fp32 absmax (fallback). LoRA and bias
-    on / off cycle with M."""
+    K % 128 == 64 and K % 64 == 32 (variants 5 / 6 do not apply: fallback); fp32 absmax (fallback); 2500 tiles of
+    16 rows (19 per CTA on 132 SMs: variant 6 reduces them in several rounds of slots). LoRA and bias on / off
+    cycle with M."""
     from sloth.ops.qlora import NF4Args, gemv_available
 
     kinds = ["nf4", "nf4_fp32absmax"]
@@ -186,7 +187,8 @@ def check_gemv_cases(device="cuda"):
     fails = []
     for kind in kinds:
         for dtype in (torch.bfloat16, torch.float16):
-            for in_f, out_f in ((4096, 1000), (2048, 333), (4224, 257), (8448, 45), (4160, 100), (96, 333)):
+            for in_f, out_f in ((4096, 1000), (2048, 333), (4224, 257), (8448, 45), (4160, 100), (96, 333),
+                                 (256, 40000)):
                 W, qs = make_weight(kind, out_f, in_f, dtype, device)
                 g = torch.Generator().manual_seed(in_f + out_f)
                 A = (torch.randn(16, in_f, generator=g) / in_f**0.5).to(dtype).to(device)
@@ -209,9 +211,9 @@ def check_gemv_cases(device="cuda"):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("variant", ["5", "4"])
+@pytest.mark.parametrize("variant", ["6", "5", "4"])
 def test_gemv_variants_cuda(variant):
-    """The GEMV cases with the default variant 5 and with the A/B switch SLOTH_GEMV_VARIANT=4 (read once per
+    """The GEMV cases with the default variant 6 and with the A/B switch SLOTH_GEMV_VARIANT=5 / 4 (read once per
     process, so in a subprocess): each where it applies, and the fallbacks where it does not."""
     import os
     import pathlib

@@ -58,9 +58,14 @@ constexpr int kStages = 3;          // register stages: one computed while two a
 // addressing of kVariant 4 (see lut_entry).
 constexpr int lut_stride(int variant) { return variant == 4 ? 64 : 32; }
 
-// Dynamic shared memory: table, double-quantization code, partial sums.
+// Bytes of one slot of partial sums: [kWarps][32 lanes][NT * 4] fp32.
+template <int NT>
+constexpr size_t slot_bytes() { return kWarps * 32 * NT * 4 * 4; }
+// Dynamic shared memory: table, double-quantization code, partial sums (2 slots, or `slots` for variant 6).
 template <int NT, int kVariant>
-constexpr size_t smem_bytes() { return (256 * lut_stride(kVariant) + 256) * 4 + 2 * kWarps * 32 * NT * 4 * 4; }
+constexpr size_t smem_bytes(int slots = 0) {
+  return (256 * lut_stride(kVariant) + 256) * 4 + (slots > 2 ? slots : 2) * slot_bytes<NT>();
+}
 
 template <OutType T>
 __device__ __forceinline__ uint32_t mul2(uint32_t a, uint32_t b) {
@@ -102,26 +107,32 @@ __device__ void fill_tables(const Nf4GemvArgs& a, uint32_t* s_lut, float* s_code
   __syncthreads();
 }
 
-// Tile epilogue: the kWarps partial MMA sums of each (token, row) meet in s_red (double-buffered by tile
-// parity, so one barrier per tile suffices), then one thread per output adds the LoRA term and bias, stores y.
+// Partial sums of one tile: slot `slot` of s_red ([slots][kWarps][32][NT * 4] fp32) takes this lane's
+// fragment sums (one float4 per token tile, conflict-free).
+template <int NT>
+__device__ __forceinline__ void store_partials(float* s_red, const float (&acc)[NT][4], int slot, int warp,
+                                               int lane) {
+  float4* red = reinterpret_cast<float4*>(s_red + ((slot * kWarps + warp) * 32 + lane) * NT * 4);
+#pragma unroll
+  for (int j = 0; j < NT; ++j) red[j] = make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]);
+}
+
+// Tile epilogue of `count` tiles (tile0 + i in slot slot0 + i of s_red, all kWarps partial sums stored and
+// published by a barrier): one thread per output sums the kWarps partials of its (token, row), adds the LoRA
+// term and bias, stores y.
 template <OutType T, int NT>
-__device__ void finish_tile(const Nf4GemvArgs& a, float* s_red, const float (&acc)[NT][4], int64_t tile, int warp,
-                            int lane) {
+__device__ void reduce_tiles(const Nf4GemvArgs& a, const float* s_red, int slot0, int64_t tile0, int count) {
   using raw = typename OutStorage<T>::type;
   const raw* lt = static_cast<const raw*>(a.lora_t);
   const raw* lb = static_cast<const raw*>(a.lora_B);
   const raw* bias = static_cast<const raw*>(a.bias);
   raw* y = static_cast<raw*>(a.y);
-  float* red = s_red + (tile & 1) * (kWarps * 32 * NT * 4);
-#pragma unroll
-  for (int j = 0; j < NT; ++j)
-#pragma unroll
-    for (int q = 0; q < 4; ++q) red[(warp * 32 + lane) * NT * 4 + j * 4 + q] = acc[j][q];
-  __syncthreads();
-  for (int o = threadIdx.x; o < 16 * a.m; o += kThreads) {
-    const int tok = o / 16, r16 = o % 16;
-    const int64_t row = tile * 16 + r16;
+  const int per_tile = 16 * a.m;
+  for (int o = threadIdx.x; o < count * per_tile; o += kThreads) {
+    const int i = o / per_tile, tok = (o % per_tile) / 16, r16 = o % 16;
+    const int64_t row = (tile0 + i) * 16 + r16;
     if (row >= a.n) continue;
+    const float* red = s_red + (slot0 + i) * (kWarps * 32 * NT * 4);
     const int tt = tok % 8;
     const int src = ((r16 % 8) * 4 + tt / 2) * NT * 4 + (tok / 8) * 4 + (r16 / 8) * 2 + (tt % 2);
     float s = 0.0f;
@@ -138,21 +149,26 @@ __device__ void finish_tile(const Nf4GemvArgs& a, float* s_red, const float (&ac
   }
 }
 
-// The per-warp item loop of both kernels: the first kStages - 1 items' loads are issued before the tables are
+// The per-warp item loop of all kernels: the first kStages - 1 items' loads are issued before the tables are
 // filled (so their latency overlaps the fill), then each item is computed while the loads of the next
-// kStages - 1 are in flight; after a tile's last chunk its partial sums go through finish_tile.
+// kStages - 1 are in flight. After a tile's last chunk its partial sums go to shared memory. slots == 0: every
+// tile is reduced at once (s_red holds 2 slots, by tile parity: one barrier per tile, every warp waits for the
+// slowest). slots > 0 (variant 6): tiles fill `slots` slots and are reduced together when the slots are full or
+// the CTA's tiles end (two barriers per `slots` tiles), so warps drift apart within a round and their loads,
+// lookups and MMAs overlap instead of meeting at a barrier per tile.
 template <OutType T, int NT, int kLutStride, class StageT, class Load, class Compute>
 __device__ __forceinline__ void stream_items(const Nf4GemvArgs& a, StageT (&st)[kStages], float (&acc)[NT][4],
-                                             uint32_t* s_lut, float* s_code2, float* s_red, int items, int nch,
-                                             int64_t t0, int warp, int lane, Load& load, Compute& compute) {
+                                             uint32_t* s_lut, float* s_code2, float* s_red, int slots, int items,
+                                             int nch, int64_t t0, int warp, int lane, Load& load,
+                                             Compute& compute) {
 #pragma unroll
   for (int p = 0; p < kStages - 1; ++p)
     if (p < items) load(st[p]);
   fill_tables<T, kLutStride>(a, s_lut, s_code2);
 #pragma unroll
   for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-  int cp_ch = 0;
-  int64_t cp_tile = t0;
+  const int n_tiles = items / nch;
+  int cp_ch = 0, cp_tile = 0;  // tile index within the CTA's range
   for (int i0 = 0; i0 < items; i0 += kStages) {
 #pragma unroll
     for (int p = 0; p < kStages; ++p) {
@@ -161,7 +177,19 @@ __device__ __forceinline__ void stream_items(const Nf4GemvArgs& a, StageT (&st)[
       if (i + kStages - 1 < items) load(st[(p + kStages - 1) % kStages]);
       compute(st[p], cp_ch);
       if (++cp_ch == nch) {
-        finish_tile<T, NT>(a, s_red, acc, cp_tile, warp, lane);
+        if (slots == 0) {
+          store_partials<NT>(s_red, acc, cp_tile & 1, warp, lane);
+          __syncthreads();
+          reduce_tiles<T, NT>(a, s_red, cp_tile & 1, t0 + cp_tile, 1);
+        } else {
+          const int slot = cp_tile % slots;
+          store_partials<NT>(s_red, acc, slot, warp, lane);
+          if (slot == slots - 1 || cp_tile == n_tiles - 1) {
+            __syncthreads();
+            reduce_tiles<T, NT>(a, s_red, 0, t0 + cp_tile - slot, slot + 1);
+            __syncthreads();
+          }
+        }
 #pragma unroll
         for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
         cp_ch = 0;
@@ -312,7 +340,8 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_lora_kernel(Nf4GemvArgs 
   };
 
   Stage st[kStages];
-  stream_items<T, NT, kLutStride>(a, st, acc, s_lut, s_code2, s_red, items, nch, t0, warp, lane, load, compute);
+  stream_items<T, NT, kLutStride>(a, st, acc, s_lut, s_code2, s_red, 0, items, nch, t0, warp, lane, load,
+                                  compute);
 }
 
 // ---- kVariant 5 (the default where v5_applies; SLOTH_GEMV_VARIANT=4 for A/B) ----
@@ -371,14 +400,16 @@ __device__ __forceinline__ void ldg_pred_u16(uint32_t& v, const void* p, bool pr
   asm("{\n .reg .pred q;\n setp.ne.b32 q, %2, 0;\n @q ld.global.nc.u16 %0, [%1];\n}" : "+r"(v) : "l"(p), "r"((int)pred));
 }
 
+// slots == 0: one barrier per tile (variant 5); slots > 0: variant 6, tiles reduced `slots` at a time (see
+// stream_items); s_red then holds max(slots, 2) slots.
 template <OutType T, int NT>
-__global__ void __launch_bounds__(kThreads, 1) nf4_gemv_lora_v5_kernel(Nf4GemvArgs a) {
+__global__ void __launch_bounds__(kThreads, 1) nf4_gemv_lora_v5_kernel(Nf4GemvArgs a, int slots) {
   using raw = typename OutStorage<T>::type;
   constexpr int kLutStride = lut_stride(4);
   extern __shared__ uint32_t smem[];
   uint32_t* s_lut = smem;                                               // [256 bytes][kLutStride] pairs of T
   float* s_code2 = reinterpret_cast<float*>(smem + 256 * kLutStride);  // [256] double-quantization code
-  float* s_red = s_code2 + 256;                                         // [2][kWarps][32][NT * 4] partial sums
+  float* s_red = s_code2 + 256;                                         // [slots][kWarps][32][NT * 4] partials
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane >> 2, c = lane & 3;
   const int64_t n_tiles = (a.n + 15) / 16;
@@ -503,7 +534,8 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_lora_v5_kernel(Nf4GemvAr
   };
 
   Stage5 st[kStages] = {};  // defined contents for the predicated-off loads
-  stream_items<T, NT, kLutStride>(a, st, acc, s_lut, s_code2, s_red, items, nch, t0, warp, lane, load, compute);
+  stream_items<T, NT, kLutStride>(a, st, acc, s_lut, s_code2, s_red, slots, items, nch, t0, warp, lane, load,
+                                  compute);
 }
 
 // Variant 5 applies: double-quantized absmax (absmax2 blocks of >= 2 blocks), blocksize 64, K % 128 == 0,
@@ -524,23 +556,43 @@ void launch_variant(const Nf4GemvArgs& args, unsigned grid, cudaStream_t stream)
   nf4_gemv_lora_kernel<T, NT, kVariant><<<grid, kThreads, kSmem, stream>>>(args);
 }
 
+int device_attribute(cudaDeviceAttr attr, int fallback) {
+  int dev = 0, v = fallback;
+  if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&v, attr, dev);
+  return v;
+}
+
+int num_sms() { return device_attribute(cudaDevAttrMultiProcessorCount, 132); }
+
+// Variant 6's slots: enough for every tile of a CTA in one round where shared memory allows (up to 16 slots; at
+// least 3, else variant 5's per-tile reduction is as good).
+template <int NT>
+int v6_slots(int64_t tiles_per_cta) {
+  static const int optin = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, 0);  // bytes
+  const int64_t room = (optin - (int64_t)smem_bytes<NT, 4>(0) + 2 * (int64_t)slot_bytes<NT>()) / slot_bytes<NT>();
+  const int64_t slots = std::min<int64_t>({room, 16, tiles_per_cta});
+  return slots >= 3 ? (int)slots : 0;
+}
+
 template <OutType T, int NT>
-void launch_v5(const Nf4GemvArgs& args, unsigned grid, cudaStream_t stream) {
-  constexpr size_t kSmem = smem_bytes<NT, 4>();  // the same layout as variant 4
-  static const bool opted_in = cudaFuncSetAttribute(nf4_gemv_lora_v5_kernel<T, NT>,
-                                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                    (int)kSmem) == cudaSuccess;  // once per process
-  (void)opted_in;
-  nf4_gemv_lora_v5_kernel<T, NT><<<grid, kThreads, kSmem, stream>>>(args);
+void launch_v5(const Nf4GemvArgs& args, unsigned grid, int slots, cudaStream_t stream) {
+  const size_t smem = smem_bytes<NT, 4>(slots);  // the table layout of variant 4
+  static size_t opted = 0;                       // largest size opted in so far (per process)
+  if (smem > opted && cudaFuncSetAttribute(nf4_gemv_lora_v5_kernel<T, NT>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) == cudaSuccess)
+    opted = smem;
+  nf4_gemv_lora_v5_kernel<T, NT><<<grid, kThreads, smem, stream>>>(args, slots);
 }
 
 template <OutType T, int NT>
 void launch_gemv(const Nf4GemvArgs& args, unsigned grid, cudaStream_t stream) {
-  // Variant 5 where it applies (v5_applies), unless SLOTH_GEMV_VARIANT=4 (read once; for A/B timing). Otherwise
-  // variant 4 where it applies (double-quantized absmax, 32-bit element offsets), else variant 3.
-  static const int variant = getenv("SLOTH_GEMV_VARIANT") ? atoi(getenv("SLOTH_GEMV_VARIANT")) : 5;
-  if (variant == 5 && v5_applies(args)) {
-    launch_v5<T, NT>(args, grid, stream);
+  // Variant 6 (variant 5's kernel with tiles reduced several at a time) where variant 5 applies (v5_applies),
+  // unless SLOTH_GEMV_VARIANT=5 or 4 (read once; for A/B timing). Otherwise variant 4 where it applies
+  // (double-quantized absmax, 32-bit element offsets), else variant 3.
+  static const int variant = getenv("SLOTH_GEMV_VARIANT") ? atoi(getenv("SLOTH_GEMV_VARIANT")) : 6;
+  if (variant >= 5 && v5_applies(args)) {
+    const int64_t n_tiles = (args.n + 15) / 16;
+    launch_v5<T, NT>(args, grid, variant == 6 ? v6_slots<NT>((n_tiles + grid - 1) / grid) : 0, stream);
     return;
   }
   const bool v4 = args.absmax.absmax == nullptr && std::max<int64_t>(args.n, args.m) * args.k < (int64_t{1} << 31);
@@ -548,12 +600,6 @@ void launch_gemv(const Nf4GemvArgs& args, unsigned grid, cudaStream_t stream) {
     launch_variant<T, NT, 4>(args, grid, stream);
   else
     launch_variant<T, NT, 3>(args, grid, stream);
-}
-
-int num_sms() {
-  int dev = 0, sms = 132;
-  if (cudaGetDevice(&dev) == cudaSuccess) cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  return sms;
 }
 
 }  // namespace
