@@ -211,9 +211,9 @@ def check_gemv_cases(device="cuda"):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("variant", ["6", "5", "4"])
+@pytest.mark.parametrize("variant", ["7", "6", "5", "4"])
 def test_gemv_variants_cuda(variant):
-    """The GEMV cases with the default variant 6 and with the A/B switch SLOTH_GEMV_VARIANT=5 / 4 (read once per
+    """The GEMV cases with the default variant 7 and with the A/B switch SLOTH_GEMV_VARIANT=6 / 5 / 4 (read once per
     process, so in a subprocess): each where it applies, and the fallbacks where it does not."""
     import os
     import pathlib

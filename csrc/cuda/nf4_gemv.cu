@@ -94,9 +94,17 @@ __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
+// The CTA barrier of the kernels' compute threads: __syncthreads, or (kNamed: variant 7, whose producer warp
+// never joins) named barrier 1 over the kThreads compute threads.
+template <bool kNamed>
+__device__ __forceinline__ void compute_barrier() {
+  if constexpr (kNamed) asm volatile("bar.sync 1, %0;" ::"n"(kThreads) : "memory");
+  else __syncthreads();
+}
+
 // The per-lane byte -> pair table (s_lut [256][kStride], lanes 0..31 of each row used) and the
 // double-quantization code (s_code2 [256]); ends with the barrier that publishes them.
-template <OutType T, int kStride>
+template <OutType T, int kStride, bool kNamed>
 __device__ void fill_tables(const Nf4GemvArgs& a, uint32_t* s_lut, float* s_code2) {
   for (int i = threadIdx.x; i < 256 * 32; i += kThreads) {
     const int v = i / 32;  // byte: element 2j in the high nibble -> low half of the pair
@@ -104,7 +112,7 @@ __device__ void fill_tables(const Nf4GemvArgs& a, uint32_t* s_lut, float* s_code
         (uint32_t)from_float<T>(nf4_value(v >> 4)) | ((uint32_t)from_float<T>(nf4_value(v & 15)) << 16);
   }
   if (a.absmax.code2 != nullptr && threadIdx.x < 256) s_code2[threadIdx.x] = a.absmax.code2[threadIdx.x];
-  __syncthreads();
+  compute_barrier<kNamed>();
 }
 
 // Partial sums of one tile: slot `slot` of s_red ([slots][kWarps][32][NT * 4] fp32) takes this lane's
@@ -156,7 +164,7 @@ __device__ void reduce_tiles(const Nf4GemvArgs& a, const float* s_red, int slot0
 // slowest). slots > 0 (variant 6): tiles fill `slots` slots and are reduced together when the slots are full or
 // the CTA's tiles end (two barriers per `slots` tiles), so warps drift apart within a round and their loads,
 // lookups and MMAs overlap instead of meeting at a barrier per tile.
-template <OutType T, int NT, int kLutStride, class StageT, class Load, class Compute>
+template <OutType T, int NT, int kLutStride, bool kNamed = false, class StageT, class Load, class Compute>
 __device__ __forceinline__ void stream_items(const Nf4GemvArgs& a, StageT (&st)[kStages], float (&acc)[NT][4],
                                              uint32_t* s_lut, float* s_code2, float* s_red, int slots, int items,
                                              int nch, int64_t t0, int warp, int lane, Load& load,
@@ -164,7 +172,7 @@ __device__ __forceinline__ void stream_items(const Nf4GemvArgs& a, StageT (&st)[
 #pragma unroll
   for (int p = 0; p < kStages - 1; ++p)
     if (p < items) load(st[p]);
-  fill_tables<T, kLutStride>(a, s_lut, s_code2);
+  fill_tables<T, kLutStride, kNamed>(a, s_lut, s_code2);
 #pragma unroll
   for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
   const int n_tiles = items / nch;
@@ -179,15 +187,15 @@ __device__ __forceinline__ void stream_items(const Nf4GemvArgs& a, StageT (&st)[
       if (++cp_ch == nch) {
         if (slots == 0) {
           store_partials<NT>(s_red, acc, cp_tile & 1, warp, lane);
-          __syncthreads();
+          compute_barrier<kNamed>();
           reduce_tiles<T, NT>(a, s_red, cp_tile & 1, t0 + cp_tile, 1);
         } else {
           const int slot = cp_tile % slots;
           store_partials<NT>(s_red, acc, slot, warp, lane);
           if (slot == slots - 1 || cp_tile == n_tiles - 1) {
-            __syncthreads();
+            compute_barrier<kNamed>();
             reduce_tiles<T, NT>(a, s_red, 0, t0 + cp_tile - slot, slot + 1);
-            __syncthreads();
+            compute_barrier<kNamed>();
           }
         }
 #pragma unroll
@@ -538,6 +546,217 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_lora_v5_kernel(Nf4GemvAr
                                   compute);
 }
 
+// ---- Variant 7 (sm_90+, M <= 8, the default where it applies; see v7_applies) ----
+// Variant 6's math on a Hopper copy pipeline. A 17th (producer) warp streams the packed weight of each item
+// (tile, 4096-element K chunk) into shared memory with bulk async copies (cp.async.bulk, one per weight row,
+// completing on the stage's mbarrier), up to kStages7 items ahead; the 16 compute warps read their fragments from
+// there (conflict-free LDS.64: rows padded by 32 bytes) and release the stage through a second mbarrier. The
+// weight no longer sits in registers while in flight, which frees them for x: with K <= 4096 (one chunk per tile)
+// each warp loads its x slice once instead of once per tile. Absmax bytes stay register-staged (kStages items
+// ahead, as in variant 5). Traffic as variant 5.
+constexpr int kChunkK = kWarps * kChunk * kGroupK;  // 4096 elements of K per item (32 groups)
+constexpr int kRowPitch = kChunkK / 2 + 32;         // bytes per staged weight row: 2048 + 32 (bank offset per row)
+constexpr int kStageBytes = 16 * kRowPitch;         // one staged item: 16 rows
+constexpr int kStages7 = 3;                         // staged items in flight per CTA
+constexpr int kThreads7 = kThreads + 32;            // 16 compute warps + 1 producer warp
+
+// Dynamic shared memory of variant 7: mbarriers (full / empty per stage, 64 bytes), stages, table, code2, slots.
+template <int NT>
+constexpr size_t smem7_bytes(int slots) {
+  return 64 + kStages7 * kStageBytes + (256 * lut_stride(4) + 256) * 4 + (size_t)slots * slot_bytes<NT>();
+}
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done)
+    asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+                 : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+}
+// bytes (a multiple of 16) from global src to shared dst (both 16-byte aligned), counted on mbarrier bar.
+__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+}
+__device__ __forceinline__ uint2 lds64(uint32_t addr) {
+  uint2 v;
+  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(addr));
+  return v;
+}
+
+struct Stage7 {
+  uint32_t q[kChunk][2];   // as Stage5
+  float s2[kChunk][2];
+};
+
+template <OutType T>
+__global__ void __launch_bounds__(kThreads7, 1) nf4_gemv_lora_v7_kernel(Nf4GemvArgs a, int slots) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr int NT = 1;
+  using raw = typename OutStorage<T>::type;
+  constexpr int kLutStride = lut_stride(4);
+  extern __shared__ __align__(16) uint32_t smem[];
+  const uint32_t bars = (uint32_t)__cvta_generic_to_shared(smem);  // full[s] at 8 s, empty[s] at 32 + 8 s
+  const uint32_t stages = bars + 64;
+  uint32_t* s_lut = smem + (64 + kStages7 * kStageBytes) / 4;          // [256 bytes][kLutStride] pairs of T
+  float* s_code2 = reinterpret_cast<float*>(s_lut + 256 * kLutStride);  // [256] double-quantization code
+  float* s_red = s_code2 + 256;                                         // [slots][kWarps][32][4] partial sums
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane >> 2, c = lane & 3;
+  const int n_tiles = (int)((a.n + 15) / 16);
+  const int t0 = (int)((int64_t)blockIdx.x * n_tiles / gridDim.x), t1 = (int)((int64_t)(blockIdx.x + 1) * n_tiles / gridDim.x);
+  const int k = (int)a.k;  // K % 128 == 0, N * K < 2^31
+  const int nch = (k + kChunkK - 1) / kChunkK;
+  const int items = (t1 - t0) * nch;
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int s = 0; s < kStages7; ++s) {
+      mbar_init(bars + 8 * s, 1);             // full: the producer's arrive + the stage's bytes
+      mbar_init(bars + 32 + 8 * s, kWarps);  // empty: one arrive per compute warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warp == kWarps) {  // producer: item i into stage i % kStages7, once the compute warps released it
+    int tile = t0, ch = 0;
+    for (int i = 0; i < items; ++i) {
+      const int s = i % kStages7;
+      if (i >= kStages7) mbar_wait(bars + 32 + 8 * s, ((i / kStages7) & 1) ^ 1);
+      const int rows = min(16, (int)a.n - 16 * tile);
+      const int kc = ch * kChunkK, bytes = min(kChunkK, k - kc) / 2;
+      if (lane == 0) mbar_arrive_expect_tx(bars + 8 * s, (uint32_t)(rows * bytes));
+      __syncwarp();
+      if (lane < rows)
+        bulk_copy(stages + s * kStageBytes + lane * kRowPitch,
+                  a.packed + (((uint32_t)(16 * tile + lane) * (uint32_t)k + (uint32_t)kc) >> 1), (uint32_t)bytes,
+                  bars + 8 * s);
+      if (++ch == nch) {
+        ch = 0;
+        ++tile;
+      }
+    }
+    return;
+  }
+
+  // Compute warps: warp w owns the groups w and w + 16 of every chunk (lane layout of variant 5).
+  const int kbase = warp * kGroupK;
+  constexpr int kUStride = kWarps * kGroupK;
+  const int log2_bs2 = a.absmax.log2_blocksize2;
+  const float offset = __ldg(a.absmax.offset);
+  const uint32_t lut = (uint32_t)__cvta_generic_to_shared(s_lut), lane4 = 4 * lane;
+  const raw* x = static_cast<const raw*>(a.x);
+  const uint32_t xo = (uint32_t)min(g, a.m - 1) * (uint32_t)k + 16 * c;  // tokens past M read row M - 1
+
+  int ld_ch = 0, ld_tile = t0;
+  uint32_t ld_rowk[2];
+  auto set_rows = [&]() {
+    const int n1 = (int)(a.n - 1);
+    ld_rowk[0] = (uint32_t)min(ld_tile * 16 + g, n1) * (uint32_t)k;
+    ld_rowk[1] = (uint32_t)min(ld_tile * 16 + g + 8, n1) * (uint32_t)k;
+  };
+  set_rows();
+  const uint8_t* qbase = a.absmax.absmax_q;
+  const float* s2base = a.absmax.absmax2;
+  auto load = [&](Stage7& s) {  // absmax bytes and absmax2 of the item's groups (as variant 5)
+    const int kk0 = kbase + ld_ch * kChunkK;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t e0 = ld_rowk[h] + (uint32_t)kk0;
+#pragma unroll
+      for (int u = 0; u < kChunk; ++u) {
+        const bool in = kk0 + u * kUStride < k;
+        ldg_pred_u16(s.q[u][h], qbase + (e0 >> 6) + u * (kUStride / 64), in);
+        ldg_pred(s.s2[u][h], s2base + (((e0 >> 6) + u * (kUStride / 64)) >> log2_bs2), in);
+      }
+    }
+    if (++ld_ch == nch) {
+      ld_ch = 0;
+      ++ld_tile;
+      set_rows();
+    }
+  };
+
+  float acc[NT][4];
+  uint4 xv[kChunk][4];  // this warp's x slices of the current chunk: [group][half 0: 0, 1; half 1: 2, 3]
+  int ci = 0;           // items computed so far
+  auto compute = [&](const Stage7& s, int ch) {
+    const int st = ci % kStages7;
+    if (nch > 1 || ci == 0) {  // K <= 4096: the same x slice for every tile, loaded once
+#pragma unroll
+      for (int u = 0; u < kChunk; ++u) {
+        const int kk = kbase + ch * kChunkK + u * kUStride;
+        if (kk >= k) continue;
+        const uint4* xp = reinterpret_cast<const uint4*>(x + (xo + (uint32_t)kk));
+        xv[u][0] = __ldg(xp);
+        xv[u][1] = __ldg(xp + 1);
+        xv[u][2] = __ldg(xp + 8);  // + 64 elements
+        xv[u][3] = __ldg(xp + 9);
+      }
+    }
+    mbar_wait(bars + 8 * st, (ci / kStages7) & 1);
+    const uint32_t row0 = stages + st * kStageBytes + g * kRowPitch + 8 * c;  // row g; row g + 8 at + 8 pitches
+#pragma unroll
+    for (int u = 0; u < kChunk; ++u) {
+      const int kk = kbase + ch * kChunkK + u * kUStride;
+      if (__all_sync(0xffffffffu, kk >= k)) continue;  // the whole group is past K
+      const uint32_t off = row0 + (warp + kWarps * u) * 64;  // the group's 64 bytes in the staged rows
+      uint2 w[2][2];                                        // [row g / g + 8][half]
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) w[h][hf] = lds64(off + h * 8 * kRowPitch + hf * 32);
+      float sc[2][2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf)
+          sc[h][hf] = __fadd_rn(__fmul_rn(s_code2[(s.q[u][h] >> (8 * hf)) & 0xffu], s.s2[u][h]), offset);
+      float tmp[2][4];
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const uint32_t wa = t < 2 ? w[0][hf].x : w[0][hf].y;
+          const uint32_t wb = t < 2 ? w[1][hf].x : w[1][hf].y;
+          const int j0 = 2 * (t & 1);
+          const uint32_t a0 = lut_entry<true>(lut, lane4, wa, j0), a2 = lut_entry<true>(lut, lane4, wa, j0 + 1);
+          const uint32_t a1 = lut_entry<true>(lut, lane4, wb, j0), a3 = lut_entry<true>(lut, lane4, wb, j0 + 1);
+          const uint4& xw = xv[u][2 * hf + (t >> 1)];
+          const uint32_t b0 = word_of(xw, 2 * (t & 1)), b1 = word_of(xw, 2 * (t & 1) + 1);
+          if (t == 0) mma16816_zero<T>(tmp[hf], a0, a1, a2, a3, b0, b1);
+          else mma16816<T>(tmp[hf], a0, a1, a2, a3, b0, b1);
+        }
+      }
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        acc[0][0] = fmaf(sc[0][hf], tmp[hf][0], acc[0][0]);
+        acc[0][1] = fmaf(sc[0][hf], tmp[hf][1], acc[0][1]);
+        acc[0][2] = fmaf(sc[1][hf], tmp[hf][2], acc[0][2]);
+        acc[0][3] = fmaf(sc[1][hf], tmp[hf][3], acc[0][3]);
+      }
+    }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(bars + 32 + 8 * st);  // this warp is done with the stage
+    ++ci;
+  };
+
+  Stage7 st[kStages] = {};
+  stream_items<T, NT, kLutStride, true>(a, st, acc, s_lut, s_code2, s_red, slots, items, nch, t0, warp, lane, load,
+                                        compute);
+#else
+  __trap();  // launched only on sm_90+ (v7_applies)
+#endif
+}
+
 // Variant 5 applies: double-quantized absmax (absmax2 blocks of >= 2 blocks), blocksize 64, K % 128 == 0,
 // 32-bit element offsets, a 2-byte aligned absmax_q (read two blocks at a time).
 bool v5_applies(const Nf4GemvArgs& args) {
@@ -584,15 +803,42 @@ void launch_v5(const Nf4GemvArgs& args, unsigned grid, int slots, cudaStream_t s
   nf4_gemv_lora_v5_kernel<T, NT><<<grid, kThreads, smem, stream>>>(args, slots);
 }
 
+// Variant 7's slots where it runs (sm_90+, M <= 8, v5_applies), else 0: as many as shared memory holds, up to 16
+// and the CTA's tiles.
+int v7_slots(const Nf4GemvArgs& args, int64_t tiles_per_cta) {
+  static const int major = device_attribute(cudaDevAttrComputeCapabilityMajor, 0);
+  static const int optin = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, 0);  // bytes
+  if (major < 9 || args.m > 8 || !v5_applies(args)) return 0;
+  const int64_t room = (optin - (int64_t)smem7_bytes<1>(0)) / (int64_t)slot_bytes<1>();
+  return (int)std::max<int64_t>(0, std::min<int64_t>({room, 16, tiles_per_cta}));
+}
+
+template <OutType T>
+void launch_v7(const Nf4GemvArgs& args, unsigned grid, int slots, cudaStream_t stream) {
+  const size_t smem = smem7_bytes<1>(slots);
+  static size_t opted = 0;  // largest size opted in so far (per process)
+  if (smem > opted && cudaFuncSetAttribute(nf4_gemv_lora_v7_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           (int)smem) == cudaSuccess)
+    opted = smem;
+  nf4_gemv_lora_v7_kernel<T><<<grid, kThreads7, smem, stream>>>(args, slots);
+}
+
 template <OutType T, int NT>
 void launch_gemv(const Nf4GemvArgs& args, unsigned grid, cudaStream_t stream) {
-  // Variant 6 (variant 5's kernel with tiles reduced several at a time) where variant 5 applies (v5_applies),
-  // unless SLOTH_GEMV_VARIANT=5 or 4 (read once; for A/B timing). Otherwise variant 4 where it applies
-  // (double-quantized absmax, 32-bit element offsets), else variant 3.
-  static const int variant = getenv("SLOTH_GEMV_VARIANT") ? atoi(getenv("SLOTH_GEMV_VARIANT")) : 6;
+  // Variant 7 where it applies (v7_slots > 0), else variant 6 (variant 5's kernel with tiles reduced several at a
+  // time) where variant 5 applies (v5_applies); SLOTH_GEMV_VARIANT=6 / 5 / 4 (read once) caps the variant, for
+  // A/B timing. Otherwise variant 4 where it applies (double-quantized absmax, 32-bit element offsets), else 3.
+  static const int variant = getenv("SLOTH_GEMV_VARIANT") ? atoi(getenv("SLOTH_GEMV_VARIANT")) : 7;
+  const int64_t n_tiles = (args.n + 15) / 16, tiles_per_cta = (n_tiles + grid - 1) / grid;
+  if (NT == 1 && variant >= 7) {
+    const int slots = v7_slots(args, tiles_per_cta);
+    if (slots > 0) {
+      launch_v7<T>(args, grid, slots, stream);
+      return;
+    }
+  }
   if (variant >= 5 && v5_applies(args)) {
-    const int64_t n_tiles = (args.n + 15) / 16;
-    launch_v5<T, NT>(args, grid, variant == 6 ? v6_slots<NT>((n_tiles + grid - 1) / grid) : 0, stream);
+    launch_v5<T, NT>(args, grid, variant >= 6 ? v6_slots<NT>(tiles_per_cta) : 0, stream);
     return;
   }
   const bool v4 = args.absmax.absmax == nullptr && std::max<int64_t>(args.n, args.m) * args.k < (int64_t{1} << 31);
