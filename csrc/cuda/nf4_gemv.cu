@@ -58,13 +58,16 @@ constexpr int kStages = 3;          // register stages: one computed while two a
 // addressing of kVariant 4 (see lut_entry).
 constexpr int lut_stride(int variant) { return variant == 4 ? 64 : 32; }
 
-// Bytes of one slot of partial sums: [kWarps][32 lanes][NT * 4] fp32.
+// Lanes c (of 4) whose MMA columns hold tokens < m (NT == 1: columns 2c, 2c + 1); with NT == 2 all four.
 template <int NT>
-constexpr size_t slot_bytes() { return kWarps * 32 * NT * 4 * 4; }
+__host__ __device__ constexpr int slot_lanes(int m) { return NT == 1 ? (m + 1) / 2 : 4; }
+// Bytes of one slot of partial sums: [kWarps][8 (g)][slot_lanes (c)][NT * 4] fp32.
+template <int NT>
+constexpr size_t slot_bytes(int m) { return (size_t)kWarps * 8 * slot_lanes<NT>(m) * NT * 4 * 4; }
 // Dynamic shared memory: table, double-quantization code, partial sums (2 slots, or `slots` for variant 6).
 template <int NT, int kVariant>
-constexpr size_t smem_bytes(int slots = 0) {
-  return (256 * lut_stride(kVariant) + 256) * 4 + (slots > 2 ? slots : 2) * slot_bytes<NT>();
+constexpr size_t smem_bytes(int m, int slots = 0) {
+  return (256 * lut_stride(kVariant) + 256) * 4 + (slots > 2 ? slots : 2) * slot_bytes<NT>(m);
 }
 
 template <OutType T>
@@ -106,21 +109,26 @@ __device__ __forceinline__ void compute_barrier() {
 // double-quantization code (s_code2 [256]); ends with the barrier that publishes them.
 template <OutType T, int kStride, bool kNamed>
 __device__ void fill_tables(const Nf4GemvArgs& a, uint32_t* s_lut, float* s_code2) {
-  for (int i = threadIdx.x; i < 256 * 32; i += kThreads) {
-    const int v = i / 32;  // byte: element 2j in the high nibble -> low half of the pair
-    s_lut[kStride == 32 ? i : v * kStride + i % 32] =
-        (uint32_t)from_float<T>(nf4_value(v >> 4)) | ((uint32_t)from_float<T>(nf4_value(v & 15)) << 16);
+  // Lane l holds the 16-bit value of code l % 16 (each lane computes one value, not one per entry); the entry of
+  // byte v pairs the values of its nibbles, fetched by two shuffles. Warp w writes the rows v = w, w + 16, ...
+  const int lane = threadIdx.x % 32;
+  const uint32_t val = (uint32_t)from_float<T>(nf4_value(lane & 15));
+  for (int v = threadIdx.x / 32; v < 256; v += kThreads / 32) {  // byte: high nibble -> low half of the pair
+    const uint32_t lo = __shfl_sync(0xffffffffu, val, v >> 4), hi = __shfl_sync(0xffffffffu, val, v & 15);
+    s_lut[v * kStride + lane] = lo | (hi << 16);
   }
   if (a.absmax.code2 != nullptr && threadIdx.x < 256) s_code2[threadIdx.x] = a.absmax.code2[threadIdx.x];
   compute_barrier<kNamed>();
 }
 
-// Partial sums of one tile: slot `slot` of s_red ([slots][kWarps][32][NT * 4] fp32) takes this lane's
-// fragment sums (one float4 per token tile, conflict-free).
+// Partial sums of one tile: slot `slot` of s_red ([slots][kWarps][8][cl][NT * 4] fp32, cl = slot_lanes(m)) takes
+// this lane's fragment sums (one float4 per token tile) if its columns hold tokens.
 template <int NT>
 __device__ __forceinline__ void store_partials(float* s_red, const float (&acc)[NT][4], int slot, int warp,
-                                               int lane) {
-  float4* red = reinterpret_cast<float4*>(s_red + ((slot * kWarps + warp) * 32 + lane) * NT * 4);
+                                               int lane, int cl) {
+  const int g = lane >> 2, c = lane & 3;
+  if (c >= cl) return;
+  float4* red = reinterpret_cast<float4*>(s_red + (((slot * kWarps + warp) * 8 + g) * cl + c) * NT * 4);
 #pragma unroll
   for (int j = 0; j < NT; ++j) red[j] = make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]);
 }
@@ -135,17 +143,17 @@ __device__ void reduce_tiles(const Nf4GemvArgs& a, const float* s_red, int slot0
   const raw* lb = static_cast<const raw*>(a.lora_B);
   const raw* bias = static_cast<const raw*>(a.bias);
   raw* y = static_cast<raw*>(a.y);
-  const int per_tile = 16 * a.m;
+  const int per_tile = 16 * a.m, cl = slot_lanes<NT>(a.m), per_warp = 8 * cl * NT * 4;
   for (int o = threadIdx.x; o < count * per_tile; o += kThreads) {
     const int i = o / per_tile, tok = (o % per_tile) / 16, r16 = o % 16;
     const int64_t row = (tile0 + i) * 16 + r16;
     if (row >= a.n) continue;
-    const float* red = s_red + (slot0 + i) * (kWarps * 32 * NT * 4);
-    const int tt = tok % 8;
-    const int src = ((r16 % 8) * 4 + tt / 2) * NT * 4 + (tok / 8) * 4 + (r16 / 8) * 2 + (tt % 2);
+    const float* red = s_red + (slot0 + i) * kWarps * per_warp;
+    const int tt = tok % 8;  // fragment of (tok, r16): lane (g = r16 % 8, c = tt / 2), token tile tok / 8
+    const int src = (((r16 % 8) * cl + tt / 2) * NT + tok / 8) * 4 + (r16 / 8) * 2 + (tt % 2);
     float s = 0.0f;
 #pragma unroll
-    for (int p = 0; p < kWarps; ++p) s += red[p * 32 * NT * 4 + src];
+    for (int p = 0; p < kWarps; ++p) s += red[p * per_warp + src];
     if (lt != nullptr) {
       float l = 0.0f;
       for (int jr = 0; jr < a.rank; ++jr)
@@ -175,8 +183,8 @@ __device__ __forceinline__ void stream_items(const Nf4GemvArgs& a, StageT (&st)[
   fill_tables<T, kLutStride, kNamed>(a, s_lut, s_code2);
 #pragma unroll
   for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-  const int n_tiles = items / nch;
-  int cp_ch = 0, cp_tile = 0;  // tile index within the CTA's range
+  const int n_tiles = items / nch, cl = slot_lanes<NT>(a.m);
+  int cp_ch = 0, cp_tile = 0, slot = 0;  // tile index within the CTA's range, its slot (slots > 0)
   for (int i0 = 0; i0 < items; i0 += kStages) {
 #pragma unroll
     for (int p = 0; p < kStages; ++p) {
@@ -186,17 +194,18 @@ __device__ __forceinline__ void stream_items(const Nf4GemvArgs& a, StageT (&st)[
       compute(st[p], cp_ch);
       if (++cp_ch == nch) {
         if (slots == 0) {
-          store_partials<NT>(s_red, acc, cp_tile & 1, warp, lane);
+          store_partials<NT>(s_red, acc, cp_tile & 1, warp, lane, cl);
           compute_barrier<kNamed>();
           reduce_tiles<T, NT>(a, s_red, cp_tile & 1, t0 + cp_tile, 1);
         } else {
-          const int slot = cp_tile % slots;
-          store_partials<NT>(s_red, acc, slot, warp, lane);
+          store_partials<NT>(s_red, acc, slot, warp, lane, cl);
           if (slot == slots - 1 || cp_tile == n_tiles - 1) {
             compute_barrier<kNamed>();
             reduce_tiles<T, NT>(a, s_red, 0, t0 + cp_tile - slot, slot + 1);
             compute_barrier<kNamed>();
+            slot = -1;
           }
+          ++slot;
         }
 #pragma unroll
         for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
@@ -553,19 +562,19 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_lora_v5_kernel(Nf4GemvAr
 // there (conflict-free LDS.64: rows padded by 32 bytes) and release the stage through a second mbarrier. The
 // weight no longer sits in registers while in flight, which frees them for x: with K <= 4096 (one chunk per tile)
 // each warp loads its x slice once instead of once per tile. Absmax bytes stay register-staged (kStages items
-// ahead, as in variant 5). Traffic as variant 5.
+// ahead, as in variant 5). Traffic as variant 5. (4 stages instead of 3 measured the same at M = 1 on an H200.)
 constexpr int kChunkK = kWarps * kChunk * kGroupK;  // 4096 elements of K per item (32 groups)
 constexpr int kRowPitch = kChunkK / 2 + 32;         // bytes per staged weight row: 2048 + 32 (bank offset per row)
 constexpr int kStageBytes = 16 * kRowPitch;         // one staged item: 16 rows
-constexpr int kStages7 = 3;                         // staged items in flight per CTA
+constexpr int kSt = 3;                              // staged items in flight per CTA
 constexpr int kThreads7 = kThreads + 32;            // 16 compute warps + 1 producer warp
 
 // Dynamic shared memory of variant 7: mbarriers (full / empty per stage, 64 bytes), stages, table, code2, slots.
-template <int NT>
-constexpr size_t smem7_bytes(int slots) {
-  return 64 + kStages7 * kStageBytes + (256 * lut_stride(4) + 256) * 4 + (size_t)slots * slot_bytes<NT>();
+constexpr size_t smem7_bytes(int m, int slots) {
+  return 64 + (size_t)kSt * kStageBytes + (256 * lut_stride(4) + 256) * 4 + (size_t)slots * slot_bytes<1>(m);
 }
 
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900  // mbarrier / bulk-copy helpers (sm_90+)
 __device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
 }
@@ -592,6 +601,8 @@ __device__ __forceinline__ uint2 lds64(uint32_t addr) {
   return v;
 }
 
+#endif
+
 struct Stage7 {
   uint32_t q[kChunk][2];   // as Stage5
   float s2[kChunk][2];
@@ -606,7 +617,7 @@ __global__ void __launch_bounds__(kThreads7, 1) nf4_gemv_lora_v7_kernel(Nf4GemvA
   extern __shared__ __align__(16) uint32_t smem[];
   const uint32_t bars = (uint32_t)__cvta_generic_to_shared(smem);  // full[s] at 8 s, empty[s] at 32 + 8 s
   const uint32_t stages = bars + 64;
-  uint32_t* s_lut = smem + (64 + kStages7 * kStageBytes) / 4;          // [256 bytes][kLutStride] pairs of T
+  uint32_t* s_lut = smem + (64 + kSt * kStageBytes) / 4;              // [256 bytes][kLutStride] pairs of T
   float* s_code2 = reinterpret_cast<float*>(s_lut + 256 * kLutStride);  // [256] double-quantization code
   float* s_red = s_code2 + 256;                                         // [slots][kWarps][32][4] partial sums
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -618,7 +629,7 @@ __global__ void __launch_bounds__(kThreads7, 1) nf4_gemv_lora_v7_kernel(Nf4GemvA
   const int items = (t1 - t0) * nch;
   if (threadIdx.x == 0) {
 #pragma unroll
-    for (int s = 0; s < kStages7; ++s) {
+    for (int s = 0; s < kSt; ++s) {
       mbar_init(bars + 8 * s, 1);             // full: the producer's arrive + the stage's bytes
       mbar_init(bars + 32 + 8 * s, kWarps);  // empty: one arrive per compute warp
     }
@@ -626,11 +637,11 @@ __global__ void __launch_bounds__(kThreads7, 1) nf4_gemv_lora_v7_kernel(Nf4GemvA
   }
   __syncthreads();
 
-  if (warp == kWarps) {  // producer: item i into stage i % kStages7, once the compute warps released it
+  if (warp == kWarps) {  // producer: item i into stage i % kSt, once the compute warps released it
     int tile = t0, ch = 0;
     for (int i = 0; i < items; ++i) {
-      const int s = i % kStages7;
-      if (i >= kStages7) mbar_wait(bars + 32 + 8 * s, ((i / kStages7) & 1) ^ 1);
+      const int s = i % kSt;
+      if (i >= kSt) mbar_wait(bars + 32 + 8 * s, ((i / kSt) & 1) ^ 1);
       const int rows = min(16, (int)a.n - 16 * tile);
       const int kc = ch * kChunkK, bytes = min(kChunkK, k - kc) / 2;
       if (lane == 0) mbar_arrive_expect_tx(bars + 8 * s, (uint32_t)(rows * bytes));
@@ -689,7 +700,7 @@ __global__ void __launch_bounds__(kThreads7, 1) nf4_gemv_lora_v7_kernel(Nf4GemvA
   uint4 xv[kChunk][4];  // this warp's x slices of the current chunk: [group][half 0: 0, 1; half 1: 2, 3]
   int ci = 0;           // items computed so far
   auto compute = [&](const Stage7& s, int ch) {
-    const int st = ci % kStages7;
+    const int st = ci % kSt;
     if (nch > 1 || ci == 0) {  // K <= 4096: the same x slice for every tile, loaded once
 #pragma unroll
       for (int u = 0; u < kChunk; ++u) {
@@ -702,7 +713,7 @@ __global__ void __launch_bounds__(kThreads7, 1) nf4_gemv_lora_v7_kernel(Nf4GemvA
         xv[u][3] = __ldg(xp + 9);
       }
     }
-    mbar_wait(bars + 8 * st, (ci / kStages7) & 1);
+    mbar_wait(bars + 8 * st, (ci / kSt) & 1);
     const uint32_t row0 = stages + st * kStageBytes + g * kRowPitch + 8 * c;  // row g; row g + 8 at + 8 pitches
 #pragma unroll
     for (int u = 0; u < kChunk; ++u) {
@@ -765,14 +776,23 @@ bool v5_applies(const Nf4GemvArgs& args) {
          std::max<int64_t>(args.n, args.m) * args.k < (int64_t{1} << 31);
 }
 
+// Opts a kernel in to `bytes` of dynamic shared memory when it needs more than it has so far (`opted`: that
+// kernel's own, per process); returns false when the device refuses.
+template <class Kernel>
+bool opt_in(Kernel kernel, size_t bytes, size_t& opted) {
+  if (bytes <= opted) return true;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes) != cudaSuccess)
+    return false;
+  opted = bytes;
+  return true;
+}
+
 template <OutType T, int NT, int kVariant>
 void launch_variant(const Nf4GemvArgs& args, unsigned grid, cudaStream_t stream) {
-  constexpr size_t kSmem = smem_bytes<NT, kVariant>();
-  static const bool opted_in = cudaFuncSetAttribute(nf4_gemv_lora_kernel<T, NT, kVariant>,
-                                                    cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                    (int)kSmem) == cudaSuccess;  // once per process
-  (void)opted_in;
-  nf4_gemv_lora_kernel<T, NT, kVariant><<<grid, kThreads, kSmem, stream>>>(args);
+  static size_t opted = 0;
+  const size_t smem = smem_bytes<NT, kVariant>(args.m);
+  opt_in(nf4_gemv_lora_kernel<T, NT, kVariant>, smem, opted);
+  nf4_gemv_lora_kernel<T, NT, kVariant><<<grid, kThreads, smem, stream>>>(args);
 }
 
 int device_attribute(cudaDeviceAttr attr, int fallback) {
@@ -783,23 +803,27 @@ int device_attribute(cudaDeviceAttr attr, int fallback) {
 
 int num_sms() { return device_attribute(cudaDevAttrMultiProcessorCount, 132); }
 
+// Largest dynamic shared memory per block (bytes), read once.
+int smem_optin() {
+  static const int optin = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, 0);
+  return optin;
+}
+
 // Variant 6's slots: enough for every tile of a CTA in one round where shared memory allows (up to 16 slots; at
 // least 3, else variant 5's per-tile reduction is as good).
 template <int NT>
-int v6_slots(int64_t tiles_per_cta) {
-  static const int optin = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, 0);  // bytes
-  const int64_t room = (optin - (int64_t)smem_bytes<NT, 4>(0) + 2 * (int64_t)slot_bytes<NT>()) / slot_bytes<NT>();
+int v6_slots(int m, int64_t tiles_per_cta) {
+  const int64_t base = (int64_t)smem_bytes<NT, 4>(m) - 2 * (int64_t)slot_bytes<NT>(m);
+  const int64_t room = (smem_optin() - base) / (int64_t)slot_bytes<NT>(m);
   const int64_t slots = std::min<int64_t>({room, 16, tiles_per_cta});
   return slots >= 3 ? (int)slots : 0;
 }
 
 template <OutType T, int NT>
 void launch_v5(const Nf4GemvArgs& args, unsigned grid, int slots, cudaStream_t stream) {
-  const size_t smem = smem_bytes<NT, 4>(slots);  // the table layout of variant 4
-  static size_t opted = 0;                       // largest size opted in so far (per process)
-  if (smem > opted && cudaFuncSetAttribute(nf4_gemv_lora_v5_kernel<T, NT>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem) == cudaSuccess)
-    opted = smem;
+  static size_t opted = 0;
+  const size_t smem = smem_bytes<NT, 4>(args.m, slots);  // the table layout of variant 4
+  opt_in(nf4_gemv_lora_v5_kernel<T, NT>, smem, opted);
   nf4_gemv_lora_v5_kernel<T, NT><<<grid, kThreads, smem, stream>>>(args, slots);
 }
 
@@ -807,19 +831,16 @@ void launch_v5(const Nf4GemvArgs& args, unsigned grid, int slots, cudaStream_t s
 // and the CTA's tiles.
 int v7_slots(const Nf4GemvArgs& args, int64_t tiles_per_cta) {
   static const int major = device_attribute(cudaDevAttrComputeCapabilityMajor, 0);
-  static const int optin = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, 0);  // bytes
   if (major < 9 || args.m > 8 || !v5_applies(args)) return 0;
-  const int64_t room = (optin - (int64_t)smem7_bytes<1>(0)) / (int64_t)slot_bytes<1>();
+  const int64_t room = (smem_optin() - (int64_t)smem7_bytes(args.m, 0)) / (int64_t)slot_bytes<1>(args.m);
   return (int)std::max<int64_t>(0, std::min<int64_t>({room, 16, tiles_per_cta}));
 }
 
 template <OutType T>
 void launch_v7(const Nf4GemvArgs& args, unsigned grid, int slots, cudaStream_t stream) {
-  const size_t smem = smem7_bytes<1>(slots);
-  static size_t opted = 0;  // largest size opted in so far (per process)
-  if (smem > opted && cudaFuncSetAttribute(nf4_gemv_lora_v7_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           (int)smem) == cudaSuccess)
-    opted = smem;
+  static size_t opted = 0;
+  const size_t smem = smem7_bytes(args.m, slots);
+  opt_in(nf4_gemv_lora_v7_kernel<T>, smem, opted);
   nf4_gemv_lora_v7_kernel<T><<<grid, kThreads7, smem, stream>>>(args, slots);
 }
 
@@ -830,15 +851,13 @@ void launch_gemv(const Nf4GemvArgs& args, unsigned grid, cudaStream_t stream) {
   // A/B timing. Otherwise variant 4 where it applies (double-quantized absmax, 32-bit element offsets), else 3.
   static const int variant = getenv("SLOTH_GEMV_VARIANT") ? atoi(getenv("SLOTH_GEMV_VARIANT")) : 7;
   const int64_t n_tiles = (args.n + 15) / 16, tiles_per_cta = (n_tiles + grid - 1) / grid;
-  if (NT == 1 && variant >= 7) {
-    const int slots = v7_slots(args, tiles_per_cta);
-    if (slots > 0) {
-      launch_v7<T>(args, grid, slots, stream);
-      return;
-    }
+  const int slots7 = NT == 1 && variant >= 7 ? v7_slots(args, tiles_per_cta) : 0;
+  if (slots7 > 0) {
+    launch_v7<T>(args, grid, slots7, stream);
+    return;
   }
   if (variant >= 5 && v5_applies(args)) {
-    launch_v5<T, NT>(args, grid, variant >= 6 ? v6_slots<NT>(tiles_per_cta) : 0, stream);
+    launch_v5<T, NT>(args, grid, variant >= 6 ? v6_slots<NT>(args.m, tiles_per_cta) : 0, stream);
     return;
   }
   const bool v4 = args.absmax.absmax == nullptr && std::max<int64_t>(args.n, args.m) * args.k < (int64_t{1} << 31);
