@@ -133,33 +133,52 @@ __device__ __forceinline__ void store_partials(float* s_red, const float (&acc)[
   for (int j = 0; j < NT; ++j) red[j] = make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]);
 }
 
+// LoRA term of one output: sum_j t[tok, j] * B[row, j] over the rank, in order (8 at a time from 16-byte loads when
+// the rows allow it).
+template <OutType T>
+__device__ __forceinline__ float lora_dot(const Nf4GemvArgs& a, int tok, int64_t row, bool vec) {
+  using raw = typename OutStorage<T>::type;
+  const raw* lt = static_cast<const raw*>(a.lora_t) + (int64_t)tok * a.rank;
+  const raw* lb = static_cast<const raw*>(a.lora_B) + row * a.rank;
+  float l = 0.0f;
+  if (vec) {
+#pragma unroll 1
+    for (int j = 0; j < a.rank; j += 8) {
+      const uint4 tv = __ldg(reinterpret_cast<const uint4*>(lt + j)), bv = __ldg(reinterpret_cast<const uint4*>(lb + j));
+      const raw* tp = reinterpret_cast<const raw*>(&tv);
+      const raw* bp = reinterpret_cast<const raw*>(&bv);
+#pragma unroll
+      for (int q = 0; q < 8; ++q) l = fmaf(to_float<T>(tp[q]), to_float<T>(bp[q]), l);
+    }
+  } else {
+    for (int j = 0; j < a.rank; ++j) l = fmaf(to_float<T>(lt[j]), to_float<T>(lb[j]), l);
+  }
+  return l;
+}
+
 // Tile epilogue of `count` tiles (tile0 + i in slot slot0 + i of s_red, all kWarps partial sums stored and
-// published by a barrier): one thread per output sums the kWarps partials of its (token, row), adds the LoRA
-// term and bias, stores y.
+// published by a barrier): one thread per fragment value (consecutive threads read consecutive words: no bank
+// conflicts) sums the kWarps partials of its (token, row) if the token is < M, adds the LoRA term and bias,
+// stores y.
 template <OutType T, int NT>
 __device__ void reduce_tiles(const Nf4GemvArgs& a, const float* s_red, int slot0, int64_t tile0, int count) {
   using raw = typename OutStorage<T>::type;
-  const raw* lt = static_cast<const raw*>(a.lora_t);
-  const raw* lb = static_cast<const raw*>(a.lora_B);
   const raw* bias = static_cast<const raw*>(a.bias);
   raw* y = static_cast<raw*>(a.y);
-  const int per_tile = 16 * a.m, cl = slot_lanes<NT>(a.m), per_warp = 8 * cl * NT * 4;
-  for (int o = threadIdx.x; o < count * per_tile; o += kThreads) {
-    const int i = o / per_tile, tok = (o % per_tile) / 16, r16 = o % 16;
+  const int cl = slot_lanes<NT>(a.m), per_warp = 8 * cl * NT * 4;  // floats: [8 (g)][cl (c)][NT (j)][4 (q)]
+  const bool vec = a.lora_t != nullptr && a.rank % 8 == 0 &&
+                   ((reinterpret_cast<uintptr_t>(a.lora_t) | reinterpret_cast<uintptr_t>(a.lora_B)) & 15) == 0;
+  for (int o = threadIdx.x; o < count * per_warp; o += kThreads) {
+    const int i = o / per_warp, src = o % per_warp;
+    const int q = src % 4, j = (src / 4) % NT, c = (src / (4 * NT)) % cl, g = src / (4 * NT * cl);
+    const int tok = 8 * j + 2 * c + (q & 1), r16 = g + 8 * (q >> 1);  // C fragment: c0, c1 row g; c2, c3 g + 8
     const int64_t row = (tile0 + i) * 16 + r16;
-    if (row >= a.n) continue;
-    const float* red = s_red + (slot0 + i) * kWarps * per_warp;
-    const int tt = tok % 8;  // fragment of (tok, r16): lane (g = r16 % 8, c = tt / 2), token tile tok / 8
-    const int src = (((r16 % 8) * cl + tt / 2) * NT + tok / 8) * 4 + (r16 / 8) * 2 + (tt % 2);
+    if (tok >= a.m || row >= a.n) continue;
+    const float* red = s_red + (slot0 + i) * kWarps * per_warp + src;
     float s = 0.0f;
 #pragma unroll
-    for (int p = 0; p < kWarps; ++p) s += red[p * per_warp + src];
-    if (lt != nullptr) {
-      float l = 0.0f;
-      for (int jr = 0; jr < a.rank; ++jr)
-        l = fmaf(to_float<T>(lt[(int64_t)tok * a.rank + jr]), to_float<T>(lb[row * a.rank + jr]), l);
-      s = fmaf(a.scaling, l, s);
-    }
+    for (int p = 0; p < kWarps; ++p) s += red[p * per_warp];
+    if (a.lora_t != nullptr) s = fmaf(a.scaling, lora_dot<T>(a, tok, row, vec), s);
     if (bias != nullptr) s += to_float<T>(bias[row]);
     y[(int64_t)tok * a.n + row] = from_float<T>(s);
   }

@@ -61,9 +61,17 @@ constexpr int kStages = 3;          // register stages: one computed while two a
 // addressing of kVariant 4 (see lut_entry).
 constexpr int lut_stride(int variant) { return variant == 4 ? 64 : 32; }
 
-// Dynamic shared memory: table, double-quantization code, partial sums.
+// Lanes c (of 4) whose MMA columns hold tokens < m (NT == 1: columns 2c, 2c + 1); with NT == 2 all four.
+template <int NT>
+__host__ __device__ constexpr int slot_lanes(int m) { return NT == 1 ? (m + 1) / 2 : 4; }
+// Bytes of one slot of partial sums: [kWarps][8 (g)][slot_lanes (c)][NT * 4] fp32.
+template <int NT>
+constexpr size_t slot_bytes(int m) { return (size_t)kWarps * 8 * slot_lanes<NT>(m) * NT * 4 * 4; }
+// Dynamic shared memory: table, double-quantization code, partial sums (2 slots, or `slots` for variant 6).
 template <int NT, int kVariant>
-constexpr size_t smem_bytes() { return (256 * lut_stride(kVariant) + 256) * 4 + 2 * kWarps * 32 * NT * 4 * 4; }
+constexpr size_t smem_bytes(int m, int slots = 0) {
+  return (256 * lut_stride(kVariant) + 256) * 4 + (slots > 2 ? slots : 2) * slot_bytes<NT>(m);
+}
 
 template <OutType T>
 __device__ __forceinline__ uint32_t mul2(uint32_t a, uint32_t b) {
@@ -92,70 +100,113 @@ __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-// The per-lane byte -> pair table (s_lut [256][kStride], lanes 0..31 of each row used) and the
-// double-quantization code (s_code2 [256]); ends with the barrier that publishes them.
-template <OutType T, int kStride>
-__device__ void fill_tables(const Nf4GemvArgs& a, uint32_t* s_lut, float* s_code2) {
-  for (int i = threadIdx.x; i < 256 * 32; i += kThreads) {
-    const int v = i / 32;  // byte: element 2j in the high nibble -> low half of the pair
-    s_lut[kStride == 32 ? i : v * kStride + i % 32] =
-        (uint32_t)from_float<T>(nf4_value(v >> 4)) | ((uint32_t)from_float<T>(nf4_value(v & 15)) << 16);
-  }
-  if (a.absmax.code2 != nullptr && threadIdx.x < 256) s_code2[threadIdx.x] = a.absmax.code2[threadIdx.x];
-  __syncthreads();
+// The CTA barrier of the kernels' compute threads: __syncthreads, or (kNamed: variant 7, whose producer warp
+// never joins) named barrier 1 over the kThreads compute threads.
+template <bool kNamed>
+__device__ __forceinline__ void compute_barrier() {
+  if constexpr (kNamed) asm volatile("bar.sync 1, %0;" ::"n"(kThreads) : "memory");
+  else __syncthreads();
 }
 
-// Tile epilogue: the kWarps partial MMA sums of each (token, row) meet in s_red (double-buffered by tile
-// parity, so one barrier per tile suffices), then one thread per output adds the LoRA term and bias, stores y.
-template <OutType T, int NT>
-__device__ void finish_tile(const Nf4GemvArgs& a, float* s_red, const float (&acc)[NT][4], int64_t tile, int warp,
-                            int lane) {
+// The per-lane byte -> pair table (s_lut [256][kStride], lanes 0..31 of each row used) and the
+// double-quantization code (s_code2 [256]); ends with the barrier that publishes them.
+template <OutType T, int kStride, bool kNamed>
+__device__ void fill_tables(const Nf4GemvArgs& a, uint32_t* s_lut, float* s_code2) {
+  // Lane l holds the 16-bit value of code l % 16 (each lane computes one value, not one per entry); the entry of
+  // byte v pairs the values of its nibbles, fetched by two shuffles. Warp w writes the rows v = w, w + 16, ...
+  const int lane = threadIdx.x % 32;
+  const uint32_t val = (uint32_t)from_float<T>(nf4_value(lane & 15));
+  for (int v = threadIdx.x / 32; v < 256; v += kThreads / 32) {  // byte: high nibble -> low half of the pair
+    const uint32_t lo = __shfl_sync(0xffffffffu, val, v >> 4), hi = __shfl_sync(0xffffffffu, val, v & 15);
+    s_lut[v * kStride + lane] = lo | (hi << 16);
+  }
+  if (a.absmax.code2 != nullptr && threadIdx.x < 256) s_code2[threadIdx.x] = a.absmax.code2[threadIdx.x];
+  compute_barrier<kNamed>();
+}
+
+// Partial sums of one tile: slot `slot` of s_red ([slots][kWarps][8][cl][NT * 4] fp32, cl = slot_lanes(m)) takes
+// this lane's fragment sums (one float4 per token tile) if its columns hold tokens.
+template <int NT>
+__device__ __forceinline__ void store_partials(float* s_red, const float (&acc)[NT][4], int slot, int warp,
+                                               int lane, int cl) {
+  const int g = lane >> 2, c = lane & 3;
+  if (c >= cl) return;
+  float4* red = reinterpret_cast<float4*>(s_red + (((slot * kWarps + warp) * 8 + g) * cl + c) * NT * 4);
+#pragma unroll
+  for (int j = 0; j < NT; ++j) red[j] = make_float4(acc[j][0], acc[j][1], acc[j][2], acc[j][3]);
+}
+
+// LoRA term of one output: sum_j t[tok, j] * B[row, j] over the rank, in order (8 at a time from 16-byte loads when
+// the rows allow it).
+template <OutType T>
+__device__ __forceinline__ float lora_dot(const Nf4GemvArgs& a, int tok, int64_t row, bool vec) {
   using raw = typename OutStorage<T>::type;
-  const raw* lt = static_cast<const raw*>(a.lora_t);
-  const raw* lb = static_cast<const raw*>(a.lora_B);
+  const raw* lt = static_cast<const raw*>(a.lora_t) + (int64_t)tok * a.rank;
+  const raw* lb = static_cast<const raw*>(a.lora_B) + row * a.rank;
+  float l = 0.0f;
+  if (vec) {
+#pragma unroll 1
+    for (int j = 0; j < a.rank; j += 8) {
+      const uint4 tv = __ldg(reinterpret_cast<const uint4*>(lt + j)), bv = __ldg(reinterpret_cast<const uint4*>(lb + j));
+      const raw* tp = reinterpret_cast<const raw*>(&tv);
+      const raw* bp = reinterpret_cast<const raw*>(&bv);
+#pragma unroll
+      for (int q = 0; q < 8; ++q) l = fmaf(to_float<T>(tp[q]), to_float<T>(bp[q]), l);
+    }
+  } else {
+    for (int j = 0; j < a.rank; ++j) l = fmaf(to_float<T>(lt[j]), to_float<T>(lb[j]), l);
+  }
+  return l;
+}
+
+// Tile epilogue of `count` tiles (tile0 + i in slot slot0 + i of s_red, all kWarps partial sums stored and
+// published by a barrier): one thread per fragment value (consecutive threads read consecutive words: no bank
+// conflicts) sums the kWarps partials of its (token, row) if the token is < M, adds the LoRA term and bias,
+// stores y.
+template <OutType T, int NT>
+__device__ void reduce_tiles(const Nf4GemvArgs& a, const float* s_red, int slot0, int64_t tile0, int count) {
+  using raw = typename OutStorage<T>::type;
   const raw* bias = static_cast<const raw*>(a.bias);
   raw* y = static_cast<raw*>(a.y);
-  float* red = s_red + (tile & 1) * (kWarps * 32 * NT * 4);
-#pragma unroll
-  for (int j = 0; j < NT; ++j)
-#pragma unroll
-    for (int q = 0; q < 4; ++q) red[(warp * 32 + lane) * NT * 4 + j * 4 + q] = acc[j][q];
-  __syncthreads();
-  for (int o = threadIdx.x; o < 16 * a.m; o += kThreads) {
-    const int tok = o / 16, r16 = o % 16;
-    const int64_t row = tile * 16 + r16;
-    if (row >= a.n) continue;
-    const int tt = tok % 8;
-    const int src = ((r16 % 8) * 4 + tt / 2) * NT * 4 + (tok / 8) * 4 + (r16 / 8) * 2 + (tt % 2);
+  const int cl = slot_lanes<NT>(a.m), per_warp = 8 * cl * NT * 4;  // floats: [8 (g)][cl (c)][NT (j)][4 (q)]
+  const bool vec = a.lora_t != nullptr && a.rank % 8 == 0 &&
+                   ((reinterpret_cast<uintptr_t>(a.lora_t) | reinterpret_cast<uintptr_t>(a.lora_B)) & 15) == 0;
+  for (int o = threadIdx.x; o < count * per_warp; o += kThreads) {
+    const int i = o / per_warp, src = o % per_warp;
+    const int q = src % 4, j = (src / 4) % NT, c = (src / (4 * NT)) % cl, g = src / (4 * NT * cl);
+    const int tok = 8 * j + 2 * c + (q & 1), r16 = g + 8 * (q >> 1);  // C fragment: c0, c1 row g; c2, c3 g + 8
+    const int64_t row = (tile0 + i) * 16 + r16;
+    if (tok >= a.m || row >= a.n) continue;
+    const float* red = s_red + (slot0 + i) * kWarps * per_warp + src;
     float s = 0.0f;
 #pragma unroll
-    for (int p = 0; p < kWarps; ++p) s += red[p * 32 * NT * 4 + src];
-    if (lt != nullptr) {
-      float l = 0.0f;
-      for (int jr = 0; jr < a.rank; ++jr)
-        l = fmaf(to_float<T>(lt[(int64_t)tok * a.rank + jr]), to_float<T>(lb[row * a.rank + jr]), l);
-      s = fmaf(a.scaling, l, s);
-    }
+    for (int p = 0; p < kWarps; ++p) s += red[p * per_warp];
+    if (a.lora_t != nullptr) s = fmaf(a.scaling, lora_dot<T>(a, tok, row, vec), s);
     if (bias != nullptr) s += to_float<T>(bias[row]);
     y[(int64_t)tok * a.n + row] = from_float<T>(s);
   }
 }
 
-// The per-warp item loop of both kernels: the first kStages - 1 items' loads are issued before the tables are
+// The per-warp item loop of all kernels: the first kStages - 1 items' loads are issued before the tables are
 // filled (so their latency overlaps the fill), then each item is computed while the loads of the next
-// kStages - 1 are in flight; after a tile's last chunk its partial sums go through finish_tile.
-template <OutType T, int NT, int kLutStride, class StageT, class Load, class Compute>
+// kStages - 1 are in flight. After a tile's last chunk its partial sums go to shared memory. slots == 0: every
+// tile is reduced at once (s_red holds 2 slots, by tile parity: one barrier per tile, every warp waits for the
+// slowest). slots > 0 (variant 6): tiles fill `slots` slots and are reduced together when the slots are full or
+// the CTA's tiles end (two barriers per `slots` tiles), so warps drift apart within a round and their loads,
+// lookups and MMAs overlap instead of meeting at a barrier per tile.
+template <OutType T, int NT, int kLutStride, bool kNamed = false, class StageT, class Load, class Compute>
 __device__ __forceinline__ void stream_items(const Nf4GemvArgs& a, StageT (&st)[kStages], float (&acc)[NT][4],
-                                             uint32_t* s_lut, float* s_code2, float* s_red, int items, int nch,
-                                             int64_t t0, int warp, int lane, Load& load, Compute& compute) {
+                                             uint32_t* s_lut, float* s_code2, float* s_red, int slots, int items,
+                                             int nch, int64_t t0, int warp, int lane, Load& load,
+                                             Compute& compute) {
 #pragma unroll
   for (int p = 0; p < kStages - 1; ++p)
     if (p < items) load(st[p]);
-  fill_tables<T, kLutStride>(a, s_lut, s_code2);
+  fill_tables<T, kLutStride, kNamed>(a, s_lut, s_code2);
 #pragma unroll
   for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-  int cp_ch = 0;
-  int64_t cp_tile = t0;
+  const int n_tiles = items / nch, cl = slot_lanes<NT>(a.m);
+  int cp_ch = 0, cp_tile = 0, slot = 0;  // tile index within the CTA's range, its slot (slots > 0)
   for (int i0 = 0; i0 < items; i0 += kStages) {
 #pragma unroll
     for (int p = 0; p < kStages; ++p) {
@@ -164,7 +215,20 @@ __device__ __forceinline__ void stream_items(const Nf4GemvArgs& a, StageT (&st)[
       if (i + kStages - 1 < items) load(st[(p + kStages - 1) % kStages]);
       compute(st[p], cp_ch);
       if (++cp_ch == nch) {
-        finish_tile<T, NT>(a, s_red, acc, cp_tile, warp, lane);
+        if (slots == 0) {
+          store_partials<NT>(s_red, acc, cp_tile & 1, warp, lane, cl);
+          compute_barrier<kNamed>();
+          reduce_tiles<T, NT>(a, s_red, cp_tile & 1, t0 + cp_tile, 1);
+        } else {
+          store_partials<NT>(s_red, acc, slot, warp, lane, cl);
+          if (slot == slots - 1 || cp_tile == n_tiles - 1) {
+            compute_barrier<kNamed>();
+            reduce_tiles<T, NT>(a, s_red, 0, t0 + cp_tile - slot, slot + 1);
+            compute_barrier<kNamed>();
+            slot = -1;
+          }
+          ++slot;
+        }
 #pragma unroll
         for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
         cp_ch = 0;
@@ -315,7 +379,8 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_lora_kernel(Nf4GemvArgs 
   };
 
   Stage st[kStages];
-  stream_items<T, NT, kLutStride>(a, st, acc, s_lut, s_code2, s_red, items, nch, t0, warp, lane, load, compute);
+  stream_items<T, NT, kLutStride>(a, st, acc, s_lut, s_code2, s_red, 0, items, nch, t0, warp, lane, load,
+                                  compute);
 }
 
 // ---- kVariant 5 (the default where v5_applies; SLOTH_GEMV_VARIANT=4 for A/B) ----
@@ -374,14 +439,16 @@ __device__ __forceinline__ void ldg_pred_u16(uint32_t& v, const void* p, bool pr
   asm("{\n .reg .pred q;\n setp.ne.b32 q, %2, 0;\n @q ld.global.nc.u16 %0, [%1];\n}" : "+r"(v) : "l"(p), "r"((int)pred));
 }
 
+// slots == 0: one barrier per tile (variant 5); slots > 0: variant 6, tiles reduced `slots` at a time (see
+// stream_items); s_red then holds max(slots, 2) slots.
 template <OutType T, int NT>
-__global__ void __launch_bounds__(kThreads, 1) nf4_gemv_lora_v5_kernel(Nf4GemvArgs a) {
+__global__ void __launch_bounds__(kThreads, 1) nf4_gemv_lora_v5_kernel(Nf4GemvArgs a, int slots) {
   using raw = typename OutStorage<T>::type;
   constexpr int kLutStride = lut_stride(4);
   extern __shared__ uint32_t smem[];
   uint32_t* s_lut = smem;                                               // [256 bytes][kLutStride] pairs of T
   float* s_code2 = reinterpret_cast<float*>(smem + 256 * kLutStride);  // [256] double-quantization code
-  float* s_red = s_code2 + 256;                                         // [2][kWarps][32][NT * 4] partial sums
+  float* s_red = s_code2 + 256;                                         // [slots][kWarps][32][NT * 4] partials
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane >> 2, c = lane & 3;
   const int64_t n_tiles = (a.n + 15) / 16;
@@ -506,7 +573,221 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_lora_v5_kernel(Nf4GemvAr
   };
 
   Stage5 st[kStages] = {};  // defined contents for the predicated-off loads
-  stream_items<T, NT, kLutStride>(a, st, acc, s_lut, s_code2, s_red, items, nch, t0, warp, lane, load, compute);
+  stream_items<T, NT, kLutStride>(a, st, acc, s_lut, s_code2, s_red, slots, items, nch, t0, warp, lane, load,
+                                  compute);
+}
+
+// ---- Variant 7 (sm_90+, M <= 8, the default where it applies; see v7_applies) ----
+// Variant 6's math on a Hopper copy pipeline. A 17th (producer) warp streams the packed weight of each item
+// (tile, 4096-element K chunk) into shared memory with bulk async copies (cp.async.bulk, one per weight row,
+// completing on the stage's mbarrier), up to kStages7 items ahead; the 16 compute warps read their fragments from
+// there (conflict-free LDS.64: rows padded by 32 bytes) and release the stage through a second mbarrier. The
+// weight no longer sits in registers while in flight, which frees them for x: with K <= 4096 (one chunk per tile)
+// each warp loads its x slice once instead of once per tile. Absmax bytes stay register-staged (kStages items
+// ahead, as in variant 5). Traffic as variant 5. (4 stages instead of 3 measured the same at M = 1 on an H200.)
+constexpr int kChunkK = kWarps * kChunk * kGroupK;  // 4096 elements of K per item (32 groups)
+constexpr int kRowPitch = kChunkK / 2 + 32;         // bytes per staged weight row: 2048 + 32 (bank offset per row)
+constexpr int kStageBytes = 16 * kRowPitch;         // one staged item: 16 rows
+constexpr int kSt = 3;                              // staged items in flight per CTA
+constexpr int kThreads7 = kThreads + 32;            // 16 compute warps + 1 producer warp
+
+// Dynamic shared memory of variant 7: mbarriers (full / empty per stage, 64 bytes), stages, table, code2, slots.
+constexpr size_t smem7_bytes(int m, int slots) {
+  return 64 + (size_t)kSt * kStageBytes + (256 * lut_stride(4) + 256) * 4 + (size_t)slots * slot_bytes<1>(m);
+}
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900  // mbarrier / bulk-copy helpers (sm_90+)
+__device__ __forceinline__ void mbar_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done)
+    asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+                 : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+}
+// bytes (a multiple of 16) from global src to shared dst (both 16-byte aligned), counted on mbarrier bar.
+__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+               ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+}
+__device__ __forceinline__ uint2 lds64(uint32_t addr) {
+  uint2 v;
+  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(addr));
+  return v;
+}
+
+#endif
+
+struct Stage7 {
+  uint32_t q[kChunk][2];   // as Stage5
+  float s2[kChunk][2];
+};
+
+template <OutType T>
+__global__ void __launch_bounds__(kThreads7, 1) nf4_gemv_lora_v7_kernel(Nf4GemvArgs a, int slots) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr int NT = 1;
+  using raw = typename OutStorage<T>::type;
+  constexpr int kLutStride = lut_stride(4);
+  extern __shared__ __align__(16) uint32_t smem[];
+  const uint32_t bars = (uint32_t)__cvta_generic_to_shared(smem);  // full[s] at 8 s, empty[s] at 32 + 8 s
+  const uint32_t stages = bars + 64;
+  uint32_t* s_lut = smem + (64 + kSt * kStageBytes) / 4;              // [256 bytes][kLutStride] pairs of T
+  float* s_code2 = reinterpret_cast<float*>(s_lut + 256 * kLutStride);  // [256] double-quantization code
+  float* s_red = s_code2 + 256;                                         // [slots][kWarps][32][4] partial sums
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int g = lane >> 2, c = lane & 3;
+  const int n_tiles = (int)((a.n + 15) / 16);
+  const int t0 = (int)((int64_t)blockIdx.x * n_tiles / gridDim.x), t1 = (int)((int64_t)(blockIdx.x + 1) * n_tiles / gridDim.x);
+  const int k = (int)a.k;  // K % 128 == 0, N * K < 2^31
+  const int nch = (k + kChunkK - 1) / kChunkK;
+  const int items = (t1 - t0) * nch;
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int s = 0; s < kSt; ++s) {
+      mbar_init(bars + 8 * s, 1);             // full: the producer's arrive + the stage's bytes
+      mbar_init(bars + 32 + 8 * s, kWarps);  // empty: one arrive per compute warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warp == kWarps) {  // producer: item i into stage i % kSt, once the compute warps released it
+    int tile = t0, ch = 0;
+    for (int i = 0; i < items; ++i) {
+      const int s = i % kSt;
+      if (i >= kSt) mbar_wait(bars + 32 + 8 * s, ((i / kSt) & 1) ^ 1);
+      const int rows = min(16, (int)a.n - 16 * tile);
+      const int kc = ch * kChunkK, bytes = min(kChunkK, k - kc) / 2;
+      if (lane == 0) mbar_arrive_expect_tx(bars + 8 * s, (uint32_t)(rows * bytes));
+      __syncwarp();
+      if (lane < rows)
+        bulk_copy(stages + s * kStageBytes + lane * kRowPitch,
+                  a.packed + (((uint32_t)(16 * tile + lane) * (uint32_t)k + (uint32_t)kc) >> 1), (uint32_t)bytes,
+                  bars + 8 * s);
+      if (++ch == nch) {
+        ch = 0;
+        ++tile;
+      }
+    }
+    return;
+  }
+
+  // Compute warps: warp w owns the groups w and w + 16 of every chunk (lane layout of variant 5).
+  const int kbase = warp * kGroupK;
+  constexpr int kUStride = kWarps * kGroupK;
+  const int log2_bs2 = a.absmax.log2_blocksize2;
+  const float offset = __ldg(a.absmax.offset);
+  const uint32_t lut = (uint32_t)__cvta_generic_to_shared(s_lut), lane4 = 4 * lane;
+  const raw* x = static_cast<const raw*>(a.x);
+  const uint32_t xo = (uint32_t)min(g, a.m - 1) * (uint32_t)k + 16 * c;  // tokens past M read row M - 1
+
+  int ld_ch = 0, ld_tile = t0;
+  uint32_t ld_rowk[2];
+  auto set_rows = [&]() {
+    const int n1 = (int)(a.n - 1);
+    ld_rowk[0] = (uint32_t)min(ld_tile * 16 + g, n1) * (uint32_t)k;
+    ld_rowk[1] = (uint32_t)min(ld_tile * 16 + g + 8, n1) * (uint32_t)k;
+  };
+  set_rows();
+  const uint8_t* qbase = a.absmax.absmax_q;
+  const float* s2base = a.absmax.absmax2;
+  auto load = [&](Stage7& s) {  // absmax bytes and absmax2 of the item's groups (as variant 5)
+    const int kk0 = kbase + ld_ch * kChunkK;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t e0 = ld_rowk[h] + (uint32_t)kk0;
+#pragma unroll
+      for (int u = 0; u < kChunk; ++u) {
+        const bool in = kk0 + u * kUStride < k;
+        ldg_pred_u16(s.q[u][h], qbase + (e0 >> 6) + u * (kUStride / 64), in);
+        ldg_pred(s.s2[u][h], s2base + (((e0 >> 6) + u * (kUStride / 64)) >> log2_bs2), in);
+      }
+    }
+    if (++ld_ch == nch) {
+      ld_ch = 0;
+      ++ld_tile;
+      set_rows();
+    }
+  };
+
+  float acc[NT][4];
+  uint4 xv[kChunk][4];  // this warp's x slices of the current chunk: [group][half 0: 0, 1; half 1: 2, 3]
+  int ci = 0;           // items computed so far
+  auto compute = [&](const Stage7& s, int ch) {
+    const int st = ci % kSt;
+    if (nch > 1 || ci == 0) {  // K <= 4096: the same x slice for every tile, loaded once
+#pragma unroll
+      for (int u = 0; u < kChunk; ++u) {
+        const int kk = kbase + ch * kChunkK + u * kUStride;
+        if (kk >= k) continue;
+        const uint4* xp = reinterpret_cast<const uint4*>(x + (xo + (uint32_t)kk));
+        xv[u][0] = __ldg(xp);
+        xv[u][1] = __ldg(xp + 1);
+        xv[u][2] = __ldg(xp + 8);  // + 64 elements
+        xv[u][3] = __ldg(xp + 9);
+      }
+    }
+    mbar_wait(bars + 8 * st, (ci / kSt) & 1);
+    const uint32_t row0 = stages + st * kStageBytes + g * kRowPitch + 8 * c;  // row g; row g + 8 at + 8 pitches
+#pragma unroll
+    for (int u = 0; u < kChunk; ++u) {
+      const int kk = kbase + ch * kChunkK + u * kUStride;
+      if (__all_sync(0xffffffffu, kk >= k)) continue;  // the whole group is past K
+      const uint32_t off = row0 + (warp + kWarps * u) * 64;  // the group's 64 bytes in the staged rows
+      uint2 w[2][2];                                        // [row g / g + 8][half]
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) w[h][hf] = lds64(off + h * 8 * kRowPitch + hf * 32);
+      float sc[2][2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf)
+          sc[h][hf] = __fadd_rn(__fmul_rn(s_code2[(s.q[u][h] >> (8 * hf)) & 0xffu], s.s2[u][h]), offset);
+      float tmp[2][4];
+#pragma unroll
+      for (int t = 0; t < 4; ++t) {
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const uint32_t wa = t < 2 ? w[0][hf].x : w[0][hf].y;
+          const uint32_t wb = t < 2 ? w[1][hf].x : w[1][hf].y;
+          const int j0 = 2 * (t & 1);
+          const uint32_t a0 = lut_entry<true>(lut, lane4, wa, j0), a2 = lut_entry<true>(lut, lane4, wa, j0 + 1);
+          const uint32_t a1 = lut_entry<true>(lut, lane4, wb, j0), a3 = lut_entry<true>(lut, lane4, wb, j0 + 1);
+          const uint4& xw = xv[u][2 * hf + (t >> 1)];
+          const uint32_t b0 = word_of(xw, 2 * (t & 1)), b1 = word_of(xw, 2 * (t & 1) + 1);
+          if (t == 0) mma16816_zero<T>(tmp[hf], a0, a1, a2, a3, b0, b1);
+          else mma16816<T>(tmp[hf], a0, a1, a2, a3, b0, b1);
+        }
+      }
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        acc[0][0] = fmaf(sc[0][hf], tmp[hf][0], acc[0][0]);
+        acc[0][1] = fmaf(sc[0][hf], tmp[hf][1], acc[0][1]);
+        acc[0][2] = fmaf(sc[1][hf], tmp[hf][2], acc[0][2]);
+        acc[0][3] = fmaf(sc[1][hf], tmp[hf][3], acc[0][3]);
+      }
+    }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(bars + 32 + 8 * st);  // this warp is done with the stage
+    ++ci;
+  };
+
+  Stage7 st[kStages] = {};
+  stream_items<T, NT, kLutStride, true>(a, st, acc, s_lut, s_code2, s_red, slots, items, nch, t0, warp, lane, load,
+                                        compute);
+#else
+  __trap();  // launched only on sm_90+ (v7_applies)
+#endif
 }
 
 // Variant 5 applies: double-quantized absmax (absmax2 blocks of >= 2 blocks), blocksize 64, K % 128 == 0,
@@ -517,33 +798,88 @@ bool v5_applies(const Nf4GemvArgs& args) {
          std::max<int64_t>(args.n, args.m) * args.k < (int64_t{1} << 31);
 }
 
+// Opts a kernel in to `bytes` of dynamic shared memory when it needs more than it has so far (`opted`: that
+// kernel's own, per process); returns false when the device refuses.
+template <class Kernel>
+bool opt_in(Kernel kernel, size_t bytes, size_t& opted) {
+  if (bytes <= opted) return true;
+  if (hipFuncSetAttribute(kernel, hipFuncAttributeMaxDynamicSharedMemorySize, (int)bytes) != hipSuccess)
+    return false;
+  opted = bytes;
+  return true;
+}
+
 template <OutType T, int NT, int kVariant>
 void launch_variant(const Nf4GemvArgs& args, unsigned grid, hipStream_t stream) {
-  constexpr size_t kSmem = smem_bytes<NT, kVariant>();
-  static const bool opted_in = hipFuncSetAttribute(nf4_gemv_lora_kernel<T, NT, kVariant>,
-                                                    hipFuncAttributeMaxDynamicSharedMemorySize,
-                                                    (int)kSmem) == hipSuccess;  // once per process
-  (void)opted_in;
- hipLaunchKernelGGL(( nf4_gemv_lora_kernel<T, NT, kVariant>), dim3(grid), dim3(kThreads), kSmem, stream, args);
+  static size_t opted = 0;
+  const size_t smem = smem_bytes<NT, kVariant>(args.m);
+  opt_in(nf4_gemv_lora_kernel<T, NT, kVariant>, smem, opted);
+ hipLaunchKernelGGL(( nf4_gemv_lora_kernel<T, NT, kVariant>), dim3(grid), dim3(kThreads), smem, stream, args);
+}
+
+int device_attribute(hipDeviceAttribute_t attr, int fallback) {
+  int dev = 0, v = fallback;
+  if (hipGetDevice(&dev) == hipSuccess) hipDeviceGetAttribute(&v, attr, dev);
+  return v;
+}
+
+int num_sms() { return device_attribute(hipDeviceAttributeMultiprocessorCount, 132); }
+
+// Largest dynamic shared memory per block (bytes), read once.
+int smem_optin() {
+  static const int optin = device_attribute(hipDeviceAttributeMaxSharedMemoryPerBlock, 0);
+  return optin;
+}
+
+// Variant 6's slots: enough for every tile of a CTA in one round where shared memory allows (up to 16 slots; at
+// least 3, else variant 5's per-tile reduction is as good).
+template <int NT>
+int v6_slots(int m, int64_t tiles_per_cta) {
+  const int64_t base = (int64_t)smem_bytes<NT, 4>(m) - 2 * (int64_t)slot_bytes<NT>(m);
+  const int64_t room = (smem_optin() - base) / (int64_t)slot_bytes<NT>(m);
+  const int64_t slots = std::min<int64_t>({room, 16, tiles_per_cta});
+  return slots >= 3 ? (int)slots : 0;
 }
 
 template <OutType T, int NT>
-void launch_v5(const Nf4GemvArgs& args, unsigned grid, hipStream_t stream) {
-  constexpr size_t kSmem = smem_bytes<NT, 4>();  // the same layout as variant 4
-  static const bool opted_in = hipFuncSetAttribute(nf4_gemv_lora_v5_kernel<T, NT>,
-                                                    hipFuncAttributeMaxDynamicSharedMemorySize,
-                                                    (int)kSmem) == hipSuccess;  // once per process
-  (void)opted_in;
- hipLaunchKernelGGL(( nf4_gemv_lora_v5_kernel<T, NT>), dim3(grid), dim3(kThreads), kSmem, stream, args);
+void launch_v5(const Nf4GemvArgs& args, unsigned grid, int slots, hipStream_t stream) {
+  static size_t opted = 0;
+  const size_t smem = smem_bytes<NT, 4>(args.m, slots);  // the table layout of variant 4
+  opt_in(nf4_gemv_lora_v5_kernel<T, NT>, smem, opted);
+ hipLaunchKernelGGL(( nf4_gemv_lora_v5_kernel<T, NT>), dim3(grid), dim3(kThreads), smem, stream, args, slots);
+}
+
+// Variant 7's slots where it runs (sm_90+, M <= 8, v5_applies), else 0: as many as shared memory holds, up to 16
+// and the CTA's tiles.
+int v7_slots(const Nf4GemvArgs& args, int64_t tiles_per_cta) {
+  static const int major = device_attribute(hipDeviceAttributeComputeCapabilityMajor, 0);
+  if (major < 9 || args.m > 8 || !v5_applies(args)) return 0;
+  const int64_t room = (smem_optin() - (int64_t)smem7_bytes(args.m, 0)) / (int64_t)slot_bytes<1>(args.m);
+  return (int)std::max<int64_t>(0, std::min<int64_t>({room, 16, tiles_per_cta}));
+}
+
+template <OutType T>
+void launch_v7(const Nf4GemvArgs& args, unsigned grid, int slots, hipStream_t stream) {
+  static size_t opted = 0;
+  const size_t smem = smem7_bytes(args.m, slots);
+  opt_in(nf4_gemv_lora_v7_kernel<T>, smem, opted);
+ hipLaunchKernelGGL(( nf4_gemv_lora_v7_kernel<T>), dim3(grid), dim3(kThreads7), smem, stream, args, slots);
 }
 
 template <OutType T, int NT>
 void launch_gemv(const Nf4GemvArgs& args, unsigned grid, hipStream_t stream) {
-  // Variant 5 where it applies (v5_applies), unless SLOTH_GEMV_VARIANT=4 (read once; for A/B timing). Otherwise
-  // variant 4 where it applies (double-quantized absmax, 32-bit element offsets), else variant 3.
-  static const int variant = getenv("SLOTH_GEMV_VARIANT") ? atoi(getenv("SLOTH_GEMV_VARIANT")) : 5;
-  if (variant == 5 && v5_applies(args)) {
-    launch_v5<T, NT>(args, grid, stream);
+  // Variant 7 where it applies (v7_slots > 0), else variant 6 (variant 5's kernel with tiles reduced several at a
+  // time) where variant 5 applies (v5_applies); SLOTH_GEMV_VARIANT=6 / 5 / 4 (read once) caps the variant, for
+  // A/B timing. Otherwise variant 4 where it applies (double-quantized absmax, 32-bit element offsets), else 3.
+  static const int variant = getenv("SLOTH_GEMV_VARIANT") ? atoi(getenv("SLOTH_GEMV_VARIANT")) : 7;
+  const int64_t n_tiles = (args.n + 15) / 16, tiles_per_cta = (n_tiles + grid - 1) / grid;
+  const int slots7 = NT == 1 && variant >= 7 ? v7_slots(args, tiles_per_cta) : 0;
+  if (slots7 > 0) {
+    launch_v7<T>(args, grid, slots7, stream);
+    return;
+  }
+  if (variant >= 5 && v5_applies(args)) {
+    launch_v5<T, NT>(args, grid, variant >= 6 ? v6_slots<NT>(args.m, tiles_per_cta) : 0, stream);
     return;
   }
   const bool v4 = args.absmax.absmax == nullptr && std::max<int64_t>(args.n, args.m) * args.k < (int64_t{1} << 31);
@@ -551,12 +887,6 @@ void launch_gemv(const Nf4GemvArgs& args, unsigned grid, hipStream_t stream) {
     launch_variant<T, NT, 4>(args, grid, stream);
   else
     launch_variant<T, NT, 3>(args, grid, stream);
-}
-
-int num_sms() {
-  int dev = 0, sms = 132;
-  if (hipGetDevice(&dev) == hipSuccess) hipDeviceGetAttribute(&sms, hipDeviceAttributeMultiprocessorCount, dev);
-  return sms;
 }
 
 }  // namespace
