@@ -1,11 +1,12 @@
 // Small-M fused QLoRA GEMV: y = x W^T + scaling * (x A^T) B^T + bias with W packed NF4 (bitsandbytes layout,
 // fp32 or double-quantized absmax), x [M <= 16, K] bf16 / fp16. The packed weight is streamed once, 16 bytes
-// per lane, with two pipeline stages in flight per warp; each byte becomes a bf16 / fp16 pair through one
-// shared-memory lookup (a 256-entry byte -> pair table replicated per lane, so lookups never conflict), one
-// packed multiply by the block's absmax, and m16n8k16 tensor-core MMAs with fp32 accumulation: the 16 weight
+// per lane, with two pipeline stages in flight per warp (variant 7: bulk copies into shared memory); each byte
+// becomes a bf16 / fp16 pair through one shared-memory lookup (a 256-entry byte -> pair table replicated per
+// lane, so lookups never conflict), one packed multiply by the block's absmax (variants 5-7: a scale per
+// block, after the MMA), and m16n8k16 tensor-core MMAs with fp32 accumulation: the 16 weight
 // rows of a tile are the MMA's M side and the (up to 16) tokens its N side, so x is reused 16x from registers.
 // One persistent CTA per SM owns a contiguous range of 16-row tiles (balanced to one tile) and its 16 warps
-// split K; their partial sums meet in shared memory once per tile.
+// split K; their partial sums meet in shared memory once per tile (variants 6, 7: once per round of tiles).
 //
 // Measured (W [14336, 4096] NF4 double quant, CUDA-graph median per call, M = 1 / 8; "+ LoRA": r = 16):
 //   H100, first persistent version (variant 2): 0.0263 / 0.0315 ms (bitsandbytes 0.0288 / 0.0671; bf16 cuBLAS
@@ -21,7 +22,7 @@
 // 454 LEA, 365 ISETP per 48 HMMA): it recomputed (tile, chunk) from the item index by division and formed every
 // address in 64 bits. The kernel is issue-bound (ncu on variant 2: ~7.2 cycles per issued instruction at 4 warps
 // per scheduler, DRAM at 25% of peak); goal: 0.015 ms at M = 1 and 8.
-// Variant 5 (the default where it applies; SLOTH_GEMV_VARIANT=4 selects variant 4 / 3 for A/B; see
+// Variant 5 (SLOTH_GEMV_VARIANT=5 selects it where it applies, =4 variant 4 / 3, for A/B; see
 // nf4_gemv_lora_v5_kernel): per-lane k slices
 // laid out so that each MMA's 16 k values of a row lie in one 64-element quantization block; the MMAs take the
 // raw NF4 code pairs into a fresh fp32 fragment per block, folded into the accumulator with the fp32 block scale
@@ -33,6 +34,18 @@
 // variant 4): 0.0206 / 0.0203 ms at M = 1 (variant 4 0.0205), 0.0232 / 0.0228 ms at M = 8 (variant 4 0.0254),
 // + LoRA r = 16 0.0289 / 0.0315 (variant 4 0.0290 / 0.0341). M = 1 is unchanged: there the table lookups
 // (64 LDS + 64 PRMT per item) and the per-tile epilogue bound it, not the multiplies.
+// Variant 6 (variant 5's kernel; M > 8, or sm_80): a CTA's tiles are reduced together from shared-memory slots
+// (stream_items), with two barriers per round instead of one per tile. Same run: M = 1 0.0189 ms (variant 5
+// 0.0211), M = 8 0.0226 (0.0238).
+// Variant 7 (sm_90+, M <= 8, the default; nf4_gemv_lora_v7_kernel): a producer warp streams the weight into
+// shared memory with bulk async copies, so the weight no longer occupies registers in flight and x is loaded
+// once. First run: 0.0161 / 0.0177 ms (variant 6 0.0188 / 0.0222). The ncu per-instruction profile of that
+// version (M = 1) showed 20% of all instructions in the table fill (a decision tree per entry); filling it from
+// one value per lane and two shuffles (all variants) gave 0.0138 / 0.0155 (variant 6 0.0173 / 0.0210).
+// Final tree (bench_lora_linear.py --part a; "cold": 8 weight copies in turn, each call streaming its weight
+// from DRAM): 0.0140 / 0.0154 ms hot, 0.0160 / 0.0176 cold (2.16 / 1.97 and 1.90 / 1.72 TB/s of packed weight);
+// + LoRA 0.0204 / 0.0219 hot; bitsandbytes 0.0293 / 0.0671, bf16 cuBLAS dense 0.031, hot or cold. Under ncu (M =
+// 1, cold caches): 6.6 M warp instructions, SMs active 82% of the 35.6 k elapsed cycles (ramp and tail).
 
 #include <algorithm>
 #include <cstdlib>
@@ -144,7 +157,8 @@ __device__ __forceinline__ float lora_dot(const Nf4GemvArgs& a, int tok, int64_t
   if (vec) {
 #pragma unroll 1
     for (int j = 0; j < a.rank; j += 8) {
-      const uint4 tv = __ldg(reinterpret_cast<const uint4*>(lt + j)), bv = __ldg(reinterpret_cast<const uint4*>(lb + j));
+      const uint4 tv = __ldg(reinterpret_cast<const uint4*>(lt + j));
+      const uint4 bv = __ldg(reinterpret_cast<const uint4*>(lb + j));
       const raw* tp = reinterpret_cast<const raw*>(&tv);
       const raw* bp = reinterpret_cast<const raw*>(&bv);
 #pragma unroll
@@ -642,7 +656,8 @@ __global__ void __launch_bounds__(kThreads7, 1) nf4_gemv_lora_v7_kernel(Nf4GemvA
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane >> 2, c = lane & 3;
   const int n_tiles = (int)((a.n + 15) / 16);
-  const int t0 = (int)((int64_t)blockIdx.x * n_tiles / gridDim.x), t1 = (int)((int64_t)(blockIdx.x + 1) * n_tiles / gridDim.x);
+  const int t0 = (int)((int64_t)blockIdx.x * n_tiles / gridDim.x);
+  const int t1 = (int)((int64_t)(blockIdx.x + 1) * n_tiles / gridDim.x);
   const int k = (int)a.k;  // K % 128 == 0, N * K < 2^31
   const int nch = (k + kChunkK - 1) / kChunkK;
   const int items = (t1 - t0) * nch;
