@@ -453,6 +453,57 @@ __device__ __forceinline__ void ldg_pred_u16(uint32_t& v, const void* p, bool pr
   asm("{\n .reg .pred q;\n setp.ne.b32 q, %2, 0;\n @q ld.global.nc.u16 %0, [%1];\n}" : "+r"(v) : "l"(p), "r"((int)pred));
 }
 
+// One K-group of a warp in variant 5-7's lane layout: the fp32 scales of blocks 2b, 2b + 1 of rows g, g + 8
+// (bitsandbytes' order, code2 * absmax2 + offset, from the absmax bytes q and absmax2 s2 of each row), the MMAs
+// on the raw NF4 code pairs of w ([row g / g + 8][half], 8 bytes each) against x (xv [token tile][half 0: 0, 1;
+// half 1: 2, 3]) into a fresh fragment per block, folded into acc with the block's scale.
+template <OutType T, int NT>
+__device__ __forceinline__ void group_mma(const uint2 (&w)[2][2], const uint4 (&xv)[NT][4], const uint32_t (&q)[2],
+                                          const float (&s2)[2], const float* s_code2, float offset, uint32_t lut,
+                                          uint32_t lane4, float (&acc)[NT][4]) {
+  float sc[2][2];  // [row g / g + 8][half]
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) sc[h][hf] = __fadd_rn(__fmul_rn(s_code2[(q[h] >> (8 * hf)) & 0xffu], s2[h]), offset);
+  // The two halves' MMA chains interleaved (NT == 1), or one half after the other (NT == 2: fewer live fragment
+  // registers, no spills).
+  constexpr int kTogether = NT == 1 ? 2 : 1;
+#pragma unroll
+  for (int hb = 0; hb < 2; hb += kTogether) {
+    float tmp[kTogether][NT][4];
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {  // MMA t of each half: bytes 2t, 2t + 1 of the lane's 8
+#pragma unroll
+      for (int hh = 0; hh < kTogether; ++hh) {
+        const int hf = hb + hh;
+        const uint32_t wa = t < 2 ? w[0][hf].x : w[0][hf].y;
+        const uint32_t wb = t < 2 ? w[1][hf].x : w[1][hf].y;
+        const int j0 = 2 * (t & 1);
+        const uint32_t a0 = lut_entry<true>(lut, lane4, wa, j0), a2 = lut_entry<true>(lut, lane4, wa, j0 + 1);
+        const uint32_t a1 = lut_entry<true>(lut, lane4, wb, j0), a3 = lut_entry<true>(lut, lane4, wb, j0 + 1);
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          const uint4& xw = xv[j][2 * hf + (t >> 1)];
+          const uint32_t b0 = word_of(xw, 2 * (t & 1)), b1 = word_of(xw, 2 * (t & 1) + 1);
+          if (t == 0) mma16816_zero<T>(tmp[hh][j], a0, a1, a2, a3, b0, b1);
+          else mma16816<T>(tmp[hh][j], a0, a1, a2, a3, b0, b1);
+        }
+      }
+    }
+#pragma unroll
+    for (int hh = 0; hh < kTogether; ++hh)
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {  // C: c0, c1 row g; c2, c3 row g + 8
+        const int hf = hb + hh;
+        acc[j][0] = fmaf(sc[0][hf], tmp[hh][j][0], acc[j][0]);
+        acc[j][1] = fmaf(sc[0][hf], tmp[hh][j][1], acc[j][1]);
+        acc[j][2] = fmaf(sc[1][hf], tmp[hh][j][2], acc[j][2]);
+        acc[j][3] = fmaf(sc[1][hf], tmp[hh][j][3], acc[j][3]);
+      }
+  }
+}
+
 // slots == 0: one barrier per tile (variant 5); slots > 0: variant 6, tiles reduced `slots` at a time (see
 // stream_items); s_red then holds max(slots, 2) slots.
 template <OutType T, int NT>
@@ -541,48 +592,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_lora_v5_kernel(Nf4GemvAr
         xv[j][2] = __ldg(xp + 8);  // + 64 elements
         xv[j][3] = __ldg(xp + 9);
       }
-      float sc[2][2];  // [row g / g + 8][half]: bitsandbytes' order, code2 * absmax2 + offset, in fp32
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf)
-          sc[h][hf] = __fadd_rn(__fmul_rn(s_code2[(s.q[u][h] >> (8 * hf)) & 0xffu], s.s2[u][h]), offset);
-      // The two halves' MMA chains interleaved (NT == 1), or one half after the other (NT == 2: fewer live
-      // fragment registers, no spills).
-      constexpr int kTogether = NT == 1 ? 2 : 1;
-#pragma unroll
-      for (int hb = 0; hb < 2; hb += kTogether) {
-        float tmp[kTogether][NT][4];
-#pragma unroll
-        for (int t = 0; t < 4; ++t) {  // MMA t of each half: bytes 2t, 2t + 1 of the lane's 8
-#pragma unroll
-          for (int hh = 0; hh < kTogether; ++hh) {
-            const int hf = hb + hh;
-            const uint32_t wa = t < 2 ? s.w[u][0][hf].x : s.w[u][0][hf].y;
-            const uint32_t wb = t < 2 ? s.w[u][1][hf].x : s.w[u][1][hf].y;
-            const int j0 = 2 * (t & 1);
-            const uint32_t a0 = lut_entry<true>(lut, lane4, wa, j0), a2 = lut_entry<true>(lut, lane4, wa, j0 + 1);
-            const uint32_t a1 = lut_entry<true>(lut, lane4, wb, j0), a3 = lut_entry<true>(lut, lane4, wb, j0 + 1);
-#pragma unroll
-            for (int j = 0; j < NT; ++j) {
-              const uint4& xw = xv[j][2 * hf + (t >> 1)];
-              const uint32_t b0 = word_of(xw, 2 * (t & 1)), b1 = word_of(xw, 2 * (t & 1) + 1);
-              if (t == 0) mma16816_zero<T>(tmp[hh][j], a0, a1, a2, a3, b0, b1);
-              else mma16816<T>(tmp[hh][j], a0, a1, a2, a3, b0, b1);
-            }
-          }
-        }
-#pragma unroll
-        for (int hh = 0; hh < kTogether; ++hh)
-#pragma unroll
-          for (int j = 0; j < NT; ++j) {  // C: c0, c1 row g; c2, c3 row g + 8
-            const int hf = hb + hh;
-            acc[j][0] = fmaf(sc[0][hf], tmp[hh][j][0], acc[j][0]);
-            acc[j][1] = fmaf(sc[0][hf], tmp[hh][j][1], acc[j][1]);
-            acc[j][2] = fmaf(sc[1][hf], tmp[hh][j][2], acc[j][2]);
-            acc[j][3] = fmaf(sc[1][hf], tmp[hh][j][3], acc[j][3]);
-          }
-      }
+      group_mma<T, NT>(s.w[u], xv, s.q[u], s.s2[u], s_code2, offset, lut, lane4, acc);
     }
   };
 
@@ -591,10 +601,10 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_lora_v5_kernel(Nf4GemvAr
                                   compute);
 }
 
-// ---- Variant 7 (sm_90+, M <= 8, the default where it applies; see v7_applies) ----
+// ---- Variant 7 (sm_90+, M <= 8, the default where it applies; see v7_slots) ----
 // Variant 6's math on a Hopper copy pipeline. A 17th (producer) warp streams the packed weight of each item
 // (tile, 4096-element K chunk) into shared memory with bulk async copies (cp.async.bulk, one per weight row,
-// completing on the stage's mbarrier), up to kStages7 items ahead; the 16 compute warps read their fragments from
+// completing on the stage's mbarrier), up to kSt items ahead; the 16 compute warps read their fragments from
 // there (conflict-free LDS.64: rows padded by 32 bytes) and release the stage through a second mbarrier. The
 // weight no longer sits in registers while in flight, which frees them for x: with K <= 4096 (one chunk per tile)
 // each warp loads its x slice once instead of once per tile. Absmax bytes stay register-staged (kStages items
@@ -734,7 +744,7 @@ __global__ void __launch_bounds__(kThreads7, 1) nf4_gemv_lora_v7_kernel(Nf4GemvA
   };
 
   float acc[NT][4];
-  uint4 xv[kChunk][4];  // this warp's x slices of the current chunk: [group][half 0: 0, 1; half 1: 2, 3]
+  uint4 xv[kChunk][1][4];  // this warp's x slices of the current chunk: [group][token tile][half 0: 0, 1; 1: 2, 3]
   int ci = 0;           // items computed so far
   auto compute = [&](const Stage7& s, int ch) {
     const int st = ci % kSt;
@@ -744,10 +754,10 @@ __global__ void __launch_bounds__(kThreads7, 1) nf4_gemv_lora_v7_kernel(Nf4GemvA
         const int kk = kbase + ch * kChunkK + u * kUStride;
         if (kk >= k) continue;
         const uint4* xp = reinterpret_cast<const uint4*>(x + (xo + (uint32_t)kk));
-        xv[u][0] = __ldg(xp);
-        xv[u][1] = __ldg(xp + 1);
-        xv[u][2] = __ldg(xp + 8);  // + 64 elements
-        xv[u][3] = __ldg(xp + 9);
+        xv[u][0][0] = __ldg(xp);
+        xv[u][0][1] = __ldg(xp + 1);
+        xv[u][0][2] = __ldg(xp + 8);  // + 64 elements
+        xv[u][0][3] = __ldg(xp + 9);
       }
     }
     mbar_wait(bars + 8 * st, (ci / kSt) & 1);
@@ -762,35 +772,7 @@ __global__ void __launch_bounds__(kThreads7, 1) nf4_gemv_lora_v7_kernel(Nf4GemvA
       for (int h = 0; h < 2; ++h)
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) w[h][hf] = lds64(off + h * 8 * kRowPitch + hf * 32);
-      float sc[2][2];
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf)
-          sc[h][hf] = __fadd_rn(__fmul_rn(s_code2[(s.q[u][h] >> (8 * hf)) & 0xffu], s.s2[u][h]), offset);
-      float tmp[2][4];
-#pragma unroll
-      for (int t = 0; t < 4; ++t) {
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const uint32_t wa = t < 2 ? w[0][hf].x : w[0][hf].y;
-          const uint32_t wb = t < 2 ? w[1][hf].x : w[1][hf].y;
-          const int j0 = 2 * (t & 1);
-          const uint32_t a0 = lut_entry<true>(lut, lane4, wa, j0), a2 = lut_entry<true>(lut, lane4, wa, j0 + 1);
-          const uint32_t a1 = lut_entry<true>(lut, lane4, wb, j0), a3 = lut_entry<true>(lut, lane4, wb, j0 + 1);
-          const uint4& xw = xv[u][2 * hf + (t >> 1)];
-          const uint32_t b0 = word_of(xw, 2 * (t & 1)), b1 = word_of(xw, 2 * (t & 1) + 1);
-          if (t == 0) mma16816_zero<T>(tmp[hf], a0, a1, a2, a3, b0, b1);
-          else mma16816<T>(tmp[hf], a0, a1, a2, a3, b0, b1);
-        }
-      }
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        acc[0][0] = fmaf(sc[0][hf], tmp[hf][0], acc[0][0]);
-        acc[0][1] = fmaf(sc[0][hf], tmp[hf][1], acc[0][1]);
-        acc[0][2] = fmaf(sc[1][hf], tmp[hf][2], acc[0][2]);
-        acc[0][3] = fmaf(sc[1][hf], tmp[hf][3], acc[0][3]);
-      }
+      group_mma<T, 1>(w, xv[u], s.q[u], s.s2[u], s_code2, offset, lut, lane4, acc);
     }
     __syncwarp();
     if (lane == 0) mbar_arrive(bars + 32 + 8 * st);  // this warp is done with the stage
@@ -801,7 +783,7 @@ __global__ void __launch_bounds__(kThreads7, 1) nf4_gemv_lora_v7_kernel(Nf4GemvA
   stream_items<T, NT, kLutStride, true>(a, st, acc, s_lut, s_code2, s_red, slots, items, nch, t0, warp, lane, load,
                                         compute);
 #else
-  __trap();  // launched only on sm_90+ (v7_applies)
+  __trap();  // launched only on sm_90+ (v7_slots)
 #endif
 }
 
