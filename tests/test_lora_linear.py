@@ -141,6 +141,8 @@ def test_bad_inputs():
         sloth.lora_linear(x, W, A, None, quant_state=qs)
     with pytest.raises(ValueError, match="bias"):
         sloth.lora_linear(x, W, A, B, bias=torch.randn(3), quant_state=qs)
+    with pytest.raises(TypeError, match="needs its quant_state"):  # packed bytes passed without their state
+        sloth.lora_linear(x, W, A, B)
 
 
 # ---- CUDA ----

@@ -112,6 +112,10 @@ def lora_linear(
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     check_device_supported(x, "lora_linear")
     if quant_state is None:
+        if weight.dtype not in FLOAT_DTYPES and not weight.is_floating_point():
+            raise TypeError(f"sloth.lora_linear: weight has dtype {weight.dtype} and no quant_state; a packed NF4 "
+                            "weight needs its quant_state (the bitsandbytes QuantState, e.g. param.quant_state, "
+                            "or the NF4State from sloth.nf4_quantize)")
         check_tensor("weight", weight, dtypes=FLOAT_DTYPES, dim=2, device=x.device)
     else:
         check_tensor("weight", weight, device=x.device)
