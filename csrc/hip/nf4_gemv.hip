@@ -69,6 +69,9 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kGroupK = 128;        // k per warp step: 4 lanes (c) x 32 elements (16 packed bytes)
 constexpr int kChunk = 2;           // groups per pipeline stage and warp
 constexpr int kStages = 3;          // register stages: one computed while two are in flight
+// k stride between a warp's two groups of an item (slot u), and between an item's chunks: one item (tile, chunk)
+// covers kChStride = 4096 elements of K, 32 groups, two per warp.
+constexpr int kUStride = kWarps * kGroupK, kChStride = kChunk * kUStride;
 
 // Words per row of the byte -> pair table (32 lanes used): 128-byte rows, or 256-byte rows for the byte-permute
 // addressing of kVariant 4 (see lut_entry).
@@ -297,7 +300,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_lora_kernel(Nf4GemvArgs 
   extern __shared__ uint32_t smem[];
   uint32_t* s_lut = smem;                                               // [256 bytes][kLutStride] pairs of T
   float* s_code2 = reinterpret_cast<float*>(smem + 256 * kLutStride);  // [256] double-quantization code
-  float* s_red = s_code2 + 256;                                         // [2][kWarps][32][NT * 4] partial sums
+  float* s_red = s_code2 + 256;                                         // [2] slots of partial sums (store_partials)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane >> 2, c = lane & 3;
   const int64_t n_tiles = (a.n + 15) / 16;
@@ -308,7 +311,6 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_lora_kernel(Nf4GemvArgs 
   const int items = (int)(t1 - t0) * nch;
   // k offset of this lane's slot u of chunk ch: kbase + ch * kChStride + u * kUStride.
   const int kbase = warp * kGroupK + 32 * c;
-  constexpr int kUStride = kWarps * kGroupK, kChStride = kChunk * kUStride;
   const bool dq = v4 || a.absmax.absmax == nullptr;
   const int log2_bs = __ffs(a.blocksize) - 1, log2_bs2 = a.absmax.log2_blocksize2;
   const float offset = dq ? __ldg(a.absmax.offset) : 0.0f;
@@ -397,7 +399,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_lora_kernel(Nf4GemvArgs 
                                   compute);
 }
 
-// ---- kVariant 5 (the default where v5_applies; SLOTH_GEMV_VARIANT=4 for A/B) ----
+// ---- kVariant 5 (and 6: the same kernel with slots; v5_applies; SLOTH_GEMV_VARIANT=5 / 6 for A/B) ----
 // Each MMA's 16 k-values of a weight row lie inside ONE quantization block, so the MMAs take the raw NF4 code
 // values (the same byte -> pair table, no absmax multiply) into a zero-initialised fp32 fragment per block, which
 // is folded into the accumulator with the block's fp32 scale per row (4 FFMA per block and token tile, instead of
@@ -513,7 +515,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_lora_v5_kernel(Nf4GemvAr
   extern __shared__ uint32_t smem[];
   uint32_t* s_lut = smem;                                               // [256 bytes][kLutStride] pairs of T
   float* s_code2 = reinterpret_cast<float*>(smem + 256 * kLutStride);  // [256] double-quantization code
-  float* s_red = s_code2 + 256;                                         // [slots][kWarps][32][NT * 4] partials
+  float* s_red = s_code2 + 256;                                         // [max(slots, 2)] slots (store_partials)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane >> 2, c = lane & 3;
   const int64_t n_tiles = (a.n + 15) / 16;
@@ -524,7 +526,6 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_lora_v5_kernel(Nf4GemvAr
   const int items = (int)(t1 - t0) * nch;
   // Group start (k) of slot u of chunk ch: kbase + ch * kChStride + u * kUStride; the same for the whole warp.
   const int kbase = warp * kGroupK;
-  constexpr int kUStride = kWarps * kGroupK, kChStride = kChunk * kUStride;
   const int log2_bs2 = a.absmax.log2_blocksize2;
   const float offset = __ldg(a.absmax.offset);
   const uint32_t lut = (uint32_t)__cvta_generic_to_shared(s_lut), lane4 = 4 * lane;
@@ -609,8 +610,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_lora_v5_kernel(Nf4GemvAr
 // weight no longer sits in registers while in flight, which frees them for x: with K <= 4096 (one chunk per tile)
 // each warp loads its x slice once instead of once per tile. Absmax bytes stay register-staged (kStages items
 // ahead, as in variant 5). Traffic as variant 5. (4 stages instead of 3 measured the same at M = 1 on an H200.)
-constexpr int kChunkK = kWarps * kChunk * kGroupK;  // 4096 elements of K per item (32 groups)
-constexpr int kRowPitch = kChunkK / 2 + 32;         // bytes per staged weight row: 2048 + 32 (bank offset per row)
+constexpr int kRowPitch = kChStride / 2 + 32;       // bytes per staged weight row: 2048 + 32 (bank offset per row)
 constexpr int kStageBytes = 16 * kRowPitch;         // one staged item: 16 rows
 constexpr int kSt = 3;                              // staged items in flight per CTA
 constexpr int kThreads7 = kThreads + 32;            // 16 compute warps + 1 producer warp
@@ -665,14 +665,14 @@ __global__ void __launch_bounds__(kThreads7, 1) nf4_gemv_lora_v7_kernel(Nf4GemvA
   const uint32_t stages = bars + 64;
   uint32_t* s_lut = smem + (64 + kSt * kStageBytes) / 4;              // [256 bytes][kLutStride] pairs of T
   float* s_code2 = reinterpret_cast<float*>(s_lut + 256 * kLutStride);  // [256] double-quantization code
-  float* s_red = s_code2 + 256;                                         // [slots][kWarps][32][4] partial sums
+  float* s_red = s_code2 + 256;                                         // [slots] slots (store_partials)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane >> 2, c = lane & 3;
   const int n_tiles = (int)((a.n + 15) / 16);
   const int t0 = (int)((int64_t)blockIdx.x * n_tiles / gridDim.x);
   const int t1 = (int)((int64_t)(blockIdx.x + 1) * n_tiles / gridDim.x);
   const int k = (int)a.k;  // K % 128 == 0, N * K < 2^31
-  const int nch = (k + kChunkK - 1) / kChunkK;
+  const int nch = (k + kChStride - 1) / kChStride;
   const int items = (t1 - t0) * nch;
   if (threadIdx.x == 0) {
 #pragma unroll
@@ -690,7 +690,7 @@ __global__ void __launch_bounds__(kThreads7, 1) nf4_gemv_lora_v7_kernel(Nf4GemvA
       const int s = i % kSt;
       if (i >= kSt) mbar_wait(bars + 32 + 8 * s, ((i / kSt) & 1) ^ 1);
       const int rows = min(16, (int)a.n - 16 * tile);
-      const int kc = ch * kChunkK, bytes = min(kChunkK, k - kc) / 2;
+      const int kc = ch * kChStride, bytes = min(kChStride, k - kc) / 2;
       if (lane == 0) mbar_arrive_expect_tx(bars + 8 * s, (uint32_t)(rows * bytes));
       __syncwarp();
       if (lane < rows)
@@ -707,7 +707,6 @@ __global__ void __launch_bounds__(kThreads7, 1) nf4_gemv_lora_v7_kernel(Nf4GemvA
 
   // Compute warps: warp w owns the groups w and w + 16 of every chunk (lane layout of variant 5).
   const int kbase = warp * kGroupK;
-  constexpr int kUStride = kWarps * kGroupK;
   const int log2_bs2 = a.absmax.log2_blocksize2;
   const float offset = __ldg(a.absmax.offset);
   const uint32_t lut = (uint32_t)__cvta_generic_to_shared(s_lut), lane4 = 4 * lane;
@@ -725,7 +724,7 @@ __global__ void __launch_bounds__(kThreads7, 1) nf4_gemv_lora_v7_kernel(Nf4GemvA
   const uint8_t* qbase = a.absmax.absmax_q;
   const float* s2base = a.absmax.absmax2;
   auto load = [&](Stage7& s) {  // absmax bytes and absmax2 of the item's groups (as variant 5)
-    const int kk0 = kbase + ld_ch * kChunkK;
+    const int kk0 = kbase + ld_ch * kChStride;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const uint32_t e0 = ld_rowk[h] + (uint32_t)kk0;
@@ -751,7 +750,7 @@ __global__ void __launch_bounds__(kThreads7, 1) nf4_gemv_lora_v7_kernel(Nf4GemvA
     if (nch > 1 || ci == 0) {  // K <= 4096: the same x slice for every tile, loaded once
 #pragma unroll
       for (int u = 0; u < kChunk; ++u) {
-        const int kk = kbase + ch * kChunkK + u * kUStride;
+        const int kk = kbase + ch * kChStride + u * kUStride;
         if (kk >= k) continue;
         const uint4* xp = reinterpret_cast<const uint4*>(x + (xo + (uint32_t)kk));
         xv[u][0][0] = __ldg(xp);
@@ -764,7 +763,7 @@ __global__ void __launch_bounds__(kThreads7, 1) nf4_gemv_lora_v7_kernel(Nf4GemvA
     const uint32_t row0 = stages + st * kStageBytes + g * kRowPitch + 8 * c;  // row g; row g + 8 at + 8 pitches
 #pragma unroll
     for (int u = 0; u < kChunk; ++u) {
-      const int kk = kbase + ch * kChunkK + u * kUStride;
+      const int kk = kbase + ch * kChStride + u * kUStride;
       if (__all_sync(0xffffffffu, kk >= k)) continue;  // the whole group is past K
       const uint32_t off = row0 + (warp + kWarps * u) * 64;  // the group's 64 bytes in the staged rows
       uint2 w[2][2];                                        // [row g / g + 8][half]
