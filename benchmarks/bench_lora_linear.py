@@ -49,30 +49,34 @@ def small_m_setup(M):
 COPIES = 8
 
 
-def small_m_fns(M, copies=1):
-    """Per implementation, a function doing `copies` calls, each on its own copy of the weight."""
+def small_m_fns(M):
+    """(hot, cold, packed bytes): per implementation, a function doing one call on the weight (hot), and one doing
+    COPIES calls, each on its own copy of the weight (cold)."""
     import bitsandbytes as bnb
 
     W, packed, qs, x, A, B, nbytes = small_m_setup(M)
     bqs = qs.to_bitsandbytes()
-    Ws = [W] + [W.clone() for _ in range(copies - 1)]
-    ps = [packed] + [packed.clone() for _ in range(copies - 1)]
-    fns = {
-        "sloth gemv": lambda: [sloth.lora_linear(x, p, None, None, quant_state=qs) for p in ps],
-        "sloth gemv + lora r16": lambda: [sloth.lora_linear(x, p, A, B, 0.5, quant_state=qs) for p in ps],
-        "bnb matmul_4bit": lambda: [bnb.matmul_4bit(x, p.t(), quant_state=bqs) for p in ps],
-        "bf16 cublas (dense W)": lambda: [torch.nn.functional.linear(x, w) for w in Ws],
-    }
-    return fns, nbytes
+    Ws = [W] + [W.clone() for _ in range(COPIES - 1)]
+    ps = [packed] + [packed.clone() for _ in range(COPIES - 1)]
+
+    def impls(Ws, ps):
+        return {
+            "sloth gemv": lambda: [sloth.lora_linear(x, p, None, None, quant_state=qs) for p in ps],
+            "sloth gemv + lora r16": lambda: [sloth.lora_linear(x, p, A, B, 0.5, quant_state=qs) for p in ps],
+            "bnb matmul_4bit": lambda: [bnb.matmul_4bit(x, p.t(), quant_state=bqs) for p in ps],
+            "bf16 cublas (dense W)": lambda: [torch.nn.functional.linear(x, w) for w in Ws],
+        }
+
+    return impls(Ws[:1], ps[:1]), impls(Ws, ps), nbytes
 
 
 @pytest.mark.parametrize("M", [1, 8])
 @pytest.mark.parametrize("impl", ["sloth gemv", "sloth gemv + lora r16", "bnb matmul_4bit", "bf16 cublas (dense W)"])
 def test_small_m(benchmark, M, impl):
-    fns, nbytes = small_m_fns(M)
-    fn = fns[impl]
+    hot, cold, nbytes = small_m_fns(M)
+    fn = hot[impl]
     ms = graph_median_ms(fn)
-    ms_cold = graph_median_ms(small_m_fns(M, COPIES)[0][impl], calls=5) / COPIES
+    ms_cold = graph_median_ms(cold[impl], calls=5) / COPIES
     benchmark.extra_info.update(ms_graph_median=ms, gb_per_s=nbytes / ms / 1e6, ms_graph_median_cold=ms_cold,
                                 gb_per_s_cold=nbytes / ms_cold / 1e6)
     benchmark(lambda: (fn(), torch.cuda.synchronize()))
@@ -178,8 +182,7 @@ def small_m_table():
           f" cold: {COPIES} copies in turn, from DRAM)")
     print(f"{'impl':32s} {'M':>3s} {'hot ms':>9s} {'GB/s':>6s} {'cold ms':>9s} {'GB/s':>6s}")
     for M in (1, 8):
-        hot, nbytes = small_m_fns(M)
-        cold, _ = small_m_fns(M, COPIES)
+        hot, cold, nbytes = small_m_fns(M)
         for name in hot:
             ms = graph_median_ms(hot[name])
             ms_cold = graph_median_ms(cold[name], calls=5) / COPIES

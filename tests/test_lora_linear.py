@@ -230,6 +230,44 @@ def test_gemv_variants_cuda(variant):
     assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-6000:]
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("M", [1, 8, 13])
+def test_gemv_back_to_back_cuda(M):
+    """Each GEMV reads the previous one's output while it may still be finishing (variant 7 is launched with
+    programmatic stream serialization and waits for the previous kernel before touching memory): a chain of GEMVs
+    and elementwise ops, launched back to back eagerly and from a CUDA graph, gives bitwise the outputs of the
+    same chain run with a synchronize after every call (the kernel's summation order is fixed)."""
+    W, qs = make_weight("nf4", 4096, 4096, torch.bfloat16, "cuda")
+    x0 = torch.randn(M, 4096, device="cuda").to(torch.bfloat16)
+
+    def chain(sync):
+        x, outs = x0, []
+        for i in range(12):
+            x = sloth.lora_linear(x, W, None, None, quant_state=qs)
+            if i % 3 == 2:
+                x = x * 0.5 + x0  # a torch kernel between two GEMVs
+            outs.append(x)
+            if sync:
+                torch.cuda.synchronize()
+        return torch.stack(outs)
+
+    expected = chain(True)
+    assert torch.isfinite(expected).all()
+    assert torch.equal(chain(False), expected)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        chain(False)  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(False)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, expected)
+
+
 @pytest.mark.parametrize("kind,M,in_f,out_f,r,dtype", [c for c in CASES if c[5] != torch.float32] + [
     ("nf4", 8, 4096, 1024, 32, torch.bfloat16), ("nf4", 4096, 1024, 3584, 64, torch.bfloat16),
     ("nf4", 200, 1024, 1000, 16, torch.float32)])

@@ -46,6 +46,11 @@
 // from DRAM): 0.0140 / 0.0154 ms hot, 0.0160 / 0.0176 cold (2.16 / 1.97 and 1.90 / 1.72 TB/s of packed weight);
 // + LoRA 0.0204 / 0.0219 hot; bitsandbytes 0.0293 / 0.0671, bf16 cuBLAS dense 0.031, hot or cold. Under ncu (M =
 // 1, cold caches): 6.6 M warp instructions, SMs active 82% of the 35.6 k elapsed cycles (ramp and tail).
+// A per-CTA globaltimer trace (a standalone harness) showed the ramp (entry to first staged item: 2.3-2.9 us hot,
+// 3.1-4.9 us cold) and that the kernel is compute-bound: with the copies removed it still takes 13.6 us at M = 1
+// (hot 14.0); shared memory does ~2000 wavefronts per item (1024 of them table lookups). Variant 7 is therefore
+// launched with programmatic dependent launch: the table fill and the CTA launch of call i + 1 overlap the tail of
+// call i. Same run: 0.0131 / 0.0143 ms hot, 0.0144 / 0.0161 cold (before: 0.0140 / 0.0154 and 0.0160 / 0.0176).
 
 #include <algorithm>
 #include <cstdlib>
@@ -121,10 +126,9 @@ __device__ __forceinline__ void compute_barrier() {
   else __syncthreads();
 }
 
-// The per-lane byte -> pair table (s_lut [256][kStride], lanes 0..31 of each row used) and the
-// double-quantization code (s_code2 [256]); ends with the barrier that publishes them.
-template <OutType T, int kStride, bool kNamed>
-__device__ void fill_tables(const Nf4GemvArgs& a, uint32_t* s_lut, float* s_code2) {
+// The per-lane byte -> pair table s_lut [256][kStride] (lanes 0..31 of each row used); reads no global memory.
+template <OutType T, int kStride>
+__device__ void fill_lut(uint32_t* s_lut) {
   // Lane l holds the 16-bit value of code l % 16 (each lane computes one value, not one per entry); the entry of
   // byte v pairs the values of its nibbles, fetched by two shuffles. Warp w writes the rows v = w, w + 16, ...
   const int lane = threadIdx.x % 32;
@@ -133,6 +137,13 @@ __device__ void fill_tables(const Nf4GemvArgs& a, uint32_t* s_lut, float* s_code
     const uint32_t lo = __shfl_sync(0xffffffffu, val, v >> 4), hi = __shfl_sync(0xffffffffu, val, v & 15);
     s_lut[v * kStride + lane] = lo | (hi << 16);
   }
+}
+
+// The double-quantization code (s_code2 [256]) and, unless kLutReady (filled by the caller), the table; ends with
+// the barrier that publishes them.
+template <OutType T, int kStride, bool kNamed, bool kLutReady>
+__device__ void fill_tables(const Nf4GemvArgs& a, uint32_t* s_lut, float* s_code2) {
+  if constexpr (!kLutReady) fill_lut<T, kStride>(s_lut);
   if (a.absmax.code2 != nullptr && threadIdx.x < 256) s_code2[threadIdx.x] = a.absmax.code2[threadIdx.x];
   compute_barrier<kNamed>();
 }
@@ -207,8 +218,9 @@ __device__ void reduce_tiles(const Nf4GemvArgs& a, const float* s_red, int slot0
 // tile is reduced at once (s_red holds 2 slots, by tile parity: one barrier per tile, every warp waits for the
 // slowest). slots > 0 (variant 6): tiles fill `slots` slots and are reduced together when the slots are full or
 // the CTA's tiles end (two barriers per `slots` tiles), so warps drift apart within a round and their loads,
-// lookups and MMAs overlap instead of meeting at a barrier per tile.
-template <OutType T, int NT, int kLutStride, bool kNamed = false, class StageT, class Load, class Compute>
+// lookups and MMAs overlap instead of meeting at a barrier per tile. kLutReady: the caller filled the table.
+template <OutType T, int NT, int kLutStride, bool kNamed = false, bool kLutReady = false, class StageT, class Load,
+          class Compute>
 __device__ __forceinline__ void stream_items(const Nf4GemvArgs& a, StageT (&st)[kStages], float (&acc)[NT][4],
                                              uint32_t* s_lut, float* s_code2, float* s_red, int slots, int items,
                                              int nch, int64_t t0, int warp, int lane, Load& load,
@@ -216,7 +228,7 @@ __device__ __forceinline__ void stream_items(const Nf4GemvArgs& a, StageT (&st)[
 #pragma unroll
   for (int p = 0; p < kStages - 1; ++p)
     if (p < items) load(st[p]);
-  fill_tables<T, kLutStride, kNamed>(a, s_lut, s_code2);
+  fill_tables<T, kLutStride, kNamed, kLutReady>(a, s_lut, s_code2);
 #pragma unroll
   for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
   const int n_tiles = items / nch, cl = slot_lanes<NT>(a.m);
@@ -638,6 +650,12 @@ __device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_
   asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
                ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
 }
+// Programmatic dependent launch: launch_dependents lets the next kernel of the stream, when launched with
+// programmatic stream serialization, start on the SMs this grid frees; grid_dependency_wait blocks until the
+// previous kernel of the stream has completed and its writes are visible (at once when this kernel was launched
+// without the attribute). Nothing may read or write global memory before the wait.
+__device__ __forceinline__ void launch_dependents() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+__device__ __forceinline__ void grid_dependency_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
 __device__ __forceinline__ uint2 lds64(uint32_t addr) {
   uint2 v;
   asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(addr));
@@ -672,6 +690,7 @@ __global__ void __launch_bounds__(kThreads7, 1) nf4_gemv_lora_v7_kernel(Nf4GemvA
   const int nch = (k + kChStride - 1) / kChStride;
   const int items = (t1 - t0) * nch;
   if (threadIdx.x == 0) {
+    launch_dependents();  // the next call's CTAs may take the SMs of this grid's early finishers
 #pragma unroll
     for (int s = 0; s < kSt; ++s) {
       mbar_init(bars + 8 * s, 1);             // full: the producer's arrive + the stage's bytes
@@ -682,6 +701,7 @@ __global__ void __launch_bounds__(kThreads7, 1) nf4_gemv_lora_v7_kernel(Nf4GemvA
   __syncthreads();
 
   if (warp == kWarps) {  // producer: item i into stage i % kSt, once the compute warps released it
+    grid_dependency_wait();
     int tile = t0, ch = 0;
     for (int i = 0; i < items; ++i) {
       const int s = i % kSt;
@@ -702,7 +722,10 @@ __global__ void __launch_bounds__(kThreads7, 1) nf4_gemv_lora_v7_kernel(Nf4GemvA
     return;
   }
 
-  // Compute warps: warp w owns the groups w and w + 16 of every chunk (lane layout of variant 5).
+  // Compute warps: warp w owns the groups w and w + 16 of every chunk (lane layout of variant 5). The table
+  // (no global reads) is filled while the previous kernel may still run.
+  fill_lut<T, kLutStride>(s_lut);
+  grid_dependency_wait();
   const int kbase = warp * kGroupK;
   const int log2_bs2 = a.absmax.log2_blocksize2;
   const float offset = __ldg(a.absmax.offset);
@@ -776,7 +799,7 @@ __global__ void __launch_bounds__(kThreads7, 1) nf4_gemv_lora_v7_kernel(Nf4GemvA
   };
 
   Stage7 st[kStages] = {};
-  stream_items<T, NT, kLutStride, true>(a, st, acc, s_lut, s_code2, s_red, slots, items, nch, t0, warp, lane, load,
+  stream_items<T, NT, kLutStride, true, true>(a, st, acc, s_lut, s_code2, s_red, slots, items, nch, t0, warp, lane, load,
                                         compute);
 #else
   __trap();  // launched only on sm_90+ (v7_slots)
@@ -856,7 +879,19 @@ void launch_v7(const Nf4GemvArgs& args, unsigned grid, int slots, cudaStream_t s
   static size_t opted = 0;
   const size_t smem = smem7_bytes(args.m, slots);
   opt_in(nf4_gemv_lora_v7_kernel<T>, smem, opted);
-  nf4_gemv_lora_v7_kernel<T><<<grid, kThreads7, smem, stream>>>(args, slots);
+  // Programmatic stream serialization: the kernel may start while the previous one finishes (it waits for it
+  // before touching global memory), so back-to-back calls overlap one's tail with the next one's prologue.
+  cudaLaunchAttribute pdl[1];
+  pdl[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  pdl[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(kThreads7);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = pdl;
+  cfg.numAttrs = 1;
+  cudaLaunchKernelEx(&cfg, nf4_gemv_lora_v7_kernel<T>, args, slots);  // errors: cudaGetLastError in nf4_gemv_lora
 }
 
 template <OutType T, int NT>
