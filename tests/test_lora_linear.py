@@ -22,13 +22,17 @@ def rel_err(a, b):
 
 
 def make_weight(kind, out_f, in_f, dtype, device="cpu", seed=0):
-    """(weight, quant_state) for kind "dense", "nf4" (sloth.nf4_quantize) or "bnb" (bitsandbytes quantize_4bit)."""
+    """(weight, quant_state) for kind "dense", "nf4" (sloth.nf4_quantize), "mxfp4" (sloth.mxfp4_quantize) or "bnb"
+    (bitsandbytes quantize_4bit)."""
     g = torch.Generator().manual_seed(seed)
     W = (torch.randn(out_f, in_f, generator=g) / in_f**0.5).to(dtype).to(device)
     if kind == "dense":
         return W, None
     if kind == "nf4":
         return sloth.nf4_quantize(W, 64, compress_statistics=True)
+    if kind == "mxfp4":
+        blocks, scales = sloth.mxfp4_quantize(W)  # [out, in / 32, 16], [out, in / 32]
+        return blocks, sloth.MXFP4State(scales)
     if kind == "nf4_fp32absmax":
         return sloth.nf4_quantize(W, 64, compress_statistics=False)
     bnbf = pytest.importorskip("bitsandbytes.functional")
@@ -80,6 +84,9 @@ CASES = [
     ("bnb", 3, 128, 333, 8, torch.float32),
     ("bnb", 257, 100, 333, 32, torch.bfloat16),
     ("bnb", 16, 256, 100, 128, torch.float16),
+    ("mxfp4", 3, 96, 333, 8, torch.float32),
+    ("mxfp4", 257, 128, 100, 32, torch.bfloat16),
+    ("mxfp4", 16, 256, 96, 16, torch.float16),
 ]
 
 
@@ -141,6 +148,9 @@ def test_bad_inputs():
         sloth.lora_linear(x, W, A, None, quant_state=qs)
     with pytest.raises(ValueError, match="bias"):
         sloth.lora_linear(x, W, A, B, bias=torch.randn(3), quant_state=qs)
+    blocks, mxs = make_weight("mxfp4", 3, 64, torch.float32)
+    with pytest.raises(ValueError, match="MXFP4 weight"):  # scales of another shape
+        sloth.lora_linear(x[:, :64], blocks, None, None, quant_state=sloth.MXFP4State(mxs.scales[:, :1]))
     with pytest.raises(TypeError, match="needs its quant_state"):  # packed bytes passed without their state
         sloth.lora_linear(x, W, A, B)
 

@@ -51,6 +51,8 @@
 // (hot 14.0); shared memory does ~2000 wavefronts per item (1024 of them table lookups). Variant 7 is therefore
 // launched with programmatic dependent launch: the table fill and the CTA launch of call i + 1 overlap the tail of
 // call i. Same run: 0.0131 / 0.0143 ms hot, 0.0144 / 0.0161 cold (before: 0.0140 / 0.0154 and 0.0160 / 0.0176).
+// The producer then issues its first kSt items one after the other has landed (the ramp no longer asks DRAM for
+// every CTA's three items at once): 0.0130 / 0.0141 hot, 0.0139 / 0.0150 cold (bitsandbytes 0.0293 / 0.0676).
 
 #include <algorithm>
 #include <cstdlib>
@@ -705,7 +707,10 @@ __global__ void __launch_bounds__(kThreads7, 1) nf4_gemv_lora_v7_kernel(Nf4GemvA
     int tile = t0, ch = 0;
     for (int i = 0; i < items; ++i) {
       const int s = i % kSt;
+      // Steady state: once the compute warps released the stage. Ramp: once the previous item landed, so that
+      // every CTA's first item arrives before the second ones compete for DRAM (measured: 0.9 us less cold).
       if (i >= kSt) mbar_wait(bars + 32 + 8 * s, ((i / kSt) & 1) ^ 1);
+      else if (i > 0) mbar_wait(bars + 8 * (s - 1), 0);
       const int rows = min(16, (int)a.n - 16 * tile);
       const int kc = ch * kChStride, bytes = min(kChStride, k - kc) / 2;
       if (lane == 0) mbar_arrive_expect_tx(bars + 8 * s, (uint32_t)(rows * bytes));

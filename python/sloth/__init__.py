@@ -11,7 +11,7 @@ from . import _C  # noqa: F401  (registers torch.ops.sloth.*)
 from . import nn, ops
 from .nn import causal_lm_loss, glu, linear_cross_entropy, linear_logprobs, lora_linear, lora_mlp
 from .nn.lora_mlp import LoraProj
-from .ops import NF4State, mxfp4_dequantize, mxfp4_quantize, nf4_dequantize, nf4_quantize
+from .ops import MXFP4State, NF4State, mxfp4_dequantize, mxfp4_quantize, nf4_dequantize, nf4_quantize
 
 # ---- model integration (branch integrate): sloth.patch / sloth.unpatch, RMSNorm, RoPE ----
 from .integrations.transformers import patch, patched_modules, unpatch
@@ -31,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FastLanguageModel",
     "LoraProj",
+    "MXFP4State",
     "NF4State",
     "__version__",
     "causal_lm_loss",

@@ -3,7 +3,8 @@
 Paths (same semantics, fp32 accumulation everywhere):
 - small M (<= 16 rows, CUDA, bf16/fp16, NF4): one fused kernel reads the packed weight once
   (torch.ops.sloth.nf4_gemv_lora); the tiny t = x A^T is a torch.mm.
-- otherwise: dequantize W into a reusable per-device workspace (no per-call allocation); y = (s t) B^T first
+- otherwise: dequantize W into a reusable per-device workspace (no per-call allocation; MXFP4 weights are
+  dequantized by torch.ops.sloth.mxfp4_dequantize into a fresh buffer from the caching allocator); y = (s t) B^T first
   (a K = r GEMM), then the main cuBLAS GEMM adds x W^T into it (beta = 1: y's read hides in the compute-bound
   GEMM instead of a separate memory-bound pass over [M, out]). CPU runs this path with the CPU kernels.
 Backward: dx = s (dy B) A, then += dy W (W dequantized again into the workspace; keeping the forward's copy for
@@ -18,24 +19,38 @@ from typing import Optional
 import torch
 
 from ..ops._checks import FLOAT_DTYPES, check_device_supported, check_tensor
+from ..ops.mxfp4 import MX_BLOCK, MXFP4State, mxfp4_dequantize
 from ..ops.qlora import NF4Args, gemv_available, nf4_gemv_lora
 from .workspace import Workspace
 
 
 class _Weight:
-    """The frozen weight: dense [out, in] or NF4 (NF4Args); ``materialize`` gives a dense [out, in] of dtype."""
+    """The frozen weight: dense [out, in], NF4 (NF4Args) or MXFP4 (blocks [out, in / 32, 16] + scales [out,
+    in / 32]); ``materialize`` gives a dense [out, in] of dtype."""
 
     def __init__(self, weight: torch.Tensor, quant_state):
+        self.dense = self.nf4 = self.mx = None
         if quant_state is None:
-            self.dense, self.nf4 = weight, None
+            self.dense = weight
             self.shape = tuple(weight.shape)
+        elif isinstance(quant_state, MXFP4State):
+            s = quant_state.scales
+            if weight.dtype != torch.uint8 or weight.dim() != 3 or weight.shape[2] != MX_BLOCK // 2 or \
+                    s.dtype != torch.uint8 or tuple(s.shape) != tuple(weight.shape[:2]):
+                raise ValueError(f"sloth.lora_linear: an MXFP4 weight is uint8 blocks [out, in / 32, 16] with uint8 "
+                                 f"scales [out, in / 32] (sloth.mxfp4_quantize of the [out, in] weight); got "
+                                 f"{weight.dtype} {tuple(weight.shape)} and {s.dtype} {tuple(s.shape)}")
+            self.mx = (weight, s)
+            self.shape = (weight.shape[0], weight.shape[1] * MX_BLOCK)
         else:
-            self.dense, self.nf4 = None, NF4Args.from_state(weight, quant_state)
+            self.nf4 = NF4Args.from_state(weight, quant_state)
             self.shape = self.nf4.shape
 
     def materialize(self, dtype: torch.dtype) -> torch.Tensor:
-        if self.nf4 is None:
+        if self.dense is not None:
             return self.dense if self.dense.dtype == dtype else self.dense.to(dtype)
+        if self.mx is not None:
+            return mxfp4_dequantize(*self.mx, dtype)  # [out, in]
         out, inn = self.shape
         buf = Workspace.get(out * inn, dtype, self.nf4.packed.device)
         return self.nf4.dequantize_into(buf).view(out, inn)  # [out, in], valid until the next Workspace.get
@@ -105,7 +120,8 @@ def lora_linear(
 
     Shapes: ``x [..., in]``, ``weight`` dense ``[out, in]`` (bf16 / fp16 / fp32) or packed NF4 (bitsandbytes
     ``Params4bit`` data, any storage dtype) with ``quant_state`` (bitsandbytes ``QuantState`` or sloth
-    ``NF4State``, shape ``[out, in]``), ``lora_A [r, in]``, ``lora_B [out, r]``, ``bias [out]`` -> ``y [..., out]``
+    ``NF4State``, shape ``[out, in]``) or packed MXFP4 (``blocks [out, in / 32, 16]`` from
+    :func:`sloth.mxfp4_quantize`, with ``quant_state = sloth.MXFP4State(scales)``), ``lora_A [r, in]``, ``lora_B [out, r]``, ``bias [out]`` -> ``y [..., out]``
     in x's dtype. A, B and bias are cast to x's dtype (gradients flow back to their own dtype). Pass
     ``lora_A = lora_B = None`` for a plain (quantized) linear.
     """

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ._checks import FLOAT_DTYPES, check_device_supported, check_out_dtype, check_tensor
 
 MX_BLOCK = 32  # elements per E8M0 scale
+
+
+@dataclass(frozen=True)
+class MXFP4State:
+    """Describes an MXFP4 weight for :func:`sloth.lora_linear`: the weight passed is its ``blocks`` (uint8
+    ``[out, in / 32, 16]``) and this holds their ``scales`` (uint8 ``[out, in / 32]``, E8M0), as returned by
+    :func:`mxfp4_quantize` of an ``[out, in]`` weight."""
+
+    scales: torch.Tensor
 
 
 def mxfp4_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from . import mxfp4 as _mx
 from . import nf4 as _nf4
 
 
@@ -11,6 +12,8 @@ def dequantize_weight(weight: torch.Tensor, quant_state=None) -> torch.Tensor:
     """The fp32 [out, in] weight: dense as is, or NF4 packed + quant_state (bnb QuantState / sloth NF4State)."""
     if quant_state is None:
         return weight.float()
+    if hasattr(quant_state, "scales"):  # MXFP4State: blocks [out, G, 16], scales [out, G]
+        return _mx.mxfp4_dequantize(weight, quant_state.scales, torch.float32)
     packed = weight.data.as_subclass(torch.Tensor).contiguous().view(torch.uint8)
     kw = {}
     if quant_state.nested:
