@@ -85,8 +85,13 @@ def test_full_finetune_loss_and_grads(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_lora_grads(family):
+def test_lora_grads(family, monkeypatch):
     peft = pytest.importorskip("peft")
+    from sloth.integrations import qkv
+
+    groups = []  # q, k, v of each layer go through one lora_linear_group call (shared-input LoRA A GEMM)
+    monkeypatch.setattr(qkv, "lora_linear_group", lambda x, projs: groups.append(len(projs)) or
+                        sloth.nn.lora_group.lora_linear_group(x, projs))
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
     def lora(m):
@@ -103,6 +108,7 @@ def test_lora_grads(family):
     ids, mask, labels = make_batch()
     out_ref = ref(input_ids=ids, attention_mask=mask, labels=labels)
     out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert groups == [3] * base.config.num_hidden_layers
     assert out.logits is None
     assert rel_err(out.loss, out_ref.loss) <= 1e-5
     out_ref.loss.backward()

@@ -88,6 +88,12 @@ def run_dtype(x: torch.Tensor, compute_dtype) -> torch.dtype:
 
 
 def _sloth_forward(self, x, *args, **kwargs):
+    if not args and not kwargs:
+        from .qkv import grouped_forward  # (import cycle: qkv uses this module)
+
+        y = grouped_forward(self, x)
+        if y is not None:
+            return y
     adapter = _fast_adapter(self, args, kwargs)
     base = _base_weight(self) if adapter is not None else None
     if base is None:

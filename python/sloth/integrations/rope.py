@@ -20,6 +20,7 @@ import weakref
 import torch
 
 from ..nn.norm_rope import RopeFunction
+from .qkv import qkv_group
 
 #: Attention classes whose forward switches sloth's RoPE on
 ATTENTIONS = ("LlamaAttention", "Qwen3Attention", "MistralAttention", "Gemma3Attention")
@@ -117,9 +118,11 @@ def install_dispatcher(attention: torch.nn.Module) -> bool:
 
 
 def sloth_attention_forward(self, *args, **kwargs):
-    """The attention's own forward, with the RoPE dispatcher switched to sloth's kernel during the call."""
+    """The attention's own forward, with the RoPE dispatcher switched to sloth's kernel during the call and its
+    q, k, v LoRA projections grouped (sloth.integrations.qkv)."""
     token = _active.set(True)
     try:
-        return self._sloth_orig_forward(*args, **kwargs)
+        with qkv_group(self):
+            return self._sloth_orig_forward(*args, **kwargs)
     finally:
         _active.reset(token)

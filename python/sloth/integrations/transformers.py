@@ -184,7 +184,8 @@ def patch(model, verbose: bool = False):
         elif cls in ATTENTIONS and "_sloth_orig_forward" not in module.__dict__ and install_dispatcher(module):
             _replace_method(record, module, sloth_attention_forward,
                              f"{names[module] or '<root>'}: {cls}.forward -> RoPE of q, k by sloth.rope (in place; "
-                             f"the attention itself is the model's)")
+                             f"q, k, v LoRA A products in one GEMM when all three are LoRA layers on the fast "
+                             f"path; the attention itself is the model's)")
         elif cls in CAUSAL_LMS and "_sloth_orig_forward" not in module.__dict__:
             softcap = getattr(module.config, "final_logit_softcapping", None)
             _replace_method(record, module, _causal_lm_forward,

@@ -3,6 +3,7 @@
 from .glu import glu
 from .linear_cross_entropy import LinearCrossEntropyFunction, causal_lm_loss, linear_cross_entropy
 from .linear_logprobs import LinearLogprobsFunction, linear_logprobs, linear_logprobs_stats
+from .lora_group import LoraGroupFunction, lora_linear_group
 from .lora_linear import lora_linear
 from .lora_mlp import lora_mlp
 from .workspace import Workspace
@@ -12,6 +13,7 @@ from .offload_checkpoint import OffloadedCheckpointFunction, offloaded_checkpoin
 __all__ = [
     "LinearCrossEntropyFunction",
     "LinearLogprobsFunction",
+    "LoraGroupFunction",
     "OffloadedCheckpointFunction",
     "Workspace",
     "causal_lm_loss",
@@ -20,6 +22,7 @@ __all__ = [
     "linear_logprobs",
     "linear_logprobs_stats",
     "lora_linear",
+    "lora_linear_group",
     "lora_mlp",
     "offloaded_checkpoint",
     "RMSNormFunction",

@@ -56,9 +56,11 @@ class _Weight:
         return self.nf4.dequantize_into(buf).view(out, inn)  # [out, in], valid until the next Workspace.get
 
 
-def _forward(x2d, w: _Weight, A, B, scaling, bias):
-    # x2d [M, in], A [r, in] or None, B [out, r] or None, bias [out] or None -> (y [M, out], t [M, r] or None)
-    t = torch.mm(x2d, A.t()) if A is not None else None  # [M, r]
+def _forward(x2d, w: _Weight, A, B, scaling, bias, t=None):
+    # x2d [M, in], A [r, in] or None, B [out, r] or None, bias [out] or None -> (y [M, out], t [M, r] or None);
+    # t = x2d A^T when given (A is then None)
+    if A is not None:
+        t = torch.mm(x2d, A.t())  # [M, r]
     if w.nf4 is not None and gemv_available(x2d, w.nf4):
         return nf4_gemv_lora(x2d, w.nf4, t, B, scaling, bias), t
     W = w.materialize(x2d.dtype)  # [out, in]
@@ -106,25 +108,9 @@ class LoraLinearFunction(torch.autograd.Function):
         return dx, dA, dB, dbias, dW, None, None
 
 
-def lora_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    lora_A: Optional[torch.Tensor],
-    lora_B: Optional[torch.Tensor],
-    scaling: float = 1.0,
-    *,
-    bias: Optional[torch.Tensor] = None,
-    quant_state=None,
-) -> torch.Tensor:
-    """``y = x W^T + scaling * (x A^T) B^T + bias`` with a frozen W, differentiable in x, A, B (and bias).
-
-    Shapes: ``x [..., in]``, ``weight`` dense ``[out, in]`` (bf16 / fp16 / fp32) or packed NF4 (bitsandbytes
-    ``Params4bit`` data, any storage dtype) with ``quant_state`` (bitsandbytes ``QuantState`` or sloth
-    ``NF4State``, shape ``[out, in]``) or packed MXFP4 (``blocks [out, in / 32, 16]`` from
-    :func:`sloth.mxfp4_quantize`, with ``quant_state = sloth.MXFP4State(scales)``), ``lora_A [r, in]``, ``lora_B [out, r]``, ``bias [out]`` -> ``y [..., out]``
-    in x's dtype. A, B and bias are cast to x's dtype (gradients flow back to their own dtype). Pass
-    ``lora_A = lora_B = None`` for a plain (quantized) linear.
-    """
+def prepare_args(x, weight, lora_A, lora_B, bias, quant_state):
+    """Checks lora_linear's arguments (clear errors for dtype, device, shape); returns ``(w, lora_A, lora_B, bias)``
+    with the weight wrapped (_Weight) and A, B, bias cast to x's dtype."""
     check_tensor("x", x, dtypes=FLOAT_DTYPES)
     check_device_supported(x, "lora_linear")
     if quant_state is None:
@@ -159,6 +145,30 @@ def lora_linear(
         if bias.shape != (out_f,):
             raise ValueError(f"sloth: bias must be [out={out_f}], got {tuple(bias.shape)}")
         bias = bias.to(dt)
+    return w, lora_A, lora_B, bias
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: Optional[torch.Tensor],
+    lora_B: Optional[torch.Tensor],
+    scaling: float = 1.0,
+    *,
+    bias: Optional[torch.Tensor] = None,
+    quant_state=None,
+) -> torch.Tensor:
+    """``y = x W^T + scaling * (x A^T) B^T + bias`` with a frozen W, differentiable in x, A, B (and bias).
+
+    Shapes: ``x [..., in]``, ``weight`` dense ``[out, in]`` (bf16 / fp16 / fp32) or packed NF4 (bitsandbytes
+    ``Params4bit`` data, any storage dtype) with ``quant_state`` (bitsandbytes ``QuantState`` or sloth
+    ``NF4State``, shape ``[out, in]``) or packed MXFP4 (``blocks [out, in / 32, 16]`` from
+    :func:`sloth.mxfp4_quantize`, with ``quant_state = sloth.MXFP4State(scales)``), ``lora_A [r, in]``,
+    ``lora_B [out, r]``, ``bias [out]`` -> ``y [..., out]`` in x's dtype. A, B and bias are cast to x's dtype (gradients flow back to their own dtype). Pass
+    ``lora_A = lora_B = None`` for a plain (quantized) linear.
+    """
+    w, lora_A, lora_B, bias = prepare_args(x, weight, lora_A, lora_B, bias, quant_state)
+    out_f, in_f = w.shape
     lead = x.shape[:-1]
     x2d = x.reshape(-1, in_f)  # [tokens, in]
     if not x2d.is_contiguous():

@@ -1,0 +1,70 @@
+"""An attention's q, k, v LoRA projections through :func:`sloth.nn.lora_group.lora_linear_group`.
+
+While a patched attention's forward runs (:func:`qkv_group`), the first call of its ``q_proj`` computes q, k
+and v at once (the three LoRA A products in one GEMM, forward and backward) and keeps k and v for the
+``k_proj`` / ``v_proj`` calls that follow with the same, unmodified input tensor; any other call runs the
+layer's own sloth path. Grouping needs all three to be PEFT LoRA layers on the fast path (one adapter, no
+dropout in training, one compute dtype); otherwise nothing changes. ``SLOTH_QKV_GROUP=0`` (read at import)
+turns grouping off, for A/B timing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from typing import Optional
+
+import torch
+
+from ..nn.lora_group import lora_linear_group
+from .mlp import _proj
+from .peft import run_dtype
+
+NAMES = ("q_proj", "k_proj", "v_proj")
+ENABLED = os.environ.get("SLOTH_QKV_GROUP", "1") != "0"
+
+_group = contextvars.ContextVar("sloth_qkv_group", default=None)
+
+
+class _Group:
+    def __init__(self, modules):
+        self.modules = modules  # [q_proj, k_proj, v_proj]
+        self.pending = {}  # module -> (x, x._version, y): the outputs computed with q's call
+
+
+@contextlib.contextmanager
+def qkv_group(attention: torch.nn.Module):
+    """Group ``attention``'s q, k, v projections for the duration of its forward (see the module docstring)."""
+    modules = [getattr(attention, n, None) for n in NAMES]
+    ok = ENABLED and all(isinstance(m, torch.nn.Module) for m in modules)
+    token = _group.set(_Group(modules) if ok else None)
+    try:
+        yield
+    finally:
+        _group.reset(token)
+
+
+def grouped_forward(layer: torch.nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """``layer(x)`` from the active group: computed with k and v when ``layer`` is the group's q_proj, taken from
+    the group when it is k_proj / v_proj and q_proj saw the same ``x``; None when the layer must run by itself."""
+    grp = _group.get()
+    if grp is None or not any(layer is m for m in grp.modules):
+        return None
+    hit = grp.pending.pop(layer, None)
+    if hit is not None:
+        return hit[2] if hit[0] is x and hit[1] == x._version else None
+    if layer is not grp.modules[0]:
+        return None
+    projs = [_proj(m) for m in grp.modules]  # (LoraProj, compute dtype) or None
+    if any(p is None or p[0].lora_A is None for p in projs):
+        return None
+    dts = {run_dtype(x, cd) for _, cd in projs}
+    if len(dts) != 1:
+        return None
+    with torch.autocast(x.device.type, enabled=False):
+        ys = lora_linear_group(x.to(dts.pop()), [p for p, _ in projs])
+    ys = [y.to(x.dtype) if p.quant_state is not None else y for y, (p, _) in zip(ys, projs)]  # as _sloth_forward
+    for m, y in zip(grp.modules[1:], ys[1:]):
+        grp.pending[m] = (x, x._version, y)
+    return ys[0]
