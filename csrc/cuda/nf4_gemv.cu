@@ -804,8 +804,8 @@ __global__ void __launch_bounds__(kThreads7, 1) nf4_gemv_lora_v7_kernel(Nf4GemvA
   };
 
   Stage7 st[kStages] = {};
-  stream_items<T, NT, kLutStride, true, true>(a, st, acc, s_lut, s_code2, s_red, slots, items, nch, t0, warp, lane, load,
-                                        compute);
+  stream_items<T, NT, kLutStride, true, true>(a, st, acc, s_lut, s_code2, s_red, slots, items, nch, t0, warp, lane,
+                                              load, compute);
 #else
   __trap();  // launched only on sm_90+ (v7_slots)
 #endif

@@ -22,7 +22,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..nn.lora_mlp import LoraProj, lora_mlp
-from .peft import _base_weight, _fast_adapter, _lora_classes, lora_dropout_active, run_dtype
+from .peft import _base_weight, _fast_adapter, _lora_classes, as_layer_output, lora_dropout_active, run_dtype
 
 #: MLP classes whose forward is replaced
 MLPS = ("LlamaMLP", "Qwen3MLP", "MistralMLP", "Gemma3MLP")
@@ -97,4 +97,4 @@ def sloth_mlp_forward(self, x):
             y = torch.cat([checkpoint(lora_mlp, xc, gate, up, down, kind, use_reentrant=False) if grad
                            else lora_mlp(xc, gate, up, down, kind) for xc in x2.split(n)])  # [tokens, hidden]
     y = y.reshape(*x.shape[:-1], y.shape[-1])
-    return y.to(in_dtype) if down.quant_state is not None else y  # the dtype the model's own forward gives
+    return as_layer_output(y, in_dtype, down.quant_state)  # the dtype the model's own forward gives

@@ -87,6 +87,12 @@ def run_dtype(x: torch.Tensor, compute_dtype) -> torch.dtype:
     return compute_dtype or x.dtype
 
 
+def as_layer_output(y: torch.Tensor, in_dtype: torch.dtype, quant_state) -> torch.Tensor:
+    """y in the dtype the layer's own forward returns: x's for a bitsandbytes 4-bit layer (quant_state given),
+    the compute dtype (y's) for a 16-bit one."""
+    return y.to(in_dtype) if quant_state is not None else y
+
+
 def _sloth_forward(self, x, *args, **kwargs):
     if not args and not kwargs:
         from .qkv import grouped_forward  # (import cycle: qkv uses this module)
@@ -111,7 +117,7 @@ def _sloth_forward(self, x, *args, **kwargs):
             y = lora_linear(xc, weight, None, None, bias=bias, quant_state=qs)
             xd = self.lora_dropout[adapter](x).to(dt)
             y = y + torch.nn.functional.linear(torch.nn.functional.linear(xd, A.to(dt)), B.to(dt)) * scaling
-    return y.to(in_dtype) if qs is not None else y
+    return as_layer_output(y, in_dtype, qs)
 
 
 def patch_peft_model(model) -> int:

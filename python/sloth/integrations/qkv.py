@@ -19,7 +19,7 @@ import torch
 
 from ..nn.lora_group import lora_linear_group
 from .mlp import _proj
-from .peft import run_dtype
+from .peft import as_layer_output, run_dtype
 
 NAMES = ("q_proj", "k_proj", "v_proj")
 ENABLED = os.environ.get("SLOTH_QKV_GROUP", "1") != "0"
@@ -64,7 +64,7 @@ def grouped_forward(layer: torch.nn.Module, x: torch.Tensor) -> Optional[torch.T
         return None
     with torch.autocast(x.device.type, enabled=False):
         ys = lora_linear_group(x.to(dts.pop()), [p for p, _ in projs])
-    ys = [y.to(x.dtype) if p.quant_state is not None else y for y, (p, _) in zip(ys, projs)]  # as _sloth_forward
+    ys = [as_layer_output(y, x.dtype, p.quant_state) for y, (p, _) in zip(ys, projs)]
     for m, y in zip(grp.modules[1:], ys[1:]):
         grp.pending[m] = (x, x._version, y)
     return ys[0]

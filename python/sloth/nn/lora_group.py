@@ -13,8 +13,8 @@ from typing import Sequence
 
 import torch
 
-from .lora_linear import _forward, lora_linear, prepare_args
-from .lora_mlp import LoraProj
+from .lora_linear import _forward, as_rows, prepare_args
+from .lora_mlp import LoraProj, _proj
 
 
 class LoraGroupFunction(torch.autograd.Function):
@@ -26,7 +26,8 @@ class LoraGroupFunction(torch.autograd.Function):
         ranks = [a.shape[0] for a in As]
         t_all = torch.mm(x2d, torch.cat(As).t())  # [M, sum r]: the shared-input GEMM
         ts = t_all.split(ranks, dim=1)  # [M, r_i] views
-        ys = [_forward(x2d, w, None, B, s, b, t=t.contiguous())[0] for w, B, s, b, t in zip(ws, Bs, scalings, biases, ts)]
+        ys = [_forward(x2d, w, None, B, s, b, t=t.contiguous())[0]
+              for w, B, s, b, t in zip(ws, Bs, scalings, biases, ts)]
         ctx.ws, ctx.scalings, ctx.ranks = ws, scalings, ranks
         ctx.save_for_backward(x2d, t_all, *As, *Bs)
         return tuple(ys)
@@ -62,8 +63,7 @@ def lora_linear_group(x: torch.Tensor, projs: Sequence[LoraProj]) -> list[torch.
     without LoRA, or with a trainable dense weight, make it run the projections one by one."""
     if any(p.lora_A is None or p.lora_B is None or (p.quant_state is None and p.weight.requires_grad)
            for p in projs) or len(projs) < 2:
-        return [lora_linear(x, p.weight, p.lora_A, p.lora_B, p.scaling, bias=p.bias, quant_state=p.quant_state)
-                for p in projs]
+        return [_proj(x, p) for p in projs]
     ws, abb = [], []
     for p in projs:
         w, A, B, bias = prepare_args(x, p.weight, p.lora_A, p.lora_B, p.bias, p.quant_state)
@@ -71,9 +71,7 @@ def lora_linear_group(x: torch.Tensor, projs: Sequence[LoraProj]) -> list[torch.
         abb += [A, B, bias]
     in_f = ws[0].shape[1]  # the same for all: prepare_args checked x against each
     lead = x.shape[:-1]
-    x2d = x.reshape(-1, in_f)  # [tokens, in]
-    if not x2d.is_contiguous():
-        x2d = x2d.contiguous()
+    x2d = as_rows(x, in_f)  # [tokens, in]
     if x2d.shape[0] == 0:
         return [x.new_zeros((*lead, w.shape[0])) for w in ws]
     ys = LoraGroupFunction.apply(x2d, ws, [float(p.scaling) for p in projs], *abb)

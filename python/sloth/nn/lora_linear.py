@@ -148,6 +148,12 @@ def prepare_args(x, weight, lora_A, lora_B, bias, quant_state):
     return w, lora_A, lora_B, bias
 
 
+def as_rows(x: torch.Tensor, in_f: int) -> torch.Tensor:
+    """x [..., in] as a contiguous [tokens, in]."""
+    x2d = x.reshape(-1, in_f)  # [tokens, in]
+    return x2d if x2d.is_contiguous() else x2d.contiguous()
+
+
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -164,15 +170,13 @@ def lora_linear(
     ``Params4bit`` data, any storage dtype) with ``quant_state`` (bitsandbytes ``QuantState`` or sloth
     ``NF4State``, shape ``[out, in]``) or packed MXFP4 (``blocks [out, in / 32, 16]`` from
     :func:`sloth.mxfp4_quantize`, with ``quant_state = sloth.MXFP4State(scales)``), ``lora_A [r, in]``,
-    ``lora_B [out, r]``, ``bias [out]`` -> ``y [..., out]`` in x's dtype. A, B and bias are cast to x's dtype (gradients flow back to their own dtype). Pass
-    ``lora_A = lora_B = None`` for a plain (quantized) linear.
+    ``lora_B [out, r]``, ``bias [out]`` -> ``y [..., out]`` in x's dtype. A, B and bias are cast to x's dtype
+    (gradients flow back to their own dtype). Pass ``lora_A = lora_B = None`` for a plain (quantized) linear.
     """
     w, lora_A, lora_B, bias = prepare_args(x, weight, lora_A, lora_B, bias, quant_state)
     out_f, in_f = w.shape
     lead = x.shape[:-1]
-    x2d = x.reshape(-1, in_f)  # [tokens, in]
-    if not x2d.is_contiguous():
-        x2d = x2d.contiguous()
+    x2d = as_rows(x, in_f)  # [tokens, in]
     weight_t = w.dense if (w.dense is not None and w.dense.requires_grad) else None
     if x2d.shape[0] == 0:
         return x.new_zeros((*lead, out_f))

@@ -9,7 +9,8 @@ from . import nf4 as _nf4
 
 
 def dequantize_weight(weight: torch.Tensor, quant_state=None) -> torch.Tensor:
-    """The fp32 [out, in] weight: dense as is, or NF4 packed + quant_state (bnb QuantState / sloth NF4State)."""
+    """The fp32 [out, in] weight: dense as is, NF4 packed + quant_state (bnb QuantState / sloth NF4State), or MXFP4
+    blocks + MXFP4State."""
     if quant_state is None:
         return weight.float()
     if hasattr(quant_state, "scales"):  # MXFP4State: blocks [out, G, 16], scales [out, G]
