@@ -2,6 +2,7 @@
 
     pytest benchmarks/bench_cross_entropy.py          (pytest-benchmark; CUDA only)
     python benchmarks/bench_cross_entropy.py          (prints a table)
+    python benchmarks/bench_cross_entropy.py --floor  (frozen W: sloth next to its two GEMMs alone)
 
 Time: CUDA events, median of several iterations after warm-up. Memory: peak allocated during one step minus the
 memory allocated before it (inputs alive), so it includes dh (N * H * 2 bytes) and dW when trainable.
@@ -145,9 +146,55 @@ def sweep():
     _online_head.VOCAB_BLOCK = default
 
 
+def gemm_floor(n, v, h, iters=5):
+    """Median ms of the online path's two block GEMMs alone (the logits GEMM and the fp32-accumulating dh GEMM
+    of every [1024, VOCAB_BLOCK] block, in the same order, without the softmax kernels): the time sloth's op
+    cannot go below with cuBLAS. Run back to back, long enough (~0.1 s) for the GPU to reach its power-limited
+    clock, as the op does."""
+    from sloth.nn import _chunking, _online_head
+
+    hidden, weight, _ = make_inputs(n, v, h, False)
+    hidden = hidden.detach()
+    rows, vb = _chunking.ONLINE_ROWS, _online_head.VOCAB_BLOCK
+    buf = hidden.new_empty((rows * vb,))  # one [rows, vb] block of logits
+    acc = hidden.new_empty((rows, h), dtype=torch.float32)  # [rows, hidden]
+
+    def run():
+        for s in range(0, n, rows):
+            h_c = hidden[s:s + rows]
+            for v0 in range(0, v, vb):
+                w_b = weight[v0:v0 + vb]  # [vb, hidden]
+                c, b = h_c.shape[0], w_b.shape[0]
+                blk = _chunking.chunk_logits(h_c, w_b, None, buf[: c * b].view(c, b))
+                _online_head._accumulate(acc[: h_c.shape[0]], blk, w_b, v0 == 0)
+
+    run()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def floor():
+    """sloth's frozen-W op next to its own GEMMs alone (gemm_floor), in one run."""
+    print(f"{torch.cuda.get_device_name()}  bf16, frozen W, forward + backward")
+    print(f"{'N':>6} {'V':>7} {'sloth ms':>9} {'GEMMs ms':>9} {'ratio':>6} {'GEMM TFLOP/s':>13}")
+    for n, v, h, trainable in CASES:
+        if trainable:
+            continue
+        ms = measure("sloth", n, v, h, False)[0]
+        g = gemm_floor(n, v, h)
+        print(f"{n:>6} {v:>7} {ms:>9.2f} {g:>9.2f} {ms / g:>6.3f} {2 * 2 * n * v * h / (g * 1e-3) / 1e12:>13.0f}")
+
+
 if __name__ == "__main__":
     import sys
 
     if not torch.cuda.is_available():
         raise SystemExit("bench_cross_entropy needs a CUDA GPU")
-    sweep() if "--sweep" in sys.argv else main()
+    sweep() if "--sweep" in sys.argv else floor() if "--floor" in sys.argv else main()

@@ -150,7 +150,8 @@ def test_logprobs_backward(device, dtype, vocab_block):
 def _blocks(device, dtype, rows=9, v=37, h=12, vb=10, seed=3):
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(rows, v, generator=g) * 4).to(device, dtype)  # raw logits of the whole row
-    labels = torch.tensor([0, 5, -100, 36, 11, 2, 30, -100, 9][:rows], device=device)
+    # labels in the first, second, third and last block, and ignored rows
+    labels = torch.tensor([0, 5, -100, v - 1, (vb + 1) % v, 2, v - 7, -100, (2 * vb + 3) % v][:rows], device=device)
     w = torch.randn(v, h, generator=g).to(device, dtype)
     return x, labels, w, vb
 
@@ -158,10 +159,13 @@ def _blocks(device, dtype, rows=9, v=37, h=12, vb=10, seed=3):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("margin", [0.0, 8.0])
-def test_raw_ops_against_reference(device, dtype, margin):
+# (vocabulary, block): the CUDA kernel's scalar (10) and 8-wide paths (2056 to 16392: one or several 8-wide
+# accesses per thread per pass, the last one partial), each with a tail block
+@pytest.mark.parametrize("v,vb", [(37, 10), (4115, 2056), (16390, 8192), (16405, 8200), (32790, 16392)])
+def test_raw_ops_against_reference(device, dtype, margin, v, vb):
     """Block by block, ce_online_block's p' / state / acc rescale and ce_online_finish's loss / dh match
     sloth.reference's online_block / online_finish, and the final loss / dh match the closed form."""
-    x, labels, w, vb = _blocks(device, dtype)
+    x, labels, w, vb = _blocks(device, dtype, v=v, vb=vb)
     rows, v = x.shape
     h = w.shape[1]
     softcap, scale = 6.0, 0.7
