@@ -17,6 +17,7 @@ import statistics
 import pytest
 import torch
 import torch.nn.functional as F
+from timing import cuda_median_ms
 
 GIB = 1 << 30
 #: (tokens N, vocab V, hidden H, trainable W)
@@ -168,16 +169,7 @@ def gemm_floor(n, v, h, iters=5):
                 blk = _chunking.chunk_logits(h_c, w_b, None, buf[: c * b].view(c, b))
                 _online_head._accumulate(acc[: h_c.shape[0]], blk, w_b, v0 == 0)
 
-    run()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return cuda_median_ms(run, iters=iters, warmup=1)
 
 
 def floor():
