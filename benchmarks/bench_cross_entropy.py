@@ -167,7 +167,7 @@ def gemm_floor(n, v, h, iters=5):
                 w_b = weight[v0:v0 + vb]  # [vb, hidden]
                 c, b = h_c.shape[0], w_b.shape[0]
                 blk = _chunking.chunk_logits(h_c, w_b, None, buf[: c * b].view(c, b))
-                _online_head._accumulate(acc[: h_c.shape[0]], blk, w_b, v0 == 0)
+                _online_head._accumulate(acc[:c], blk, w_b, v0 == 0)
 
     return cuda_median_ms(run, iters=iters, warmup=1)
 
