@@ -49,9 +49,27 @@ def loss_and_grads(model, seed=7, device="cpu", autocast=None):
     return loss.detach(), grads(model)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen3"])
+@pytest.fixture
+def count_down_products(monkeypatch):
+    """How many down-projection products ([tokens, intermediate] x [intermediate, hidden]) sloth computed."""
+    import importlib
+
+    ll = importlib.import_module("sloth.nn.lora_linear")  # the module (sloth.nn.lora_linear is also the function)
+    calls = []
+    real = ll._forward
+
+    def counting(x2d, w, *a, **k):
+        if w.shape[0] < w.shape[1]:  # [hidden, intermediate]: the down projection (hidden < intermediate here)
+            calls.append(x2d.shape[0])
+        return real(x2d, w, *a, **k)
+
+    monkeypatch.setattr(ll, "_forward", counting)
+    return calls
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3", "qwen3", "mistral"])
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
-def test_grads_equal_no_checkpointing(family, dropout, count_recomputes):
+def test_grads_equal_no_checkpointing(family, dropout, count_recomputes, count_down_products):
     ref = make_model(family)
     for layer in ref.model.layers:
         layer.self_attn.attention_dropout = dropout  # dropout: the recompute must draw the same masks
@@ -59,8 +77,13 @@ def test_grads_equal_no_checkpointing(family, dropout, count_recomputes):
     model = copy.deepcopy(ref)
     sloth.set_gradient_checkpointing(model, "sloth")
     loss_ref, g_ref = loss_and_grads(ref)
+    layers = model.config.num_hidden_layers
+    assert len(count_down_products) == layers
+    count_down_products.clear()
     loss, g = loss_and_grads(model)
-    assert len(count_recomputes) == model.config.num_hidden_layers
+    assert len(count_recomputes) == layers
+    # the recompute skips the down product where only the residual sum reads it (not Gemma 3's post-MLP norm)
+    assert len(count_down_products) == layers * (2 if family == "gemma3" else 1)
     assert torch.equal(loss, loss_ref)
     assert g.keys() == g_ref.keys() and len(g) == len(list(model.parameters()))
     for n in g:
@@ -70,17 +93,21 @@ def test_grads_equal_no_checkpointing(family, dropout, count_recomputes):
         assert any(rel_err(g_other[n], g[n]) > 1e-3 for n in g)
 
 
-def test_lora_frozen_base_grads_equal(count_recomputes):
+@pytest.mark.parametrize("dropout", [0.0, 0.1])  # 0: sloth's MLP path (down product skipped in the recompute)
+def test_lora_frozen_base_grads_equal(dropout, count_recomputes, count_down_products):
     peft = pytest.importorskip("peft")
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     base = make_model("llama")
-    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=targets, init_lora_weights=False)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=targets, init_lora_weights=False)
     ref = sloth.patch(peft.get_peft_model(copy.deepcopy(base), cfg)).train()
     model = copy.deepcopy(ref)
     sloth.set_gradient_checkpointing(model, "sloth")
     _, g_ref = loss_and_grads(ref)
+    count_down_products.clear()
     _, g = loss_and_grads(model)
     assert len(count_recomputes) == 2
+    if dropout == 0:  # the two layers' forwards only (with LoRA dropout the MLP is PEFT's, recomputed in full)
+        assert len(count_down_products) == 2
     assert g.keys() == g_ref.keys() and len(g) == 2 * len(targets) * 2
     for n in g:
         assert rel_err(g[n], g_ref[n]) <= 1e-6, n

@@ -182,7 +182,8 @@ def test_unpatch_restores(family, capsys):
     assert len(sloth.integrations.transformers.patched_modules(model)) == n
     assert sloth.unpatch(model) == n
     assert all(a not in m.__dict__ for m in model.modules()
-               for a in ("forward", "_sloth_orig_forward", "generate", "_sloth_orig_generate"))
+               for a in ("forward", "_sloth_orig_forward", "generate", "_sloth_orig_generate",
+                         sloth.integrations.mlp.OUTPUT_FEEDS_RESIDUAL))
     out, out_ref = model(input_ids=ids, attention_mask=mask, labels=labels), ref(input_ids=ids, attention_mask=mask,
                                                                                  labels=labels)
     assert torch.equal(out.logits, out_ref.logits) and torch.equal(out.loss, out_ref.loss)
@@ -219,7 +220,7 @@ def test_mlp_token_chunks_match(family, monkeypatch):
     import sloth.integrations.mlp as mlp
 
     real = mlp.lora_mlp
-    monkeypatch.setattr(mlp, "lora_mlp", lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
+    monkeypatch.setattr(mlp, "lora_mlp", lambda x, *a, **k: calls.append(x.shape[0]) or real(x, *a, **k))
     monkeypatch.setenv("SLOTH_MLP_CHUNK_TOKENS", "5")
     ids, mask, labels = make_batch()
     out_ref = ref(input_ids=ids, attention_mask=mask, labels=labels)
@@ -238,7 +239,7 @@ def test_mlp_falls_back_off_the_fast_path(monkeypatch):
     import sloth.integrations.mlp as mlp
 
     model = sloth.patch(_lora(make_model("llama"), dropout=0.1))
-    monkeypatch.setattr(mlp, "lora_mlp", lambda *a: (_ for _ in ()).throw(AssertionError("fused path used")))
+    monkeypatch.setattr(mlp, "lora_mlp", lambda *a, **k: (_ for _ in ()).throw(AssertionError("fused path used")))
     ids, mask, labels = make_batch()
     model.train()
     model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()

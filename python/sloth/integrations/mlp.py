@@ -7,6 +7,12 @@ kernel, whose backward reuses the gate / up buffers in place. Whenever a project
 on the fast path (LoRA dropout in training, several adapters, DoRA, an Accelerate hook, another activation),
 the model's own forward runs, so the answer never differs.
 
+Recompute: under ``use_gradient_checkpointing="sloth"`` the backward recomputes each decoder layer. In the
+decoder layers whose MLP output only feeds the residual sum that is the layer's output (Llama, Qwen3, Mistral; not
+Gemma 3, whose post-MLP norm reads it), that output is never read during the recompute, so the down projection's
+GEMM is skipped there (``lora_mlp(need_output=False)``): the backward is the same, one of the layer's largest
+GEMMs less per step. :func:`sloth.integrations.transformers.patch` marks those MLPs (``OUTPUT_FEEDS_RESIDUAL``).
+
 Long sequences: when the MLP's ``[tokens, intermediate]`` activations would take more than a quarter of the
 free GPU memory, the tokens are processed in chunks, each under its own (non-reentrant) checkpoint, so only one
 chunk's activations are alive through the layer's backward (one more MLP forward per chunk in backward).
@@ -22,12 +28,17 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..nn.lora_mlp import LoraProj, lora_mlp
+from ..nn.offload_checkpoint import recomputing
 from .peft import _base_weight, _fast_adapter, _lora_classes, as_layer_output, lora_dropout_active, run_dtype
 
 #: MLP classes whose forward is replaced
 MLPS = ("LlamaMLP", "Qwen3MLP", "MistralMLP", "Gemma3MLP")
 #: Transformers activation name -> sloth GLU kind
 ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu_tanh", "gelu": "geglu"}
+#: Decoder layer classes whose forward ends ``residual + self.mlp(...)``: the MLP output is read by nothing else
+RESIDUAL_MLP_LAYERS = ("LlamaDecoderLayer", "Qwen3DecoderLayer", "MistralDecoderLayer")
+#: Attribute set on such an MLP by sloth.patch: its recompute may skip the down projection's product
+OUTPUT_FEEDS_RESIDUAL = "_sloth_output_feeds_residual"
 #: Smallest chunk (tokens) the automatic policy uses: below it the GEMMs lose efficiency
 MIN_CHUNK_TOKENS = 4096
 
@@ -91,7 +102,8 @@ def sloth_mlp_forward(self, x):
         intermediate = gate.weight.shape[0] if gate.quant_state is None else gate.quant_state.shape[0]
         n = chunk_tokens(x2.shape[0], intermediate, dt, x.device)
         if n >= x2.shape[0]:
-            y = lora_mlp(x2, gate, up, down, kind)
+            need = not (recomputing() and self.__dict__.get(OUTPUT_FEEDS_RESIDUAL, False))
+            y = lora_mlp(x2, gate, up, down, kind, need_output=need)
         else:
             grad = torch.is_grad_enabled()
             y = torch.cat([checkpoint(lora_mlp, xc, gate, up, down, kind, use_reentrant=False) if grad

@@ -15,7 +15,8 @@ Supported: Llama 3, Qwen3, Mistral and Gemma 3 text models (``*ForCausalLM``), b
   labels the original forward runs unchanged (logits are returned as usual).
 - every MLP module (``LlamaMLP``, ``Qwen3MLP``, ``MistralMLP``, ``Gemma3MLP``): gate / up / down and the GLU
   activation run through :func:`sloth.lora_mlp` (fused activation, in-place backward; token chunks for long
-  sequences), see :mod:`sloth.integrations.mlp`.
+  sequences), see :mod:`sloth.integrations.mlp`. In Llama, Qwen3 and Mistral decoder layers the MLP is marked so
+  that the recompute of offloaded checkpointing skips the down projection's product, which nothing reads.
 - PEFT LoRA layers (when the model is a ``PeftModel``): :func:`sloth.integrations.peft.patch_peft_model`.
 - the causal LM's ``generate``: on CUDA, supported calls (greedy or sampled, no beams) decode by replaying one
   captured CUDA graph per token on a static KV cache (:mod:`sloth.integrations.generation`); everything else
@@ -43,7 +44,7 @@ import torch
 
 from ..nn.linear_cross_entropy import causal_lm_loss
 from ._models import peft_parts
-from .mlp import MLPS, glu_kind_of, sloth_mlp_forward
+from .mlp import MLPS, OUTPUT_FEEDS_RESIDUAL, RESIDUAL_MLP_LAYERS, glu_kind_of, sloth_mlp_forward
 from .rope import ATTENTIONS, install_dispatcher, sloth_attention_forward
 from ..nn.norm_rope import rms_norm
 
@@ -132,6 +133,13 @@ def _replace_method(record, module, fn, what, attr="forward"):
     record.append((module, attr, had_own, old, what))
 
 
+def _set_flag(record, module, attr):
+    """Set ``module.<attr> = True`` on the instance and record it (undone by :func:`unpatch`; not listed)."""
+    had_own = attr in module.__dict__
+    record.append((module, attr, had_own, module.__dict__.get(attr), None))
+    module.__dict__[attr] = True
+
+
 def _generate(self, *args, **kwargs):
     """sloth's ``generate``: graph-captured decoding where supported, the model's own otherwise."""
     from .generation import graphed_generate
@@ -170,6 +178,8 @@ def patch(model, verbose: bool = False):
     base, is_peft = _peft_base(model)
     record: list = []
     names = {m: n for n, m in base.named_modules()}
+    residual_mlps = {m.mlp for m in base.modules()
+                     if type(m).__name__ in RESIDUAL_MLP_LAYERS and isinstance(getattr(m, "mlp", None), torch.nn.Module)}
     for module in base.modules():
         cls = type(module).__name__
         if cls in RMS_NORMS and "_sloth_orig_forward" not in module.__dict__:
@@ -178,9 +188,13 @@ def patch(model, verbose: bool = False):
             _replace_method(record, module, _rms_norm_forward,
                              f"{names[module] or '<root>'}: {cls}.forward -> sloth.rms_norm (offset={offset:g}, {order})")
         elif cls in MLPS and glu_kind_of(module) and "_sloth_orig_forward" not in module.__dict__:
+            skip = module in residual_mlps
             _replace_method(record, module, sloth_mlp_forward,
                              f"{names[module] or '<root>'}: {cls}.forward -> sloth.lora_mlp (fused {glu_kind_of(module)};"
-                             f" the model's forward where a projection is off the fast path)")
+                             f" the model's forward where a projection is off the fast path"
+                             f"{'; no down projection product in the recompute' if skip else ''})")
+            if skip:
+                _set_flag(record, module, OUTPUT_FEEDS_RESIDUAL)
         elif cls in ATTENTIONS and "_sloth_orig_forward" not in module.__dict__ and install_dispatcher(module):
             _replace_method(record, module, sloth_attention_forward,
                              f"{names[module] or '<root>'}: {cls}.forward -> RoPE of q, k by sloth.rope (in place; "
@@ -210,7 +224,7 @@ def patch(model, verbose: bool = False):
         warnings.warn(f"sloth.patch: nothing to patch in {type(model).__name__}; supported: "
                       f"{', '.join(CAUSAL_LMS)} (norms: {', '.join(RMS_NORMS)})", stacklevel=2)
     whats = patched_modules(model)
-    summary = f"sloth.patch: {len(record)} replacements in {type(base).__name__}" + \
+    summary = f"sloth.patch: {len(whats) - len(lora)} replacements in {type(base).__name__}" + \
         (f", {len(lora)} LoRA layers" if is_peft else "")
     logger.info(summary)
     for what in whats:
@@ -255,7 +269,7 @@ def unpatch(model) -> int:
             from .trl import reattach_trl_head
 
             reattach_trl_head(module, on_top)
-    n = len(record)
+    n = sum(what is not None for *_, what in record)
     if is_peft:
         from .peft import unpatch_peft_model
 
@@ -267,4 +281,4 @@ def patched_modules(model) -> list[str]:
     """The replacements :func:`patch` made on ``model``, one line each (``"<module name>: <class>.forward ->
     <sloth function> (...)"``), PEFT LoRA layers included; empty when ``model`` is not patched."""
     entry = model.__dict__.get(_RECORD)
-    return [what for *_, what in entry[0]] + list(entry[2]) if entry else []
+    return [what for *_, what in entry[0] if what is not None] + list(entry[2]) if entry else []

@@ -10,6 +10,8 @@ Paths (same semantics, fp32 accumulation everywhere):
 Backward: dx = s (dy B) A, then += dy W (W dequantized again into the workspace; keeping the forward's copy for
 the backward was measured slower end to end on an H200), dA = s (dy B)^T x, dB = s dy^T t.
 Saved: x and t = x A^T (never the dequantized W).
+Without its output (``need_output=False``, for a recompute whose result is never read): only t = x A^T is computed
+and y is zeros; the backward is the same.
 """
 
 from __future__ import annotations
@@ -77,8 +79,12 @@ class LoraLinearFunction(torch.autograd.Function):
     """Autograd for lora_linear on 2-d x; the frozen weight gets no gradient unless it is dense and requires it."""
 
     @staticmethod
-    def forward(ctx, x2d, A, B, bias, weight_t, w: _Weight, scaling: float):
-        y, t = _forward(x2d, w, A, B, scaling, bias)
+    def forward(ctx, x2d, A, B, bias, weight_t, w: _Weight, scaling: float, need_output: bool):
+        if need_output:
+            y, t = _forward(x2d, w, A, B, scaling, bias)
+        else:  # only the backward graph: zeros stand for y
+            t = torch.mm(x2d, A.t()) if A is not None else None  # [M, r]
+            y = x2d.new_zeros(x2d.shape[0], w.shape[0])  # [M, out]
         ctx.w, ctx.scaling = w, scaling
         ctx.save_for_backward(x2d, t, A, B)
         return y
@@ -105,7 +111,7 @@ class LoraLinearFunction(torch.autograd.Function):
             dbias = dy.sum(0)
         if need_w:
             dW = torch.mm(dy.t(), x2d)  # [out, in] (dense trainable weight only)
-        return dx, dA, dB, dbias, dW, None, None
+        return dx, dA, dB, dbias, dW, None, None, None
 
 
 def prepare_args(x, weight, lora_A, lora_B, bias, quant_state):
@@ -173,6 +179,12 @@ def lora_linear(
     ``lora_B [out, r]``, ``bias [out]`` -> ``y [..., out]`` in x's dtype. A, B and bias are cast to x's dtype
     (gradients flow back to their own dtype). Pass ``lora_A = lora_B = None`` for a plain (quantized) linear.
     """
+    return _lora_linear(x, weight, lora_A, lora_B, scaling, bias, quant_state, True)
+
+
+def _lora_linear(x, weight, lora_A, lora_B, scaling, bias, quant_state, need_output: bool) -> torch.Tensor:
+    """:func:`lora_linear`; ``need_output=False`` gives zeros for y with the same backward (see the module
+    docstring)."""
     w, lora_A, lora_B, bias = prepare_args(x, weight, lora_A, lora_B, bias, quant_state)
     out_f, in_f = w.shape
     lead = x.shape[:-1]
@@ -180,5 +192,5 @@ def lora_linear(
     weight_t = w.dense if (w.dense is not None and w.dense.requires_grad) else None
     if x2d.shape[0] == 0:
         return x.new_zeros((*lead, out_f))
-    y = LoraLinearFunction.apply(x2d, lora_A, lora_B, bias, weight_t, w, float(scaling))  # [tokens, out]
+    y = LoraLinearFunction.apply(x2d, lora_A, lora_B, bias, weight_t, w, float(scaling), need_output)  # [tokens, out]
     return y.view(*lead, out_f)

@@ -13,6 +13,9 @@ Transformers uses it (``GradientCheckpointingLayer`` calls ``func(partial(forwar
   of the input of the layer before it (the previous offloaded checkpoint in forward order) is started on the side
   stream, so it hides behind this layer's recompute and backward. At most two hidden states are on the GPU at a time.
 - off CUDA (CPU, other devices) nothing is copied: the hidden state is kept where it is (plain checkpointing).
+- during the recompute :func:`recomputing` is True, so that a module whose output the backward never reads (a
+  decoder layer's MLP whose output only feeds the residual sum, see :mod:`sloth.integrations.mlp`) can skip
+  computing it and only build its backward graph.
 
 Gradients reach the layer's parameters the way reentrant checkpointing does it (a nested backward through the
 recomputed layer), so use ``loss.backward()``; ``torch.autograd.grad`` with respect to parameters inside a
@@ -30,7 +33,8 @@ import torch
 
 from .pinned_arena import arena
 
-_local = threading.local()  # .last: weakref to the most recent _HostCopy of this thread (forward order)
+_local = threading.local()  # .last: weakref to the most recent _HostCopy of this thread (forward order);
+#                             .recomputing: inside a checkpoint's recompute (see recomputing())
 _streams: dict = {}         # cuda device index -> side stream for the offload copies
 
 
@@ -105,6 +109,12 @@ class _HostCopy:
         return self.prev() if self.prev is not None else None
 
 
+def recomputing() -> bool:
+    """Whether this thread is inside an offloaded checkpoint's recompute (the layer's forward run again in the
+    backward pass, whose outputs are only the roots of the nested backward: their values are never read)."""
+    return getattr(_local, "recomputing", False)
+
+
 def _offloads(t: torch.Tensor) -> bool:
     return t.device.type == "cuda" and torch.cuda.is_available()
 
@@ -149,8 +159,12 @@ class _State:
             torch.set_rng_state(self.cpu_rng)
             if self.cuda_rng is not None:
                 torch.cuda.set_rng_state(self.cuda_rng, self.device)
-            with torch.enable_grad(), _autocast(self.autocast, self.autocast_cache):
-                return run(*args)
+            outer, _local.recomputing = recomputing(), True
+            try:
+                with torch.enable_grad(), _autocast(self.autocast, self.autocast_cache):
+                    return run(*args)
+            finally:
+                _local.recomputing = outer
 
 
 class _autocast:
