@@ -317,3 +317,24 @@ def test_nf4_gemv_lora_op(device, M):
     yr = x.float() @ Wf.t() + 0.25 * t.float() @ B.float().t() + bias.float()
     assert y.shape == (M, 200) and y.dtype == torch.bfloat16
     assert rel_err(y, yr) <= TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("kind", ["nf4", "bnb"])
+def test_nf4_args_made_once_per_weight(kind):
+    """The checked NF4 arguments are built once per (packed weight, quant state) and rebuilt when either moves: a
+    re-quantized weight (new bytes, new absmax) never runs with the old arguments."""
+    from sloth.ops.qlora import NF4Args
+
+    W, qs = make_weight(kind, 96, 128, torch.bfloat16)
+    a = NF4Args.from_state(W, qs)
+    assert NF4Args.from_state(W, qs) is a
+    W2 = W.clone()  # the same quant state over other bytes
+    b = NF4Args.from_state(W2, qs)
+    assert b is not a and b.packed.data_ptr() == W2.data_ptr()
+    qs.absmax = qs.absmax.clone()  # new statistics under the same bytes
+    c = NF4Args.from_state(W2, qs)
+    assert c is not b and c.absmax.data_ptr() == qs.absmax.data_ptr()
+    x = torch.randn(5, 128).to(torch.bfloat16)
+    want = reference.lora_linear.lora_linear(x, W2, None, None, 1.0, quant_state=qs)
+    assert torch.equal(sloth.lora_linear(x, W2, None, None, quant_state=qs), sloth.lora_linear(x, W2, None, None, quant_state=qs))
+    assert rel_err(sloth.lora_linear(x, W2, None, None, quant_state=qs), want) <= TOL[torch.bfloat16]

@@ -21,6 +21,7 @@ chunk's activations are alive through the layer's backward (one more MLP forward
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -74,7 +75,7 @@ def _proj(layer) -> Optional[tuple]:
 def chunk_tokens(tokens: int, intermediate: int, dtype: torch.dtype, device: torch.device) -> int:
     """Tokens per MLP chunk (``tokens``: no chunking): SLOTH_MLP_CHUNK_TOKENS when set, else on a GPU the largest
     multiple of 1024 (at least MIN_CHUNK_TOKENS) whose gate / up / hidden activations fit a quarter of the free
-    memory."""
+    memory (no chunks, without asking, when they take at most 1/128 of the GPU's total memory)."""
     env = os.environ.get("SLOTH_MLP_CHUNK_TOKENS")
     if env is not None:
         n = int(env)
@@ -82,10 +83,17 @@ def chunk_tokens(tokens: int, intermediate: int, dtype: torch.dtype, device: tor
     if device.type != "cuda":
         return tokens
     per_token = 3 * intermediate * dtype.itemsize  # gate, up, act(gate) * up
+    if tokens * per_token <= _total_memory(device) // 128:  # small next to the GPU: no query (it costs ~20 us)
+        return tokens
     free, _ = torch.cuda.mem_get_info(device)
     if tokens * per_token <= free // 4:
         return tokens
     return min(tokens, max(MIN_CHUNK_TOKENS, (free // 4 // per_token) // 1024 * 1024))
+
+
+@functools.lru_cache(maxsize=None)
+def _total_memory(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).total_memory
 
 
 def sloth_mlp_forward(self, x):

@@ -59,20 +59,21 @@ class _Weight:
 
 
 def _forward(x2d, w: _Weight, A, B, scaling, bias, t=None):
-    # x2d [M, in], A [r, in] or None, B [out, r] or None, bias [out] or None -> (y [M, out], t [M, r] or None);
-    # t = x2d A^T when given (A is then None)
+    # x2d [M, in], A [r, in] or None, B [out, r] or None, bias [out] or None -> (y [M, out], t [M, r] or None,
+    # whether t is scaled); t = x2d A^T when given (A is then None). t comes back multiplied by scaling where y
+    # needed that product anyway (the backward's dB = dy^T (s t) then needs no scaling of its own).
     if A is not None:
         t = torch.mm(x2d, A.t())  # [M, r]
     if w.nf4 is not None and gemv_available(x2d, w.nf4):
-        return nf4_gemv_lora(x2d, w.nf4, t, B, scaling, bias), t
+        return nf4_gemv_lora(x2d, w.nf4, t, B, scaling, bias), t, False
     W = w.materialize(x2d.dtype)  # [out, in]
     if t is not None and bias is None:
-        y = torch.mm(t * scaling, B.t())  # [M, out]
-        return y.addmm_(x2d, W.t()), t
-    y = torch.mm(x2d, W.t()) if bias is None else torch.addmm(bias.to(x2d.dtype), x2d, W.t())  # [M, out]
+        ts = t * scaling  # [M, r]
+        return torch.mm(ts, B.t()).addmm_(x2d, W.t()), ts, True  # [M, out]: the K = r GEMM first, then beta = 1
+    y = torch.mm(x2d, W.t()) if bias is None else torch.addmm(bias, x2d, W.t())  # [M, out]
     if t is not None:
         y.addmm_(t, B.t(), alpha=scaling)
-    return y, t
+    return y, t, False
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -81,11 +82,11 @@ class LoraLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2d, A, B, bias, weight_t, w: _Weight, scaling: float, need_output: bool):
         if need_output:
-            y, t = _forward(x2d, w, A, B, scaling, bias)
+            y, t, scaled = _forward(x2d, w, A, B, scaling, bias)
         else:  # only the backward graph: zeros stand for y
-            t = torch.mm(x2d, A.t()) if A is not None else None  # [M, r]
+            t, scaled = (torch.mm(x2d, A.t()) if A is not None else None), False  # [M, r]
             y = x2d.new_zeros(x2d.shape[0], w.shape[0])  # [M, out]
-        ctx.w, ctx.scaling = w, scaling
+        ctx.w, ctx.scaling, ctx.t_scaled = w, scaling, scaled
         ctx.save_for_backward(x2d, t, A, B)
         return y
 
@@ -96,17 +97,19 @@ class LoraLinearFunction(torch.autograd.Function):
         need_x, need_A, need_B, need_bias, need_w = ctx.needs_input_grad[:5]
         dy = dy.contiguous()  # [M, out]
         dx = dA = dB = dbias = dW = None
-        dyB = torch.mm(dy, B) if (A is not None and (need_x or need_A)) else None  # [M, r]
+        dyBs = torch.mm(dy, B).mul_(s) if (A is not None and (need_x or need_A)) else None  # [M, r]: s dy B
         if need_x:
             W = w.materialize(dy.dtype)  # [out, in]
-            if dyB is not None:
-                dx = torch.mm(dyB * s, A).addmm_(dy, W)  # [M, in]: the K = r GEMM first, then beta = 1
+            if dyBs is not None:
+                dx = torch.mm(dyBs, A).addmm_(dy, W)  # [M, in]: the K = r GEMM first, then beta = 1
             else:
                 dx = torch.mm(dy, W)  # [M, in]
         if need_A:
-            dA = torch.mm(dyB.t(), x2d).mul_(s)  # [r, in]
+            dA = torch.mm(dyBs.t(), x2d)  # [r, in]
         if need_B:
-            dB = torch.mm(dy.t(), t).mul_(s)  # [out, r]
+            dB = torch.mm(dy.t(), t)  # [out, r]
+            if not ctx.t_scaled:
+                dB.mul_(s)
         if need_bias:
             dbias = dy.sum(0)
         if need_w:
@@ -145,12 +148,16 @@ def prepare_args(x, weight, lora_A, lora_B, bias, quant_state):
         if lora_B.shape[1] != lora_A.shape[0]:
             raise ValueError(f"sloth: rank mismatch: lora_A is {tuple(lora_A.shape)} (r={lora_A.shape[0]}) but "
                              f"lora_B is {tuple(lora_B.shape)} (r={lora_B.shape[1]})")
-        lora_A, lora_B = lora_A.to(dt), lora_B.to(dt)
+        if lora_A.dtype != dt:
+            lora_A = lora_A.to(dt)
+        if lora_B.dtype != dt:
+            lora_B = lora_B.to(dt)
     if bias is not None:
         check_tensor("bias", bias, dtypes=FLOAT_DTYPES, device=x.device)
         if bias.shape != (out_f,):
             raise ValueError(f"sloth: bias must be [out={out_f}], got {tuple(bias.shape)}")
-        bias = bias.to(dt)
+        if bias.dtype != dt:
+            bias = bias.to(dt)
     return w, lora_A, lora_B, bias
 
 

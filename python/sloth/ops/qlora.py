@@ -29,6 +29,22 @@ class NF4Args:
 
     @classmethod
     def from_state(cls, packed: torch.Tensor, quant_state) -> "NF4Args":
+        """The checked arguments of ``packed`` / ``quant_state``, made once per pair: kept on the quant state
+        (``_sloth_args``) while the packed bytes and absmax stay where they are (a training step asks for them
+        about 20 times per layer; building them costs some ten tensor operations)."""
+        key = (packed.data_ptr(), getattr(getattr(quant_state, "absmax", None), "data_ptr", int)(), packed.device)
+        hit = getattr(quant_state, "_sloth_args", None)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        args = cls._build(packed, quant_state)
+        try:
+            quant_state._sloth_args = (key, args)
+        except AttributeError:  # a quant state that takes no attributes: build each time
+            pass
+        return args
+
+    @classmethod
+    def _build(cls, packed: torch.Tensor, quant_state) -> "NF4Args":
         if getattr(quant_state, "quant_type", "nf4") != "nf4":
             raise ValueError(f"sloth: only NF4 weights are supported, got quant_type {quant_state.quant_type!r}")
         if getattr(quant_state, "packing_format_for_cpu", False):
