@@ -336,5 +336,6 @@ def test_nf4_args_made_once_per_weight(kind):
     assert c is not b and c.absmax.data_ptr() == qs.absmax.data_ptr()
     x = torch.randn(5, 128).to(torch.bfloat16)
     want = reference.lora_linear.lora_linear(x, W2, None, None, 1.0, quant_state=qs)
-    assert torch.equal(sloth.lora_linear(x, W2, None, None, quant_state=qs), sloth.lora_linear(x, W2, None, None, quant_state=qs))
-    assert rel_err(sloth.lora_linear(x, W2, None, None, quant_state=qs), want) <= TOL[torch.bfloat16]
+    y = sloth.lora_linear(x, W2, None, None, quant_state=qs)
+    assert torch.equal(y, sloth.lora_linear(x, W2, None, None, quant_state=qs))
+    assert rel_err(y, want) <= TOL[torch.bfloat16]

@@ -30,7 +30,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..nn.lora_mlp import LoraProj, lora_mlp
 from ..nn.offload_checkpoint import recomputing
-from .peft import _base_weight, _fast_adapter, _lora_classes, as_layer_output, lora_dropout_active, run_dtype
+from .peft import (_base_weight, _fast_adapter, _lora_classes, as_layer_output, autocast_off, lora_dropout_active,
+                   run_dtype)
 
 #: MLP classes whose forward is replaced
 MLPS = ("LlamaMLP", "Qwen3MLP", "MistralMLP", "Gemma3MLP")
@@ -105,7 +106,7 @@ def sloth_mlp_forward(self, x):
     (gate, dt), (up, _), (down, _) = projs
     in_dtype = x.dtype
     dt = run_dtype(x, dt)
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         x2 = x.to(dt).reshape(-1, x.shape[-1])  # [tokens, hidden]
         intermediate = gate.weight.shape[0] if gate.quant_state is None else gate.quant_state.shape[0]
         n = chunk_tokens(x2.shape[0], intermediate, dt, x.device)

@@ -19,7 +19,7 @@ import torch
 
 from ..nn.lora_group import lora_linear_group
 from .mlp import _proj
-from .peft import as_layer_output, run_dtype
+from .peft import as_layer_output, autocast_off, run_dtype
 
 NAMES = ("q_proj", "k_proj", "v_proj")
 ENABLED = os.environ.get("SLOTH_QKV_GROUP", "1") != "0"
@@ -62,7 +62,7 @@ def grouped_forward(layer: torch.nn.Module, x: torch.Tensor) -> Optional[torch.T
     dts = {run_dtype(x, cd) for _, cd in projs}
     if len(dts) != 1:
         return None
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         ys = lora_linear_group(x.to(dts.pop()), [p for p, _ in projs])
     ys = [as_layer_output(y, x.dtype, p.quant_state) for y, (p, _) in zip(ys, projs)]
     for m, y in zip(grp.modules[1:], ys[1:]):
