@@ -9,7 +9,7 @@ Paths (same semantics, fp32 accumulation everywhere):
   GEMM instead of a separate memory-bound pass over [M, out]). CPU runs this path with the CPU kernels.
 Backward: dx = s (dy B) A, then += dy W (W dequantized again into the workspace; keeping the forward's copy for
 the backward was measured slower end to end on an H200), dA = s (dy B)^T x, dB = s dy^T t.
-Saved: x and t = x A^T (never the dequantized W).
+Saved: x and t = x A^T, as s t where the forward made that product anyway (never the dequantized W).
 Without its output (``need_output=False``, for a recompute whose result is never read): only t = x A^T is computed
 and y is zeros; the backward is the same.
 """
