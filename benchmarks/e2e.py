@@ -159,6 +159,37 @@ def run_steps(pm, batch, steps: int, warmup: int, device: str, lr: float = 2e-4)
     return losses, times[warmup:], peak
 
 
+def print_phases(pm, batch, device, steps: int, side: str) -> None:
+    """``steps`` more training steps timed phase by phase: for the forward (with the loss), the backward and the
+    optimizer step, the host time to issue the work and the wall time until the GPU has finished it. Where the two
+    are about equal the phase is CPU-bound (the GPU waits for launches); where the wall time is larger, GPU-bound."""
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=0.0)
+    rows = []
+    for _ in range(steps):
+        sync()
+        t0 = time.perf_counter()
+        loss = pm(input_ids=batch, labels=batch).loss
+        t1 = time.perf_counter()
+        sync()
+        t2 = time.perf_counter()
+        loss.backward()
+        t3 = time.perf_counter()
+        sync()
+        t4 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t5 = time.perf_counter()
+        sync()
+        t6 = time.perf_counter()
+        rows.append((t1 - t0, t2 - t0, t3 - t2, t4 - t2, t5 - t4, t6 - t4))
+    med = [statistics.median(r[i] for r in rows) * 1e3 for i in range(6)]
+    print(f"--- phases of {side} (median of {steps} steps, ms: host issue / wall): forward {med[0]:.1f} / {med[1]:.1f}, "
+          f"backward {med[2]:.1f} / {med[3]:.1f}, optimizer {med[4]:.1f} / {med[5]:.1f}")
+
+
 def print_profile(pm, batch, device, rows: int, side: str) -> None:
     """One more training step under torch.profiler: the ``rows`` ops with the most device (or CPU) time."""
     from torch.profiler import ProfilerActivity, profile
@@ -194,6 +225,8 @@ def main(argv=None):
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
                     help="after each side's timed steps, profile one more step and print its ROWS costliest ops")
+    ap.add_argument("--phases", type=int, default=0, metavar="STEPS",
+                    help="after each side's timed steps, time STEPS more phase by phase (host issue vs wall time)")
     args = ap.parse_args(argv)
 
     import sloth
@@ -216,6 +249,8 @@ def main(argv=None):
                     p.copy_(init[n])
         apply_side(pm, side)
         losses, times, peak = run_steps(pm, batch, args.steps, args.warmup, args.device)
+        if args.phases:
+            print_phases(pm, batch, args.device, args.phases, side)
         if args.profile:
             print_profile(pm, batch, args.device, args.profile, side)
         med = statistics.median(times)
