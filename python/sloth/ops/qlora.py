@@ -32,7 +32,8 @@ class NF4Args:
         """The checked arguments of ``packed`` / ``quant_state``, made once per pair: kept on the quant state
         (``_sloth_args``) while the packed bytes and absmax stay where they are (a training step asks for them
         about 20 times per layer; building them costs some ten tensor operations)."""
-        key = (packed.data_ptr(), getattr(getattr(quant_state, "absmax", None), "data_ptr", int)(), packed.device)
+        absmax = getattr(quant_state, "absmax", None)
+        key = (packed.data_ptr(), absmax.data_ptr() if isinstance(absmax, torch.Tensor) else None, packed.device)
         hit = getattr(quant_state, "_sloth_args", None)
         if hit is not None and hit[0] == key:
             return hit[1]
