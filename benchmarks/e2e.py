@@ -124,18 +124,23 @@ def build_qlora(name, device: str, dtype: torch.dtype, rank: int, alpha: int, **
 
 def apply_side(pm, side: str) -> None:
     """Put ``pm`` on ``side``: ``hf`` (unpatched, Transformers' checkpointing), ``sloth`` (``sloth.patch``,
-    Transformers' checkpointing) or ``sloth-offload`` (``sloth.patch``, offloaded checkpointing)."""
+    Transformers' checkpointing), ``sloth-offload`` (``sloth.patch``, offloaded checkpointing) or
+    ``sloth-offload-eager`` (the same without CUDA graphs of the layers' no-grad forwards, for A/B)."""
     import sloth
+    from sloth.nn import layer_graphs
 
+    layer_graphs.clear()
+    layer_graphs.ENABLED = side != "sloth-offload-eager"
     if side.startswith("sloth"):
         sloth.patch(pm)
     else:
         sloth.unpatch(pm)  # nothing to undo unless a sloth side ran before
-    sloth.set_gradient_checkpointing(pm, "sloth" if side == "sloth-offload" else True)
+    sloth.set_gradient_checkpointing(pm, "sloth" if side.startswith("sloth-offload") else True)
 
 
 def run_steps(pm, batch, steps: int, warmup: int, device: str, lr: float = 2e-4):
-    """(losses, step times in s, peak GiB) of warmup + steps AdamW steps on ``batch``."""
+    """(losses, step times in s, peak GiB allocated, peak GiB reserved) of warmup + steps AdamW steps on ``batch``.
+    Reserved includes memory the caching allocator holds but has not handed out, such as CUDA graph pools."""
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     cuda = device.startswith("cuda")
@@ -155,8 +160,9 @@ def run_steps(pm, batch, steps: int, warmup: int, device: str, lr: float = 2e-4)
         losses.append(float(out.loss.detach()))
         del out
     peak = torch.cuda.max_memory_allocated() / GIB if cuda else float("nan")
+    reserved = torch.cuda.max_memory_reserved() / GIB if cuda else float("nan")
     del opt
-    return losses, times[warmup:], peak
+    return losses, times[warmup:], peak, reserved
 
 
 def print_phases(pm, batch, device, steps: int, side: str) -> None:
@@ -221,7 +227,8 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--sides", default="hf,sloth,sloth-offload",
                     help="comma-separated: hf (unpatched), sloth (patched, Transformers' checkpointing), "
-                         "sloth-offload (patched, use_gradient_checkpointing='sloth')")
+                         "sloth-offload (patched, use_gradient_checkpointing='sloth'), sloth-offload-eager (the same "
+                         "without CUDA graphs of the layers' no-grad forwards)")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
                     help="after each side's timed steps, profile one more step and print its ROWS costliest ops")
@@ -248,14 +255,17 @@ def main(argv=None):
                 if n in init:
                     p.copy_(init[n])
         apply_side(pm, side)
-        losses, times, peak = run_steps(pm, batch, args.steps, args.warmup, args.device)
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()  # reserved memory of the previous side does not count for this one
+        losses, times, peak, reserved = run_steps(pm, batch, args.steps, args.warmup, args.device)
         if args.phases:
             print_phases(pm, batch, args.device, args.phases, side)
         if args.profile:
             print_profile(pm, batch, args.device, args.profile, side)
         med = statistics.median(times)
-        results[side] = dict(s_per_step=med, peak_gib=peak, tokens_per_s=ntok / med, losses=losses)
-        print(f"{side:14s} {med:8.3f} s/step  {peak:7.2f} GiB peak  {ntok / med:9.0f} tok/s  "
+        results[side] = dict(s_per_step=med, peak_gib=peak, reserved_gib=reserved, tokens_per_s=ntok / med,
+                             losses=losses)
+        print(f"{side:14s} {med:8.3f} s/step  {peak:7.2f} GiB peak ({reserved:.2f} reserved)  {ntok / med:9.0f} tok/s  "
               f"losses {' '.join(f'{x:.4f}' for x in losses)}", flush=True)
     for side in [x for x in results if x != "hf"]:
         if "hf" not in results:

@@ -38,10 +38,11 @@ def _fp32_cos_sin(cos: torch.Tensor, sin: torch.Tensor):
     layer (and, under checkpointing, to every layer's recompute): the fp32 copies (the kernel reads fp32; exact
     for bf16 / fp16) and the [B * T, D] layouts derived from them (``memo``, see :func:`_pieces`) are made by the
     first layer and reused by the others while cos / sin are the same, unmodified tensors. Not cached when cos /
-    sin require grad (the copies would belong to another graph), for inference-mode tensors (no version counter)
-    or under torch.compile tracing."""
+    sin require grad (the copies would belong to another graph), for inference-mode tensors (no version counter),
+    under torch.compile tracing or while a CUDA graph is captured (the copies would hold values only once the
+    graph is replayed)."""
     if cos.requires_grad or sin.requires_grad or cos.is_inference() or sin.is_inference() or \
-            torch.compiler.is_compiling():
+            torch.compiler.is_compiling() or (cos.is_cuda and torch.cuda.is_current_stream_capturing()):
         return cos.float(), sin.float(), {}
     e = getattr(_fp32_cache, "entry", None)
     if e is not None and e[0]() is cos and e[1]() is sin and e[2] == cos._version and e[3] == sin._version:

@@ -4,7 +4,8 @@ host memory, and the layer is recomputed in the backward pass.
 ``offloaded_checkpoint(function, *args)`` has the calling convention of ``torch.utils.checkpoint.checkpoint`` as
 Transformers uses it (``GradientCheckpointingLayer`` calls ``func(partial(forward, layer, **kwargs), *args)``):
 
-- forward: ``function(*args)`` runs without building a graph. The hidden state (the first tensor of ``args``) is
+- forward: ``function(*args)`` runs without building a graph, on CUDA replayed from a CUDA graph of the layer
+  once it has run with the same argument shapes (:mod:`sloth.nn.layer_graphs`). The hidden state (the first tensor of ``args``) is
   copied to pinned host memory on a side CUDA stream, so the copy overlaps the layers that follow; its device memory
   is released as soon as the copy is done. The RNG states (CPU and the hidden state's GPU) and the autocast state are
   recorded, so the recompute draws the same dropout masks and runs in the same precision.
@@ -31,6 +32,7 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
+from .layer_graphs import graphed_call
 from .pinned_arena import arena
 
 _local = threading.local()  # .last: weakref to the most recent _HostCopy of this thread (forward order);
@@ -193,7 +195,7 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
         ctx.run, ctx.hidden_index = run, hidden_index
         ctx.state = _State(hidden.device)
         with torch.no_grad():
-            outputs = run(*args)
+            outputs = graphed_call(run, args) if _offloads(hidden) else run(*args)
         ctx.layout = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]  # positions of tensor args
         ctx.others = [None if isinstance(a, torch.Tensor) else a for a in args]
         ctx.host_copy = None

@@ -1,0 +1,281 @@
+"""CUDA graphs for the no-grad forward of checkpointed layers: :func:`graphed_call`.
+
+Under ``use_gradient_checkpointing="sloth"`` every decoder layer first runs without autograd (its result feeds the
+next layer; the layer is run again, with autograd, in the backward pass). That forward is a pure function of the
+layer's tensor arguments (hidden state, rotary cos / sin, mask, positions) and of its parameters, and it is about a
+hundred small operations whose launches from Python cost about as much host time as the GPU needs for them at a few
+thousand tokens: the GPU waits on the host. So once a layer has run with one argument signature, its next call with
+the same signature is captured into a CUDA graph, and every later call replays it: a few launches instead of ~100.
+
+- The graphs of all layers with one signature (tensor shapes / dtypes, the non-tensor arguments) share one memory
+  pool (one layer's temporaries, since the layers run one after the other), one set of static input buffers and one
+  of static outputs: a call copies its tensors into the static inputs, replays, and returns copies of the outputs
+  (two copies of the hidden state per layer, ~20 us of GPU time at [4096, 4096] bf16).
+- What a capture froze is checked at every call: the same parameter and buffer tensors (an adapter reloaded or a
+  weight replaced recaptures), the same active / disabled / merged LoRA adapters, train / eval flags, the same
+  module forwards (``sloth.unpatch`` recaptures), autocast. Any change recaptures that layer.
+- Not graphed (the layer runs as it always did): forward hooks anywhere in the layer (Accelerate, FSDP), active
+  dropout (train mode with p > 0: the recompute must draw the same mask, which a replay does not), non-tensor
+  arguments other than plain constants (a KV cache object), tensors on another device, a capture already in
+  progress. A layer whose capture fails (an operation that cannot be captured) is remembered, runs eagerly from
+  then on, and the first such failure is reported with one warning.
+- At most :data:`MAX_SIGNATURES` signatures keep graphs (least recently used dropped, its pool freed): a
+  batch shape that never repeats is never captured; each new shape first runs eagerly once per layer.
+
+``SLOTH_CUDA_GRAPHS=0`` (read at import) turns this off; :func:`clear` drops every graph and its memory.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import weakref
+from typing import Any, Callable, List, Optional
+
+import torch
+
+logger = logging.getLogger("sloth")
+
+ENABLED = os.environ.get("SLOTH_CUDA_GRAPHS", "1") != "0"
+#: signatures whose graphs are kept at once (each holds one pool of one layer's temporaries + static buffers)
+MAX_SIGNATURES = 2
+#: eager first runs remembered (layer, signature, state); a second run of one of them is captured
+MAX_SEEN = 512
+
+_DropoutNd = torch.nn.modules.dropout._DropoutNd
+_CONSTANTS = (type(None), bool, int, float, str, torch.dtype, torch.device)
+
+
+class NotGraphable(Exception):
+    """This call cannot be replayed from a graph; the layer runs eagerly."""
+
+
+class _Slot:
+    """The place of the i-th tensor argument in a call's argument template."""
+
+    __slots__ = ("i",)
+
+    def __init__(self, i: int):
+        self.i = i
+
+
+def _split(obj, tensors: list, layer=None, depth: int = 0):
+    """(template, signature) of ``obj``: each tensor replaced by a _Slot (the tensor appended to ``tensors``), and a
+    hashable description of everything else (``layer`` itself as the same entry for every layer); raises
+    NotGraphable for values a replay could not reproduce."""
+    if isinstance(obj, torch.Tensor):
+        tensors.append(obj)
+        return _Slot(len(tensors) - 1), ("T", tuple(obj.shape), obj.dtype, obj.device)
+    if isinstance(obj, _CONSTANTS):
+        return obj, ("C", type(obj), obj)
+    if obj is layer and layer is not None:
+        return obj, ("L",)
+    if depth < 4 and isinstance(obj, (tuple, list)):
+        parts = [_split(o, tensors, layer, depth + 1) for o in obj]
+        return type(obj)(p[0] for p in parts), (type(obj).__name__, tuple(p[1] for p in parts))
+    if depth < 4 and type(obj) is dict and all(isinstance(k, str) for k in obj):
+        parts = {k: _split(v, tensors, layer, depth + 1) for k, v in obj.items()}
+        return {k: p[0] for k, p in parts.items()}, ("D", tuple((k, p[1]) for k, p in sorted(parts.items())))
+    raise NotGraphable(f"argument of type {type(obj).__name__}")
+
+
+def _fill(template, tensors: list):
+    """``template`` with each _Slot replaced by its tensor."""
+    if isinstance(template, _Slot):
+        return tensors[template.i]
+    if isinstance(template, (tuple, list)):
+        return type(template)(_fill(t, tensors) for t in template)
+    if type(template) is dict:
+        return {k: _fill(v, tensors) for k, v in template.items()}
+    return template
+
+
+def _layer_call(function: Callable, args: tuple):
+    """(layer, template, tensors, signature) of ``function(*args)`` where ``function`` is the ``functools.partial``
+    Transformers builds for a checkpointed layer (``partial(forward, layer, **kwargs)`` or
+    ``partial(layer.__call__, **kwargs)``)."""
+    func = getattr(function, "func", None)
+    if func is None or hasattr(func, "func"):
+        raise NotGraphable("not a single functools.partial")
+    pargs, kwargs = tuple(function.args or ()), dict(function.keywords or {})
+    layer = getattr(func, "__self__", None)
+    if not isinstance(layer, torch.nn.Module):
+        layer = pargs[0] if pargs and isinstance(pargs[0], torch.nn.Module) else None
+    if layer is None:
+        raise NotGraphable("no module")
+    tensors: list = []
+    template, signature = _split((pargs, kwargs, tuple(args)), tensors, layer)
+    return layer, (func, template), tensors, (id(getattr(func, "__func__", func)), signature)
+
+
+def _layer_state(layer: torch.nn.Module) -> tuple:
+    """What a capture of ``layer`` froze besides its arguments (see the module docstring); raises NotGraphable for a
+    layer that must not be graphed."""
+    from torch.nn.modules import module as _module
+
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        raise NotGraphable("global forward hooks")
+    state: List[Any] = [torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")]
+    stack = [layer]
+    while stack:
+        m = stack.pop()
+        d = m.__dict__
+        if d["_forward_hooks"] or d["_forward_pre_hooks"] or d.get("_hf_hook") is not None:
+            raise NotGraphable("a module has forward hooks")
+        training = d["training"]
+        if training and ((isinstance(m, _DropoutNd) and m.p > 0) or (d.get("attention_dropout") or 0) > 0):
+            raise NotGraphable("dropout is active")  # the recompute must draw the same masks
+        state.append((training, id(d.get("forward"))))
+        if "_active_adapter" in d:  # a PEFT tuner layer
+            state.append((str(d["_active_adapter"]), d.get("_disable_adapters"), tuple(d.get("merged_adapters", ()))))
+        for p in d["_parameters"].values():
+            if p is not None:
+                state.append(p.data_ptr())
+        for b in d["_buffers"].values():
+            if b is not None:
+                state.append(b.data_ptr())
+        stack.extend(c for c in d["_modules"].values() if c is not None)
+    return tuple(state)
+
+
+class _Graph:
+    """One layer's captured forward."""
+
+    __slots__ = ("layer", "state", "graph", "keep")
+
+    def __init__(self, layer, state, graph, keep):
+        self.layer, self.state, self.graph, self.keep = weakref.ref(layer), state, graph, keep
+
+
+class _Signature:
+    """The graphs of every layer called with one signature: static inputs / outputs and one shared memory pool."""
+
+    def __init__(self, tensors: list, out_template, out_signature, out_meta: list):
+        self.inputs = [torch.empty_like(t) for t in tensors]  # static inputs
+        self.out_template, self.out_signature = out_template, out_signature
+        self.outputs = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in out_meta]
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict = {}  # id(layer) -> _Graph
+
+    def load(self, tensors: list) -> None:
+        for dst, src in zip(self.inputs, tensors):
+            dst.copy_(src)
+
+    def result(self):
+        return _fill(self.out_template, [o.clone() for o in self.outputs])
+
+
+_signatures: "collections.OrderedDict[Any, _Signature]" = collections.OrderedDict()
+_seen: "collections.OrderedDict[Any, tuple]" = collections.OrderedDict()  # (signature, id(layer)) -> (state, outputs)
+_failed: set = set()  # (signature, id(layer)) whose capture failed
+_warned = [False]
+_capture_streams: dict = {}
+
+
+def _out_meta(out):
+    """(template, signature, [(shape, dtype, device)] of the tensors) of a layer's output."""
+    tensors: list = []
+    template, signature = _split(out, tensors)
+    return template, signature, [(tuple(t.shape), t.dtype, t.device) for t in tensors]
+
+
+def _capture(sig: _Signature, layer, call, tensors: list, state: tuple) -> _Graph:
+    func, template = call
+    sig.load(tensors)
+    pargs, kwargs, args = _fill(template, sig.inputs)
+    device = sig.inputs[0].device
+    stream = _capture_streams.get(device.index)
+    if stream is None:
+        stream = _capture_streams[device.index] = torch.cuda.Stream(device=device)
+    graph = torch.cuda.CUDAGraph()
+    current = torch.cuda.current_stream(device)
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        graph.capture_begin(pool=sig.pool, capture_error_mode="thread_local")
+        try:
+            out = func(*pargs, *args, **kwargs)
+            outs: list = []
+            if _split(out, outs)[1] != sig.out_signature:
+                raise NotGraphable("outputs differ from those of the eager run")
+            for dst, src in zip(sig.outputs, outs):
+                dst.copy_(src)
+            del out, outs
+        finally:
+            graph.capture_end()
+    current.wait_stream(stream)
+    # buffers the graph reads or writes that live outside its pool (the dequantization workspace) stay alive with it
+    from .workspace import Workspace
+
+    keep = [b for b in Workspace._buffers.values() if b is not None]
+    return _Graph(layer, state, graph, keep)
+
+
+def graphed_call(function: Callable, args: tuple):
+    """``function(*args)`` (a checkpointed layer's forward, called under no_grad), replayed from a CUDA graph where
+    possible (see the module docstring)."""
+    if not ENABLED or not args or not isinstance(args[0], torch.Tensor) or not args[0].is_cuda or \
+            torch.cuda.is_current_stream_capturing():
+        return function(*args)
+    try:
+        layer, call, tensors, sig_key = _layer_call(function, args)
+        device = args[0].device
+        if any(t.device != device for t in tensors):
+            raise NotGraphable("tensors on several devices")
+        state = _layer_state(layer)
+    except NotGraphable as e:
+        logger.debug("sloth: layer not graphed: %s", e)
+        return function(*args)
+    key = (sig_key, id(layer))
+    sig = _signatures.get(sig_key)
+    if sig is not None:
+        _signatures.move_to_end(sig_key)
+        g = sig.graphs.get(id(layer))
+        if g is not None and g.layer() is layer and g.state == state:
+            sig.load(tensors)
+            g.graph.replay()
+            return sig.result()
+    if key in _failed:
+        return function(*args)
+    seen = _seen.get(key)
+    if seen is None or seen[0] != state:  # first run of this layer with this signature: eager
+        out = function(*args)
+        try:
+            _seen[key] = (state, _out_meta(out))
+        except NotGraphable:
+            _failed.add(key)
+            return out
+        _seen.move_to_end(key)
+        while len(_seen) > MAX_SEEN:
+            _seen.popitem(last=False)
+        return out
+    if sig is None:
+        sig = _signatures[sig_key] = _Signature(tensors, *seen[1])
+        while len(_signatures) > MAX_SIGNATURES:
+            _signatures.popitem(last=False)
+    try:
+        g = _capture(sig, layer, call, tensors, state)
+    except Exception as e:  # noqa: BLE001 - any failure: this layer runs eagerly from now on
+        _failed.add(key)
+        sig.graphs.pop(id(layer), None)
+        if not _warned[0]:
+            _warned[0] = True
+            logger.warning("sloth: CUDA graph capture of %s failed (%s: %s); it runs eagerly",
+                           type(layer).__name__, type(e).__name__, e)
+        return function(*args)
+    sig.graphs[id(layer)] = g
+    sig.load(tensors)
+    g.graph.replay()
+    return sig.result()
+
+
+def clear() -> None:
+    """Drop every captured layer graph and its memory (e.g. before a workload with other shapes)."""
+    _signatures.clear()
+    _seen.clear()
+    _failed.clear()
+
+
+def graph_count() -> int:
+    """The number of layer graphs held."""
+    return sum(len(s.graphs) for s in _signatures.values())
