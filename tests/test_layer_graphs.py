@@ -113,11 +113,13 @@ def test_cpu_runs_eagerly():
 
 
 def _steps(model, batches, lr=1e-2):
+    """Per batch two accumulated half-loss backward passes (the second adds into .grad), then an SGD step."""
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
     losses, grads = [], []
     for ids, mask, labels in batches:
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
+        for _ in range(2):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            (loss / 2).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -130,7 +132,7 @@ def _steps(model, batches, lr=1e-2):
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graphed_steps_equal_eager(family, dtype, monkeypatch):
-    """Five optimizer steps with layer graphs equal those without (same kernels; fp32 within 1e-5 relative, where
+    """Six optimizer steps (forward and recompute + backward graphs) equal those without (same kernels; fp32 within 1e-5 relative, where
     cuBLAS may pick another algorithm under capture; bf16 within 2e-2, a few roundings of 2^-8); the graphs are
     really replayed (one per layer, captured at the second step); a batch of another length, then the first one
     again, an adapter switched off and a replaced LoRA tensor are all followed."""
@@ -146,6 +148,7 @@ def test_cuda_graphed_steps_equal_eager(family, dtype, monkeypatch):
         runs[enabled] = _steps(model, batches)
         if enabled:
             assert lg.graph_count() == model.config.num_hidden_layers
+            assert lg.graph_count(backward=True) == model.config.num_hidden_layers
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     (l0, g0), (l1, g1) = runs[False], runs[True]
     torch.testing.assert_close(l1, l0, rtol=tol, atol=tol)

@@ -131,7 +131,9 @@ def _layer_state(layer: torch.nn.Module) -> tuple:
             state.append((str(d["_active_adapter"]), d.get("_disable_adapters"), tuple(d.get("merged_adapters", ()))))
         for p in d["_parameters"].values():
             if p is not None:
-                state.append(p.data_ptr())
+                if p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None):
+                    raise NotGraphable("a parameter has gradient hooks")
+                state.append((p.data_ptr(), p.requires_grad))
         for b in d["_buffers"].values():
             if b is not None:
                 state.append(b.data_ptr())
@@ -155,12 +157,14 @@ class _Signature:
         self.inputs = [torch.empty_like(t) for t in tensors]  # static inputs
         self.out_template, self.out_signature = out_template, out_signature
         self.outputs = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in out_meta]
-        self.pool = torch.cuda.graph_pool_handle()
+        self.pool = torch.cuda.graph_pool_handle()  # forward and backward graphs: they never run at once
         self.graphs: dict = {}  # id(layer) -> _Graph
+        self.backward: dict = {}  # (needs, grad-output signature, autocast) -> _BackwardSet
 
     def load(self, tensors: list) -> None:
-        for dst, src in zip(self.inputs, tensors):
-            dst.copy_(src)
+        with torch.no_grad():  # (static inputs of backward graphs are leaves that require grad)
+            for dst, src in zip(self.inputs, tensors):
+                dst.copy_(src)
 
     def result(self):
         return _fill(self.out_template, [o.clone() for o in self.outputs])
@@ -269,6 +273,161 @@ def graphed_call(function: Callable, args: tuple):
     return sig.result()
 
 
+class _BackwardSet:
+    """Backward graphs (recompute + backward) of the layers of one signature, for one set of inputs that need
+    gradients and one layout of output gradients: static output gradients in, static gradients out."""
+
+    def __init__(self, grads: list):
+        self.grad_inputs = [torch.empty_like(g) for g in grads]  # static gradients of the layer's outputs
+        self.outputs: Optional[list] = None  # static gradients of the inputs, then of the parameters (in the pool)
+        self.graphs: dict = {}  # id(layer) -> _Graph (keep: the parameters, in the order of outputs)
+
+    def load(self, grads: list) -> None:
+        for dst, src in zip(self.grad_inputs, grads):
+            dst.copy_(src)
+
+
+def _leaves(roots: list) -> list:
+    """The leaf tensors (AccumulateGrad variables) the autograd graph of ``roots`` reaches."""
+    stack, seen, leaves = [r.grad_fn for r in roots], set(), []
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        variable = getattr(fn, "variable", None)
+        if variable is not None:
+            leaves.append(variable)
+        else:
+            stack.extend(n for n, _ in fn.next_functions)
+    return leaves
+
+
+def _capture_backward(sig: _Signature, bset: _BackwardSet, layer, call, tensors: list, grad_outputs: tuple,
+                      need_idx: list, recompute, state: tuple) -> _Graph:
+    func, template = call
+    sig.load(tensors)
+    bset.load([g for g in grad_outputs if g is not None])
+    inputs = [sig.inputs[i].requires_grad_(True) for i in need_idx]
+    pargs, kwargs, args = _fill(template, sig.inputs)
+    it = iter(bset.grad_inputs)
+    static_grads = [None if g is None else next(it) for g in grad_outputs]
+    device = sig.inputs[0].device
+    stream = _capture_streams.get(device.index)
+    if stream is None:
+        stream = _capture_streams[device.index] = torch.cuda.Stream(device=device)
+    graph = torch.cuda.CUDAGraph()
+    current = torch.cuda.current_stream(device)
+    stream.wait_stream(current)
+    with torch.cuda.stream(stream):
+        graph.capture_begin(pool=sig.pool, capture_error_mode="thread_local")
+        try:
+            with recompute():
+                out = func(*pargs, *args, **kwargs)
+            outs = out if isinstance(out, tuple) else (out,)
+            pairs = [(o, g) for o, g in zip(outs, static_grads)
+                     if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
+            if not pairs:
+                raise NotGraphable("no output gradient")
+            roots = [o for o, _ in pairs]
+            leaves = {id(t) for t in _leaves(roots)}
+            params = [p for p in layer.parameters() if p.requires_grad]
+            if leaves - {id(t) for t in inputs} - {id(p) for p in params}:
+                raise NotGraphable("the layer reads a trainable tensor that is not its own")
+            params = [p for p in params if id(p) in leaves]
+            grads = torch.autograd.grad(roots, inputs + params, [g for _, g in pairs], allow_unused=True)
+            if bset.outputs is None:  # one set of static gradients for all layers, allocated in the pool
+                bset.outputs = [None if g is None else torch.empty_like(g) for g in grads]
+            if len(grads) != len(bset.outputs) or any(
+                    (g is None) != (o is None) or (g is not None and (g.shape != o.shape or g.dtype != o.dtype))
+                    for g, o in zip(grads, bset.outputs)):
+                raise NotGraphable("gradients differ from those of the other layers")
+            for o, g in zip(bset.outputs, grads):
+                if g is not None:
+                    o.copy_(g)
+            del out, outs, pairs, roots, grads
+        finally:
+            graph.capture_end()
+    current.wait_stream(stream)
+    return _Graph(layer, state, graph, params)
+
+
+def _run_backward(sig: _Signature, bset: _BackwardSet, g: _Graph, tensors: list, grad_outputs: tuple,
+                  need_idx: list, args: list) -> list:
+    sig.load(tensors)
+    bset.load([x for x in grad_outputs if x is not None])
+    g.graph.replay()
+    n = len(need_idx)
+    for p, grad in zip(g.keep, bset.outputs[n:]):  # what AccumulateGrad does
+        if grad is None:
+            continue
+        if p.grad is None:
+            p.grad = grad.clone()
+        else:
+            p.grad.add_(grad)
+    in_grads = iter(None if x is None else x.clone() for x in bset.outputs[:n])
+    return [next(in_grads) if isinstance(a, torch.Tensor) and a.requires_grad else None for a in args]
+
+
+def graphed_backward(function: Callable, args: list, needs: tuple, grad_outputs: tuple, recompute,
+                     autocast: tuple) -> Optional[list]:
+    """The backward of a checkpointed layer from a CUDA graph: ``function(*args)`` recomputed under
+    ``recompute()`` (grad mode, the forward's ``autocast``) and backpropagated from ``grad_outputs``, all in one
+    graph replay; the parameters' gradients are accumulated into their ``.grad`` as AccumulateGrad does, and the
+    gradients of ``args`` (those with ``needs``) are returned. None: the caller runs the backward eagerly (the first
+    backward of a layer with a signature, a layer that cannot be graphed, a distributed run whose gradient hooks
+    must fire). The layer's forward graph must exist (its static buffers and pool are shared)."""
+    if not ENABLED or torch.cuda.is_current_stream_capturing() or \
+            (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return None
+    try:
+        layer, call, tensors, sig_key = _layer_call(function, tuple(args))
+        state = _layer_state(layer)
+    except NotGraphable as e:
+        logger.debug("sloth: layer backward not graphed: %s", e)
+        return None
+    sig = _signatures.get(sig_key)
+    if sig is None:
+        return None
+    n_fixed = len(tensors) - sum(isinstance(a, torch.Tensor) for a in args)
+    need_idx, k = [], n_fixed
+    for a, need in zip(args, needs):
+        if isinstance(a, torch.Tensor):
+            if need:
+                need_idx.append(k)
+            k += 1
+    bkey = (tuple(bool(x) for x in needs), tuple(None if g is None else (tuple(g.shape), g.dtype, g.device)
+                                                 for g in grad_outputs), autocast)
+    bset = sig.backward.get(bkey)
+    if bset is not None:
+        g = bset.graphs.get(id(layer))
+        if g is not None and g.layer() is layer and g.state == state:
+            return _run_backward(sig, bset, g, tensors, grad_outputs, need_idx, args)
+    key = ("backward", sig_key, bkey, id(layer))
+    if key in _failed:
+        return None
+    seen = _seen.get(key)
+    if seen is None or seen[0] != state:  # first backward of this layer with this signature: eager
+        _seen[key] = (state, None)
+        while len(_seen) > MAX_SEEN:
+            _seen.popitem(last=False)
+        return None
+    if bset is None:
+        bset = sig.backward[bkey] = _BackwardSet([g for g in grad_outputs if g is not None])
+    try:
+        g = _capture_backward(sig, bset, layer, call, tensors, grad_outputs, need_idx, recompute, state)
+    except Exception as e:  # noqa: BLE001 - any failure: this layer's backward runs eagerly from now on
+        _failed.add(key)
+        bset.graphs.pop(id(layer), None)
+        if not _warned[0]:
+            _warned[0] = True
+            logger.warning("sloth: CUDA graph capture of the backward of %s failed (%s: %s); it runs eagerly",
+                           type(layer).__name__, type(e).__name__, e)
+        return None
+    bset.graphs[id(layer)] = g
+    return _run_backward(sig, bset, g, tensors, grad_outputs, need_idx, args)
+
+
 def clear() -> None:
     """Drop every captured layer graph and its memory (e.g. before a workload with other shapes)."""
     _signatures.clear()
@@ -276,6 +435,8 @@ def clear() -> None:
     _failed.clear()
 
 
-def graph_count() -> int:
-    """The number of layer graphs held."""
+def graph_count(backward: bool = False) -> int:
+    """The number of layer forward graphs held (``backward=True``: backward graphs)."""
+    if backward:
+        return sum(len(b.graphs) for s in _signatures.values() for b in s.backward.values())
     return sum(len(s.graphs) for s in _signatures.values())

@@ -26,13 +26,14 @@ position embeddings and masks Transformers passes) make the call fall back to Py
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import weakref
 from typing import Any, Callable, List, Optional
 
 import torch
 
-from .layer_graphs import graphed_call
+from .layer_graphs import graphed_backward, graphed_call
 from .pinned_arena import arena
 
 _local = threading.local()  # .last: weakref to the most recent _HostCopy of this thread (forward order);
@@ -154,6 +155,16 @@ class _State:
                 self.autocast.append((dev_type, torch.get_autocast_dtype(dev_type)))
         self.autocast_cache = torch.is_autocast_cache_enabled()
 
+    @contextlib.contextmanager
+    def recompute(self):
+        """The forward's precision, grad mode on and :func:`recomputing` True (the RNG state untouched)."""
+        outer, _local.recomputing = recomputing(), True
+        try:
+            with torch.enable_grad(), _autocast(self.autocast, self.autocast_cache):
+                yield
+        finally:
+            _local.recomputing = outer
+
     def replay(self, run: Callable, args: List[Any]):
         devices = [self.device.index if self.device.index is not None else torch.cuda.current_device()] \
             if self.cuda_rng is not None else []
@@ -161,12 +172,8 @@ class _State:
             torch.set_rng_state(self.cpu_rng)
             if self.cuda_rng is not None:
                 torch.cuda.set_rng_state(self.cuda_rng, self.device)
-            outer, _local.recomputing = recomputing(), True
-            try:
-                with torch.enable_grad(), _autocast(self.autocast, self.autocast_cache):
-                    return run(*args)
-            finally:
-                _local.recomputing = outer
+            with self.recompute():
+                return run(*args)
 
 
 class _autocast:
@@ -211,7 +218,8 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grad_outputs):
         saved = list(ctx.saved_tensors)
-        if ctx.host_copy is not None:
+        offloaded = ctx.host_copy is not None
+        if offloaded:
             saved[ctx.layout.index(ctx.hidden_index)] = ctx.host_copy.fetch()
             prev = ctx.host_copy.previous()
             if prev is not None:
@@ -222,13 +230,17 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
         for i, t in zip(ctx.layout, saved):
             d = t.detach()
             args[i] = d.requires_grad_(needs[i]) if d.is_floating_point() or d.is_complex() else d
-        outputs = ctx.state.replay(ctx.run, args)
-        outs = outputs if isinstance(outputs, tuple) else (outputs,)
-        pairs = [(o, g) for o, g in zip(outs, grad_outputs)
-                 if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
-        if pairs:
-            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        grads = [args[i].grad if isinstance(args[i], torch.Tensor) and needs[i] else None for i in range(len(args))]
+        grads = graphed_backward(ctx.run, args, needs, grad_outputs, ctx.state.recompute,
+                                 tuple(ctx.state.autocast)) if offloaded else None
+        if grads is None:
+            outputs = ctx.state.replay(ctx.run, args)
+            outs = outputs if isinstance(outputs, tuple) else (outputs,)
+            pairs = [(o, g) for o, g in zip(outs, grad_outputs)
+                     if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
+            if pairs:
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+            grads = [args[i].grad if isinstance(args[i], torch.Tensor) and needs[i] else None
+                     for i in range(len(args))]
         ctx.run = ctx.state = None
         return (None, None, None, *grads)
 
