@@ -263,6 +263,11 @@ def main(argv=None):
         if args.profile:
             print_profile(pm, batch, args.device, args.profile, side)
         med = statistics.median(times)
+        if side.startswith("sloth-offload"):
+            from sloth.nn import layer_graphs
+
+            print(f"{side}: {layer_graphs.graph_count()} layer forward graphs, "
+                  f"{layer_graphs.graph_count(backward=True)} backward graphs")
         results[side] = dict(s_per_step=med, peak_gib=peak, reserved_gib=reserved, tokens_per_s=ntok / med,
                              losses=losses)
         print(f"{side:14s} {med:8.3f} s/step  {peak:7.2f} GiB peak ({reserved:.2f} reserved)  {ntok / med:9.0f} tok/s  "

@@ -174,6 +174,7 @@ _signatures: "collections.OrderedDict[Any, _Signature]" = collections.OrderedDic
 _seen: "collections.OrderedDict[Any, tuple]" = collections.OrderedDict()  # (signature, id(layer)) -> (state, outputs)
 _failed: set = set()  # (signature, id(layer)) whose capture failed
 _warned = [False]
+_trim = [False]  # a backward graph was captured since the last forward replay: release unused cached memory
 _capture_streams: dict = {}
 
 
@@ -236,6 +237,9 @@ def graphed_call(function: Callable, args: tuple):
         _signatures.move_to_end(sig_key)
         g = sig.graphs.get(id(layer))
         if g is not None and g.layer() is layer and g.state == state:
+            if _trim[0]:  # the eager run before each capture left cached blocks that the graph pool now serves
+                _trim[0] = False
+                torch.cuda.empty_cache()
             sig.load(tensors)
             g.graph.replay()
             return sig.result()
@@ -425,6 +429,7 @@ def graphed_backward(function: Callable, args: list, needs: tuple, grad_outputs:
                            type(layer).__name__, type(e).__name__, e)
         return None
     bset.graphs[id(layer)] = g
+    _trim[0] = True
     return _run_backward(sig, bset, g, tensors, grad_outputs, need_idx, args)
 
 
