@@ -19,6 +19,7 @@ the same signature is captured into a CUDA graph, and every later call replays i
   arguments other than plain constants (a KV cache object), tensors on another device, a capture already in
   progress. A layer whose capture fails (an operation that cannot be captured) is remembered, runs eagerly from
   then on, and the first such failure is reported with one warning.
+- Only up to :data:`MAX_TOKENS` tokens: at long context the GPU time of a layer dwarfs its launch overhead.
 - At most :data:`MAX_SIGNATURES` signatures keep graphs (least recently used dropped, its pool freed): a
   batch shape that never repeats is never captured; each new shape first runs eagerly once per layer.
 
@@ -28,6 +29,7 @@ the same signature is captured into a CUDA graph, and every later call replays i
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import weakref
@@ -38,6 +40,9 @@ import torch
 logger = logging.getLogger("sloth")
 
 ENABLED = os.environ.get("SLOTH_CUDA_GRAPHS", "1") != "0"
+#: largest number of tokens (hidden-state rows) graphed: beyond it a layer's GPU time dwarfs its launch overhead, and
+#: a pool of its temporaries would only hold memory (long context)
+MAX_TOKENS = 16384
 #: signatures whose graphs are kept at once (each holds one pool of one layer's temporaries + static buffers)
 MAX_SIGNATURES = 2
 #: eager first runs remembered (layer, signature, state); a second run of one of them is captured
@@ -144,10 +149,11 @@ def _layer_state(layer: torch.nn.Module) -> tuple:
 class _Graph:
     """One layer's captured forward."""
 
-    __slots__ = ("layer", "state", "graph", "keep")
+    __slots__ = ("layer", "state", "graph", "params", "keep")
 
-    def __init__(self, layer, state, graph, keep):
-        self.layer, self.state, self.graph, self.keep = weakref.ref(layer), state, graph, keep
+    def __init__(self, layer, state, graph, params, keep):
+        self.layer, self.state, self.graph = weakref.ref(layer), state, graph
+        self.params, self.keep = params, keep  # parameters whose gradients a backward graph gives; buffers kept
 
 
 class _Signature:
@@ -185,42 +191,56 @@ def _out_meta(out):
     return template, signature, [(tuple(t.shape), t.dtype, t.device) for t in tensors]
 
 
-def _capture(sig: _Signature, layer, call, tensors: list, state: tuple) -> _Graph:
-    func, template = call
-    sig.load(tensors)
-    pargs, kwargs, args = _fill(template, sig.inputs)
+@contextlib.contextmanager
+def _capturing(graph: "torch.cuda.CUDAGraph", sig: _Signature):
+    """Capture ``graph`` into ``sig``'s pool on a side stream that first waits for the work queued so far."""
     device = sig.inputs[0].device
     stream = _capture_streams.get(device.index)
     if stream is None:
         stream = _capture_streams[device.index] = torch.cuda.Stream(device=device)
-    graph = torch.cuda.CUDAGraph()
     current = torch.cuda.current_stream(device)
     stream.wait_stream(current)
     with torch.cuda.stream(stream):
         graph.capture_begin(pool=sig.pool, capture_error_mode="thread_local")
         try:
-            out = func(*pargs, *args, **kwargs)
-            outs: list = []
-            if _split(out, outs)[1] != sig.out_signature:
-                raise NotGraphable("outputs differ from those of the eager run")
-            for dst, src in zip(sig.outputs, outs):
-                dst.copy_(src)
-            del out, outs
+            yield
         finally:
             graph.capture_end()
     current.wait_stream(stream)
-    # buffers the graph reads or writes that live outside its pool (the dequantization workspace) stay alive with it
+
+
+def _outside_buffers() -> list:
+    """Buffers a graph may use that live outside its pool (the dequantization workspace): kept alive with it."""
     from .workspace import Workspace
 
-    keep = [b for b in Workspace._buffers.values() if b is not None]
-    return _Graph(layer, state, graph, keep)
+    return [b for b in Workspace._buffers.values() if b is not None]
+
+
+def _capture(sig: _Signature, layer, call, tensors: list, state: tuple) -> _Graph:
+    func, template = call
+    sig.load(tensors)
+    pargs, kwargs, args = _fill(template, sig.inputs)
+    graph = torch.cuda.CUDAGraph()
+    with _capturing(graph, sig):
+        out = func(*pargs, *args, **kwargs)
+        outs: list = []
+        if _split(out, outs)[1] != sig.out_signature:
+            raise NotGraphable("outputs differ from those of the eager run")
+        for dst, src in zip(sig.outputs, outs):
+            dst.copy_(src)
+        del out, outs
+    return _Graph(layer, state, graph, (), _outside_buffers())
+
+
+def _small_cuda(hidden) -> bool:
+    return isinstance(hidden, torch.Tensor) and hidden.is_cuda and hidden.dim() >= 2 and \
+        hidden.numel() <= MAX_TOKENS * hidden.shape[-1]
 
 
 def graphed_call(function: Callable, args: tuple):
     """``function(*args)`` (a checkpointed layer's forward, called under no_grad), replayed from a CUDA graph where
     possible (see the module docstring)."""
-    if not ENABLED or not args or not isinstance(args[0], torch.Tensor) or not args[0].is_cuda or \
-            torch.cuda.is_current_stream_capturing():
+    if not ENABLED or not args or not _small_cuda(args[0]) or torch.cuda.is_current_stream_capturing():
         return function(*args)
     try:
         layer, call, tensors, sig_key = _layer_call(function, args)
@@ -316,44 +336,33 @@ def _capture_backward(sig: _Signature, bset: _BackwardSet, layer, call, tensors:
     pargs, kwargs, args = _fill(template, sig.inputs)
     it = iter(bset.grad_inputs)
     static_grads = [None if g is None else next(it) for g in grad_outputs]
-    device = sig.inputs[0].device
-    stream = _capture_streams.get(device.index)
-    if stream is None:
-        stream = _capture_streams[device.index] = torch.cuda.Stream(device=device)
     graph = torch.cuda.CUDAGraph()
-    current = torch.cuda.current_stream(device)
-    stream.wait_stream(current)
-    with torch.cuda.stream(stream):
-        graph.capture_begin(pool=sig.pool, capture_error_mode="thread_local")
-        try:
-            with recompute():
-                out = func(*pargs, *args, **kwargs)
-            outs = out if isinstance(out, tuple) else (out,)
-            pairs = [(o, g) for o, g in zip(outs, static_grads)
-                     if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
-            if not pairs:
-                raise NotGraphable("no output gradient")
-            roots = [o for o, _ in pairs]
-            leaves = {id(t) for t in _leaves(roots)}
-            params = [p for p in layer.parameters() if p.requires_grad]
-            if leaves - {id(t) for t in inputs} - {id(p) for p in params}:
-                raise NotGraphable("the layer reads a trainable tensor that is not its own")
-            params = [p for p in params if id(p) in leaves]
-            grads = torch.autograd.grad(roots, inputs + params, [g for _, g in pairs], allow_unused=True)
-            if bset.outputs is None:  # one set of static gradients for all layers, allocated in the pool
-                bset.outputs = [None if g is None else torch.empty_like(g) for g in grads]
-            if len(grads) != len(bset.outputs) or any(
-                    (g is None) != (o is None) or (g is not None and (g.shape != o.shape or g.dtype != o.dtype))
-                    for g, o in zip(grads, bset.outputs)):
-                raise NotGraphable("gradients differ from those of the other layers")
-            for o, g in zip(bset.outputs, grads):
-                if g is not None:
-                    o.copy_(g)
-            del out, outs, pairs, roots, grads
-        finally:
-            graph.capture_end()
-    current.wait_stream(stream)
-    return _Graph(layer, state, graph, params)
+    with _capturing(graph, sig):
+        with recompute():
+            out = func(*pargs, *args, **kwargs)
+        outs = out if isinstance(out, tuple) else (out,)
+        pairs = [(o, g) for o, g in zip(outs, static_grads)
+                 if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
+        if not pairs:
+            raise NotGraphable("no output gradient")
+        roots = [o for o, _ in pairs]
+        leaves = {id(t) for t in _leaves(roots)}
+        params = [p for p in layer.parameters() if p.requires_grad]
+        if leaves - {id(t) for t in inputs} - {id(p) for p in params}:
+            raise NotGraphable("the layer reads a trainable tensor that is not its own")
+        params = [p for p in params if id(p) in leaves]
+        grads = torch.autograd.grad(roots, inputs + params, [g for _, g in pairs], allow_unused=True)
+        if bset.outputs is None:  # one set of static gradients for all layers, allocated in the pool
+            bset.outputs = [None if g is None else torch.empty_like(g) for g in grads]
+        if len(grads) != len(bset.outputs) or any(
+                (g is None) != (o is None) or (g is not None and (g.shape != o.shape or g.dtype != o.dtype))
+                for g, o in zip(grads, bset.outputs)):
+            raise NotGraphable("gradients differ from those of the other layers")
+        for o, g in zip(bset.outputs, grads):
+            if g is not None:
+                o.copy_(g)
+        del out, outs, pairs, roots, grads
+    return _Graph(layer, state, graph, params, _outside_buffers())
 
 
 def _run_backward(sig: _Signature, bset: _BackwardSet, g: _Graph, tensors: list, grad_outputs: tuple,
@@ -362,7 +371,7 @@ def _run_backward(sig: _Signature, bset: _BackwardSet, g: _Graph, tensors: list,
     bset.load([x for x in grad_outputs if x is not None])
     g.graph.replay()
     n = len(need_idx)
-    for p, grad in zip(g.keep, bset.outputs[n:]):  # what AccumulateGrad does
+    for p, grad in zip(g.params, bset.outputs[n:]):  # what AccumulateGrad does
         if grad is None:
             continue
         if p.grad is None:
