@@ -195,6 +195,8 @@ def _out_meta(out):
 def _capturing(graph: "torch.cuda.CUDAGraph", sig: _Signature):
     """Capture ``graph`` into ``sig``'s pool on a side stream that first waits for the work queued so far."""
     device = sig.inputs[0].device
+    if not sig.graphs and not any(b.graphs for b in sig.backward.values()):
+        torch.cuda.empty_cache()  # the first capture of a signature: the eager run's cached blocks go back first
     stream = _capture_streams.get(device.index)
     if stream is None:
         stream = _capture_streams[device.index] = torch.cuda.Stream(device=device)
