@@ -1,4 +1,5 @@
-"""CUDA graphs for the no-grad forward of checkpointed layers: :func:`graphed_call`.
+"""CUDA graphs of checkpointed layers: their no-grad forward (:func:`graphed_call`) and their recompute + backward
+(:func:`graphed_backward`).
 
 Under ``use_gradient_checkpointing="sloth"`` every decoder layer first runs without autograd (its result feeds the
 next layer; the layer is run again, with autograd, in the backward pass). That forward is a pure function of the
@@ -6,6 +7,11 @@ layer's tensor arguments (hidden state, rotary cos / sin, mask, positions) and o
 hundred small operations whose launches from Python cost about as much host time as the GPU needs for them at a few
 thousand tokens: the GPU waits on the host. So once a layer has run with one argument signature, its next call with
 the same signature is captured into a CUDA graph, and every later call replays it: a few launches instead of ~100.
+The backward pass likewise: the layer's recompute (grad mode on) and its backward from the output gradients are one
+graph, whose replay leaves the gradients of the inputs and of the parameters in static buffers; the parameter
+gradients are then accumulated into ``.grad`` the way AccumulateGrad does (so not under ``torch.distributed``, whose
+reducer hooks on AccumulateGrad, nor for parameters with gradient hooks). The autograd graph of the capture must
+reach no trainable tensor but the layer's own parameters and inputs.
 
 - The graphs of all layers with one signature (tensor shapes / dtypes, the non-tensor arguments) share one memory
   pool (one layer's temporaries, since the layers run one after the other), one set of static input buffers and one
@@ -234,6 +240,24 @@ def _capture(sig: _Signature, layer, call, tensors: list, state: tuple) -> _Grap
     return _Graph(layer, state, graph, (), _outside_buffers())
 
 
+def _remember(key, value) -> None:
+    """Note a layer's first (eager) run with a signature: the next one is captured."""
+    _seen[key] = value
+    _seen.move_to_end(key)
+    while len(_seen) > MAX_SEEN:
+        _seen.popitem(last=False)
+
+
+def _failed_capture(key, graphs: dict, layer, what: str, e: Exception) -> None:
+    """A capture failed: the layer runs this pass eagerly from now on (warned once per process)."""
+    _failed.add(key)
+    graphs.pop(id(layer), None)  # a graph of an earlier state, stale
+    if not _warned[0]:
+        _warned[0] = True
+        logger.warning("sloth: CUDA graph capture of the %s of %s failed (%s: %s); it runs eagerly", what,
+                       type(layer).__name__, type(e).__name__, e)
+
+
 def _small_cuda(hidden) -> bool:
     return isinstance(hidden, torch.Tensor) and hidden.is_cuda and hidden.dim() >= 2 and \
         hidden.numel() <= MAX_TOKENS * hidden.shape[-1]
@@ -271,13 +295,9 @@ def graphed_call(function: Callable, args: tuple):
     if seen is None or seen[0] != state:  # first run of this layer with this signature: eager
         out = function(*args)
         try:
-            _seen[key] = (state, _out_meta(out))
+            _remember(key, (state, _out_meta(out)))
         except NotGraphable:
             _failed.add(key)
-            return out
-        _seen.move_to_end(key)
-        while len(_seen) > MAX_SEEN:
-            _seen.popitem(last=False)
         return out
     if sig is None:
         sig = _signatures[sig_key] = _Signature(tensors, *seen[1])
@@ -286,12 +306,7 @@ def graphed_call(function: Callable, args: tuple):
     try:
         g = _capture(sig, layer, call, tensors, state)
     except Exception as e:  # noqa: BLE001 - any failure: this layer runs eagerly from now on
-        _failed.add(key)
-        sig.graphs.pop(id(layer), None)
-        if not _warned[0]:
-            _warned[0] = True
-            logger.warning("sloth: CUDA graph capture of %s failed (%s: %s); it runs eagerly",
-                           type(layer).__name__, type(e).__name__, e)
+        _failed_capture(key, sig.graphs, layer, "forward", e)
         return function(*args)
     sig.graphs[id(layer)] = g
     sig.load(tensors)
@@ -423,21 +438,14 @@ def graphed_backward(function: Callable, args: list, needs: tuple, grad_outputs:
         return None
     seen = _seen.get(key)
     if seen is None or seen[0] != state:  # first backward of this layer with this signature: eager
-        _seen[key] = (state, None)
-        while len(_seen) > MAX_SEEN:
-            _seen.popitem(last=False)
+        _remember(key, (state, None))
         return None
     if bset is None:
         bset = sig.backward[bkey] = _BackwardSet([g for g in grad_outputs if g is not None])
     try:
         g = _capture_backward(sig, bset, layer, call, tensors, grad_outputs, need_idx, recompute, state)
     except Exception as e:  # noqa: BLE001 - any failure: this layer's backward runs eagerly from now on
-        _failed.add(key)
-        bset.graphs.pop(id(layer), None)
-        if not _warned[0]:
-            _warned[0] = True
-            logger.warning("sloth: CUDA graph capture of the backward of %s failed (%s: %s); it runs eagerly",
-                           type(layer).__name__, type(e).__name__, e)
+        _failed_capture(key, bset.graphs, layer, "backward", e)
         return None
     bset.graphs[id(layer)] = g
     _trim[0] = True
