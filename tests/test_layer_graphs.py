@@ -127,35 +127,72 @@ def _steps(model, batches, lr=1e-2):
     return torch.stack(losses), grads
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graphed_steps_equal_eager(family, dtype, monkeypatch):
-    """Six optimizer steps (forward and recompute + backward graphs) equal those without (same kernels; fp32 within 1e-5 relative, where
-    cuBLAS may pick another algorithm under capture; bf16 within 2e-2, a few roundings of 2^-8); the graphs are
-    really replayed (one per layer and length, captured at the second micro-batch); a batch of another length, then
-    the first one again."""
+def check_graphed_steps_equal_eager(family, device, dtype, tol, monkeypatch):
+    """Seven optimizer steps with layer graphs (forward, and recompute + backward) against the same without: batches
+    of one length, then two of another (a second signature), then the first again; the graphs must really be
+    captured and replayed (forward: from the second micro-batch of a length; backward: from the third)."""
     lg.clear()
-    base = lora_model(family).to("cuda", dtype)
-    ids, mask, labels = (t.cuda() for t in make_batch())
-    short = tuple(t[:, :-3] for t in (ids, mask, labels))
-    batches = [(ids, mask, labels)] * 3 + [short, (ids, mask, labels), (ids, mask, labels)]
+    base = lora_model(family).to(device, dtype)
+    full = tuple(t.to(device) for t in make_batch())
+    short = tuple(t[:, :-3] for t in full)
+    batches = [full] * 3 + [short] * 2 + [full] * 2
     runs = {}
     for enabled in (False, True):
         monkeypatch.setattr(lg, "ENABLED", enabled)
         model = copy.deepcopy(base)
         runs[enabled] = _steps(model, batches)
-        if enabled:  # two signatures (two lengths), each captured at its second micro-batch
-            assert lg.graph_count() == 2 * model.config.num_hidden_layers
-            assert lg.graph_count(backward=True) == 2 * model.config.num_hidden_layers
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
+        layers = model.config.num_hidden_layers
+        assert lg.graph_count() == (2 * layers if enabled else 0)
+        assert lg.graph_count(backward=True) == (2 * layers if enabled else 0)
+    lg.clear()
     (l0, g0), (l1, g1) = runs[False], runs[True]
     torch.testing.assert_close(l1, l0, rtol=tol, atol=tol)
     for a, b in zip(g1, g0):
         assert a.keys() == b.keys()
         for n in a:
             torch.testing.assert_close(a[n], b[n], rtol=tol, atol=tol * b[n].abs().max().item(), msg=n)
+
+
+class _ReplayedWork:
+    """A CUDA graph's stand-in on the CPU: ``replay()`` runs the captured work again on the same static buffers."""
+
+    replays = 0
+
+    def __init__(self, work):
+        self.work = work
+
+    def replay(self):
+        _ReplayedWork.replays += 1
+        self.work()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_graph_bookkeeping_on_cpu(family, monkeypatch):
+    """The bookkeeping around the graphs (static inputs and outputs, shared per signature; gradients of inputs and
+    parameters out of the backward graph, accumulated into .grad across micro-batches; capture on the second and
+    third sighting) with the graph replaced by a re-run of the captured work on the CPU: exactly the eager result."""
+    monkeypatch.setattr(lg, "_small_cuda", lambda h: isinstance(h, torch.Tensor) and h.dim() >= 2)
+
+    def record(sig, work):
+        work()
+        return _ReplayedWork(work)
+
+    monkeypatch.setattr(lg, "_record", record)
+    _ReplayedWork.replays = 0
+    check_graphed_steps_equal_eager(family, "cpu", torch.float32, 0.0, monkeypatch)
+    # per layer, forward: 5 (first length) + 3 (second) + 4 (first again); backward: 4 + 2 + 4 (micro-batches after
+    # the capture at the second / third sighting, two per step)
+    assert _ReplayedWork.replays == 2 * (12 + 10)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graphed_steps_equal_eager(family, dtype, monkeypatch):
+    """On the GPU: the same kernels, so fp32 within 1e-5 relative (cuBLAS may pick another algorithm under
+    capture), bf16 within 2e-2 (a few roundings of 2^-8)."""
+    check_graphed_steps_equal_eager(family, "cuda", dtype, 1e-5 if dtype == torch.float32 else 2e-2, monkeypatch)
 
 
 @pytest.mark.cuda

@@ -35,7 +35,6 @@ reach no trainable tensor but the layer's own parameters and inputs.
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import os
 import weakref
@@ -169,7 +168,7 @@ class _Signature:
         self.inputs = [torch.empty_like(t) for t in tensors]  # static inputs
         self.out_template, self.out_signature = out_template, out_signature
         self.outputs = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in out_meta]
-        self.pool = torch.cuda.graph_pool_handle()  # forward and backward graphs: they never run at once
+        self.pool = None  # of the forward and backward graphs (they never run at once), made at the first capture
         self.graphs: dict = {}  # id(layer) -> _Graph
         self.backward: dict = {}  # (needs, grad-output signature, autocast) -> _BackwardSet
 
@@ -197,24 +196,27 @@ def _out_meta(out):
     return template, signature, [(tuple(t.shape), t.dtype, t.device) for t in tensors]
 
 
-@contextlib.contextmanager
-def _capturing(graph: "torch.cuda.CUDAGraph", sig: _Signature):
-    """Capture ``graph`` into ``sig``'s pool on a side stream that first waits for the work queued so far."""
+def _record(sig: _Signature, work: Callable[[], None]):
+    """A CUDA graph of ``work()`` (run once, captured) in ``sig``'s pool, on a side stream that first waits for the
+    work queued so far; its ``replay()`` redoes that work on the current stream."""
     device = sig.inputs[0].device
-    if not sig.graphs and not any(b.graphs for b in sig.backward.values()):
+    if sig.pool is None:
         torch.cuda.empty_cache()  # the first capture of a signature: the eager run's cached blocks go back first
+        sig.pool = torch.cuda.graph_pool_handle()
     stream = _capture_streams.get(device.index)
     if stream is None:
         stream = _capture_streams[device.index] = torch.cuda.Stream(device=device)
+    graph = torch.cuda.CUDAGraph()
     current = torch.cuda.current_stream(device)
     stream.wait_stream(current)
     with torch.cuda.stream(stream):
         graph.capture_begin(pool=sig.pool, capture_error_mode="thread_local")
         try:
-            yield
+            work()
         finally:
             graph.capture_end()
     current.wait_stream(stream)
+    return graph
 
 
 def _outside_buffers() -> list:
@@ -228,16 +230,15 @@ def _capture(sig: _Signature, layer, call, tensors: list, state: tuple) -> _Grap
     func, template = call
     sig.load(tensors)
     pargs, kwargs, args = _fill(template, sig.inputs)
-    graph = torch.cuda.CUDAGraph()
-    with _capturing(graph, sig):
-        out = func(*pargs, *args, **kwargs)
+
+    def work():
         outs: list = []
-        if _split(out, outs)[1] != sig.out_signature:
+        if _split(func(*pargs, *args, **kwargs), outs)[1] != sig.out_signature:
             raise NotGraphable("outputs differ from those of the eager run")
         for dst, src in zip(sig.outputs, outs):
             dst.copy_(src)
-        del out, outs
-    return _Graph(layer, state, graph, (), _outside_buffers())
+
+    return _Graph(layer, state, _record(sig, work), (), _outside_buffers())
 
 
 def _remember(key, value) -> None:
@@ -259,14 +260,20 @@ def _failed_capture(key, graphs: dict, layer, what: str, e: Exception) -> None:
 
 
 def _small_cuda(hidden) -> bool:
+    """Whether a layer with this hidden-state argument is graphed at all: on CUDA, at most MAX_TOKENS rows."""
     return isinstance(hidden, torch.Tensor) and hidden.is_cuda and hidden.dim() >= 2 and \
         hidden.numel() <= MAX_TOKENS * hidden.shape[-1]
+
+
+def _capturing_now(t: torch.Tensor) -> bool:
+    """Whether a CUDA graph capture is in progress on the current stream (a layer inside another graph)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def graphed_call(function: Callable, args: tuple):
     """``function(*args)`` (a checkpointed layer's forward, called under no_grad), replayed from a CUDA graph where
     possible (see the module docstring)."""
-    if not ENABLED or not args or not _small_cuda(args[0]) or torch.cuda.is_current_stream_capturing():
+    if not ENABLED or not args or not _small_cuda(args[0]) or _capturing_now(args[0]):
         return function(*args)
     try:
         layer, call, tensors, sig_key = _layer_call(function, args)
@@ -353,8 +360,9 @@ def _capture_backward(sig: _Signature, bset: _BackwardSet, layer, call, tensors:
     pargs, kwargs, args = _fill(template, sig.inputs)
     it = iter(bset.grad_inputs)
     static_grads = [None if g is None else next(it) for g in grad_outputs]
-    graph = torch.cuda.CUDAGraph()
-    with _capturing(graph, sig):
+    found: dict = {}
+
+    def work():
         with recompute():
             out = func(*pargs, *args, **kwargs)
         outs = out if isinstance(out, tuple) else (out,)
@@ -378,8 +386,10 @@ def _capture_backward(sig: _Signature, bset: _BackwardSet, layer, call, tensors:
         for o, g in zip(bset.outputs, grads):
             if g is not None:
                 o.copy_(g)
-        del out, outs, pairs, roots, grads
-    return _Graph(layer, state, graph, params, _outside_buffers())
+        found["params"] = params
+
+    graph = _record(sig, work)
+    return _Graph(layer, state, graph, found["params"], _outside_buffers())
 
 
 def _run_backward(sig: _Signature, bset: _BackwardSet, g: _Graph, tensors: list, grad_outputs: tuple,
@@ -407,7 +417,7 @@ def graphed_backward(function: Callable, args: list, needs: tuple, grad_outputs:
     gradients of ``args`` (those with ``needs``) are returned. None: the caller runs the backward eagerly (the first
     backward of a layer with a signature, a layer that cannot be graphed, a distributed run whose gradient hooks
     must fire). The layer's forward graph must exist (its static buffers and pool are shared)."""
-    if not ENABLED or torch.cuda.is_current_stream_capturing() or \
+    if not ENABLED or not args or not _small_cuda(args[0]) or _capturing_now(args[0]) or \
             (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return None
     try:

@@ -202,7 +202,7 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
         ctx.run, ctx.hidden_index = run, hidden_index
         ctx.state = _State(hidden.device)
         with torch.no_grad():
-            outputs = graphed_call(run, args) if _offloads(hidden) else run(*args)
+            outputs = graphed_call(run, args)
         ctx.layout = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]  # positions of tensor args
         ctx.others = [None if isinstance(a, torch.Tensor) else a for a in args]
         ctx.host_copy = None
@@ -218,8 +218,7 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grad_outputs):
         saved = list(ctx.saved_tensors)
-        offloaded = ctx.host_copy is not None
-        if offloaded:
+        if ctx.host_copy is not None:
             saved[ctx.layout.index(ctx.hidden_index)] = ctx.host_copy.fetch()
             prev = ctx.host_copy.previous()
             if prev is not None:
@@ -230,8 +229,7 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
         for i, t in zip(ctx.layout, saved):
             d = t.detach()
             args[i] = d.requires_grad_(needs[i]) if d.is_floating_point() or d.is_complex() else d
-        grads = graphed_backward(ctx.run, args, needs, grad_outputs, ctx.state.recompute,
-                                 tuple(ctx.state.autocast)) if offloaded else None
+        grads = graphed_backward(ctx.run, args, needs, grad_outputs, ctx.state.recompute, tuple(ctx.state.autocast))
         if grads is None:
             outputs = ctx.state.replay(ctx.run, args)
             outs = outputs if isinstance(outputs, tuple) else (outputs,)
