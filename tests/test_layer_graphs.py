@@ -156,33 +156,63 @@ def check_graphed_steps_equal_eager(family, device, dtype, tol, monkeypatch):
 class _ReplayedWork:
     """A CUDA graph's stand-in on the CPU: ``replay()`` runs the captured work again on the same static buffers."""
 
-    replays = 0
-
-    def __init__(self, work):
-        self.work = work
+    def __init__(self, work, counts):
+        self.work, self.counts = work, counts
 
     def replay(self):
-        _ReplayedWork.replays += 1
+        self.counts["replays"] += 1
         self.work()
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_graph_bookkeeping_on_cpu(family, monkeypatch):
-    """The bookkeeping around the graphs (static inputs and outputs, shared per signature; gradients of inputs and
-    parameters out of the backward graph, accumulated into .grad across micro-batches; capture on the second and
-    third sighting) with the graph replaced by a re-run of the captured work on the CPU: exactly the eager result."""
+@pytest.fixture
+def cpu_graphs(monkeypatch):
+    """Layer graphs on the CPU, each graph replaced by a re-run of its captured work: {"captures", "replays"}."""
+    counts = {"captures": 0, "replays": 0}
     monkeypatch.setattr(lg, "_small_cuda", lambda h: isinstance(h, torch.Tensor) and h.dim() >= 2)
 
     def record(sig, work):
+        counts["captures"] += 1
         work()
-        return _ReplayedWork(work)
+        return _ReplayedWork(work, counts)
 
     monkeypatch.setattr(lg, "_record", record)
-    _ReplayedWork.replays = 0
+    yield counts
+    lg.clear()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_graph_bookkeeping_on_cpu(family, cpu_graphs, monkeypatch):
+    """The bookkeeping around the graphs (static inputs and outputs, shared per signature; gradients of inputs and
+    parameters out of the backward graph, accumulated into .grad across micro-batches; capture on the second and
+    third sighting) with the graph replaced by a re-run of the captured work on the CPU: exactly the eager result."""
     check_graphed_steps_equal_eager(family, "cpu", torch.float32, 0.0, monkeypatch)
     # per layer, forward: 5 (first length) + 3 (second) + 4 (first again); backward: 4 + 2 + 4 (micro-batches after
     # the capture at the second / third sighting, two per step)
-    assert _ReplayedWork.replays == 2 * (12 + 10)
+    assert cpu_graphs["replays"] == 2 * (12 + 10)
+    assert cpu_graphs["captures"] == 2 * 2 * 2  # 2 layers x (forward, backward) x 2 lengths
+
+
+def test_recurring_shapes_stop_new_captures(cpu_graphs):
+    """More recurring batch shapes than signatures kept: after MAX_EVICTIONS drops no new shape is captured (no
+    recapture every step), the shapes kept still replay, and the losses stay the eager ones."""
+    lg.clear()
+    model = lora_model()
+    eager = copy.deepcopy(model)
+    full = make_batch()
+    lengths = [full[0].shape[1] - k for k in range(4)]  # 4 shapes in turn, 2 kept at a time
+    batches = [tuple(t[:, :n] for t in full) for n in lengths] * 4
+    got = _steps(model, batches)[0]
+    captures = cpu_graphs["captures"]
+    assert 0 < captures <= 2 * 2 * (lg.MAX_SIGNATURES + lg.MAX_EVICTIONS)
+    assert lg._evictions[0] > lg.MAX_EVICTIONS  # the cap was reached (and reported once)
+    _steps(model, batches[:4])
+    assert cpu_graphs["captures"] == captures  # nothing new is captured any more
+    lg.ENABLED = False
+    try:
+        want = _steps(eager, batches)[0]
+    finally:
+        lg.ENABLED = True
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.cuda

@@ -27,7 +27,9 @@ reach no trainable tensor but the layer's own parameters and inputs.
   then on, and the first such failure is reported with one warning.
 - Only up to :data:`MAX_TOKENS` tokens: at long context the GPU time of a layer dwarfs its launch overhead.
 - At most :data:`MAX_SIGNATURES` signatures keep graphs (least recently used dropped, its pool freed): a
-  batch shape that never repeats is never captured; each new shape first runs eagerly once per layer.
+  batch shape that never repeats is never captured; each new shape first runs eagerly once per layer. After
+  :data:`MAX_EVICTIONS` signatures were dropped (more shapes recur than are kept, e.g. batches padded to their
+  longest example), no new signature is captured: recapturing every few steps would cost more than it saves.
 
 ``SLOTH_CUDA_GRAPHS=0`` (read at import) turns this off; :func:`clear` drops every graph and its memory.
 """
@@ -50,6 +52,8 @@ ENABLED = os.environ.get("SLOTH_CUDA_GRAPHS", "1") != "0"
 MAX_TOKENS = 16384
 #: signatures whose graphs are kept at once (each holds one pool of one layer's temporaries + static buffers)
 MAX_SIGNATURES = 2
+#: signatures dropped for others before no new one is captured
+MAX_EVICTIONS = 4
 #: eager first runs remembered (layer, signature, state); a second run of one of them is captured
 MAX_SEEN = 512
 
@@ -185,6 +189,7 @@ _signatures: "collections.OrderedDict[Any, _Signature]" = collections.OrderedDic
 _seen: "collections.OrderedDict[Any, tuple]" = collections.OrderedDict()  # (signature, id(layer)) -> (state, outputs)
 _failed: set = set()  # (signature, id(layer)) whose capture failed
 _warned = [False]
+_evictions = [0]  # signatures dropped for others
 _trim = [False]  # a backward graph was captured since the last forward replay: release unused cached memory
 _capture_streams: dict = {}
 
@@ -307,9 +312,16 @@ def graphed_call(function: Callable, args: tuple):
             _failed.add(key)
         return out
     if sig is None:
+        if _evictions[0] >= MAX_EVICTIONS:
+            if _evictions[0] == MAX_EVICTIONS:
+                _evictions[0] += 1
+                logger.info("sloth: more batch shapes recur than %d; layer graphs are kept only for the shapes "
+                            "already captured", MAX_SIGNATURES)
+            return function(*args)
         sig = _signatures[sig_key] = _Signature(tensors, *seen[1])
         while len(_signatures) > MAX_SIGNATURES:
             _signatures.popitem(last=False)
+            _evictions[0] += 1
     try:
         g = _capture(sig, layer, call, tensors, state)
     except Exception as e:  # noqa: BLE001 - any failure: this layer runs eagerly from now on
@@ -467,6 +479,7 @@ def clear() -> None:
     _signatures.clear()
     _seen.clear()
     _failed.clear()
+    _evictions[0] = 0
 
 
 def graph_count(backward: bool = False) -> int:
