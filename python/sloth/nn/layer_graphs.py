@@ -156,7 +156,7 @@ def _layer_state(layer: torch.nn.Module) -> tuple:
 
 
 class _Graph:
-    """One layer's captured forward."""
+    """One layer's captured forward, or its recompute + backward."""
 
     __slots__ = ("layer", "state", "graph", "params", "keep")
 

@@ -4,13 +4,14 @@ host memory, and the layer is recomputed in the backward pass.
 ``offloaded_checkpoint(function, *args)`` has the calling convention of ``torch.utils.checkpoint.checkpoint`` as
 Transformers uses it (``GradientCheckpointingLayer`` calls ``func(partial(forward, layer, **kwargs), *args)``):
 
-- forward: ``function(*args)`` runs without building a graph, on CUDA replayed from a CUDA graph of the layer
-  once it has run with the same argument shapes (:mod:`sloth.nn.layer_graphs`). The hidden state (the first tensor of ``args``) is
-  copied to pinned host memory on a side CUDA stream, so the copy overlaps the layers that follow; its device memory
-  is released as soon as the copy is done. The RNG states (CPU and the hidden state's GPU) and the autocast state are
-  recorded, so the recompute draws the same dropout masks and runs in the same precision.
+- forward: ``function(*args)`` runs without building a graph (on CUDA replayed from a CUDA graph of the layer once
+  it has run with the same argument shapes, :mod:`sloth.nn.layer_graphs`). The hidden state (the first tensor of
+  ``args``) is copied to pinned host memory on a side CUDA stream, so the copy overlaps the layers that follow;
+  its device memory is released as soon as the copy is done. The RNG states (CPU and the hidden state's GPU) and
+  the autocast state are recorded, so the recompute draws the same dropout masks and runs in the same precision.
 - backward: the hidden state comes back to the GPU (its copy was started by the backward of the next layer, see
-  below), the layer is recomputed with autograd on, and backpropagated; before recomputing, the host-to-device copy
+  below), the layer is recomputed with autograd on, and backpropagated (on CUDA both from one CUDA graph of the
+  layer once it has been through a backward with the same shapes); before recomputing, the host-to-device copy
   of the input of the layer before it (the previous offloaded checkpoint in forward order) is started on the side
   stream, so it hides behind this layer's recompute and backward. At most two hidden states are on the GPU at a time.
 - off CUDA (CPU, other devices) nothing is copied: the hidden state is kept where it is (plain checkpointing).
