@@ -125,7 +125,7 @@ def build_qlora(name, device: str, dtype: torch.dtype, rank: int, alpha: int, **
 def apply_side(pm, side: str) -> None:
     """Put ``pm`` on ``side``: ``hf`` (unpatched, Transformers' checkpointing), ``sloth`` (``sloth.patch``,
     Transformers' checkpointing), ``sloth-offload`` (``sloth.patch``, offloaded checkpointing) or
-    ``sloth-offload-eager`` (the same without CUDA graphs of the layers' no-grad forwards, for A/B)."""
+    ``sloth-offload-eager`` (the same without the layers' CUDA graphs, for A/B)."""
     import sloth
     from sloth.nn import layer_graphs
 
@@ -228,7 +228,7 @@ def main(argv=None):
     ap.add_argument("--sides", default="hf,sloth,sloth-offload",
                     help="comma-separated: hf (unpatched), sloth (patched, Transformers' checkpointing), "
                          "sloth-offload (patched, use_gradient_checkpointing='sloth'), sloth-offload-eager (the same "
-                         "without CUDA graphs of the layers' no-grad forwards)")
+                         "without the layers' CUDA graphs)")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
                     help="after each side's timed steps, profile one more step and print its ROWS costliest ops")
