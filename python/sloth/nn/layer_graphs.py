@@ -186,8 +186,8 @@ class _Signature:
 
 
 _signatures: "collections.OrderedDict[Any, _Signature]" = collections.OrderedDict()
-_seen: "collections.OrderedDict[Any, tuple]" = collections.OrderedDict()  # (signature, id(layer)) -> (state, outputs)
-_failed: set = set()  # (signature, id(layer)) whose capture failed
+_seen: "collections.OrderedDict[Any, tuple]" = collections.OrderedDict()  # forward / backward key -> (state, outputs)
+_failed: set = set()  # forward / backward keys whose capture failed
 _warned = [False]
 _evictions = [0]  # signatures dropped for others
 _trim = [False]  # a backward graph was captured since the last forward replay: release unused cached memory
@@ -340,11 +340,19 @@ class _BackwardSet:
     def __init__(self, grads: list):
         self.grad_inputs = [torch.empty_like(g) for g in grads]  # static gradients of the layer's outputs
         self.outputs: Optional[list] = None  # static gradients of the inputs, then of the parameters (in the pool)
-        self.graphs: dict = {}  # id(layer) -> _Graph (keep: the parameters, in the order of outputs)
+        self.graphs: dict = {}  # id(layer) -> _Graph (params: in the order of outputs after the inputs')
 
     def load(self, grads: list) -> None:
         for dst, src in zip(self.grad_inputs, grads):
             dst.copy_(src)
+
+
+def output_grad_pairs(outputs, grad_outputs) -> list:
+    """``[(output, its gradient)]`` of a checkpointed function's ``outputs`` (a tensor or a tuple) that take part in
+    the backward: tensors that require grad and received a gradient."""
+    outs = outputs if isinstance(outputs, tuple) else (outputs,)
+    return [(o, g) for o, g in zip(outs, grad_outputs)
+            if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
 
 
 def _leaves(roots: list) -> list:
@@ -376,10 +384,7 @@ def _capture_backward(sig: _Signature, bset: _BackwardSet, layer, call, tensors:
 
     def work():
         with recompute():
-            out = func(*pargs, *args, **kwargs)
-        outs = out if isinstance(out, tuple) else (out,)
-        pairs = [(o, g) for o, g in zip(outs, static_grads)
-                 if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
+            pairs = output_grad_pairs(func(*pargs, *args, **kwargs), static_grads)
         if not pairs:
             raise NotGraphable("no output gradient")
         roots = [o for o, _ in pairs]

@@ -34,7 +34,7 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
-from .layer_graphs import graphed_backward, graphed_call
+from .layer_graphs import graphed_backward, graphed_call, output_grad_pairs
 from .pinned_arena import arena
 
 _local = threading.local()  # .last: weakref to the most recent _HostCopy of this thread (forward order);
@@ -232,10 +232,7 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
             args[i] = d.requires_grad_(needs[i]) if d.is_floating_point() or d.is_complex() else d
         grads = graphed_backward(ctx.run, args, needs, grad_outputs, ctx.state.recompute, tuple(ctx.state.autocast))
         if grads is None:
-            outputs = ctx.state.replay(ctx.run, args)
-            outs = outputs if isinstance(outputs, tuple) else (outputs,)
-            pairs = [(o, g) for o, g in zip(outs, grad_outputs)
-                     if isinstance(o, torch.Tensor) and o.requires_grad and g is not None]
+            pairs = output_grad_pairs(ctx.state.replay(ctx.run, args), grad_outputs)
             if pairs:
                 torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
             grads = [args[i].grad if isinstance(args[i], torch.Tensor) and needs[i] else None
