@@ -204,7 +204,7 @@ def print_profile(pm, batch, device, rows: int, side: str) -> None:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     params = [p for p in pm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=0.0)
-    with profile(activities=acts) as prof:
+    with profile(activities=acts, record_shapes=True) as prof:
         pm(input_ids=batch, labels=batch).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -213,6 +213,9 @@ def print_profile(pm, batch, device, rows: int, side: str) -> None:
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     print(f"--- profile of one {side} step (by {key})")
     print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60))
+    print("--- the same step by op and input shapes")
+    print(prof.key_averages(group_by_input_shape=True).table(sort_by=key, row_limit=rows, max_name_column_width=40,
+                                                             max_shapes_column_width=70))
 
 
 def main(argv=None):

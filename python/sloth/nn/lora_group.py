@@ -13,8 +13,7 @@ from typing import Sequence
 
 import torch
 
-from .lora_linear import _forward, as_rows, prepare_args
-from .lora_mlp import LoraProj, _proj
+from .lora_linear import LoraProj, _forward, _proj, as_rows, prepare_args
 
 
 class LoraGroupFunction(torch.autograd.Function):

@@ -16,7 +16,7 @@ and y is zeros; the backward is the same.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -201,3 +201,18 @@ def _lora_linear(x, weight, lora_A, lora_B, scaling, bias, quant_state, need_out
         return x.new_zeros((*lead, out_f))
     y = LoraLinearFunction.apply(x2d, lora_A, lora_B, bias, weight_t, w, float(scaling), need_output)  # [tokens, out]
     return y.view(*lead, out_f)
+
+
+class LoraProj(NamedTuple):
+    """One projection (of an MLP, an attention): the arguments of :func:`sloth.lora_linear`."""
+
+    weight: torch.Tensor
+    lora_A: Optional[torch.Tensor] = None
+    lora_B: Optional[torch.Tensor] = None
+    scaling: float = 1.0
+    bias: Optional[torch.Tensor] = None
+    quant_state: object = None
+
+
+def _proj(x, p: LoraProj, need_output: bool = True):
+    return _lora_linear(x, p.weight, p.lora_A, p.lora_B, p.scaling, p.bias, p.quant_state, need_output)
