@@ -63,7 +63,7 @@ def test_glu_bad_inputs():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", ["swiglu", "geglu_tanh"])
-def test_lora_mlp(device, kind):
+def test_lora_mlp(device, kind, monkeypatch):
     from sloth.nn.lora_mlp import LoraProj
 
     torch.manual_seed(0)
@@ -77,7 +77,13 @@ def test_lora_mlp(device, kind):
         projs.append(LoraProj(packed, A, B, 0.5, None, qs))
         ref_parts.append((reference.lora_linear.dequantize_weight(packed, qs), A, B))
     x = torch.randn(2, 5, hid, device=device, requires_grad=True)
+    from sloth.nn import lora_group
+
+    groups = []
+    apply = lora_group.LoraGroupFunction.apply
+    monkeypatch.setattr(lora_group.LoraGroupFunction, "apply", lambda *a: groups.append(len(a)) or apply(*a))
     y = sloth.lora_mlp(x, *projs, kind=kind)
+    assert groups == [3 + 2 * 3]  # gate and up as one group: x, ws, scalings, then (A, B, bias) for each
     y.square().sum().backward()
     got = [x.grad] + [p.lora_A.grad for p in projs] + [p.lora_B.grad for p in projs]
 
