@@ -3,9 +3,10 @@
 Builds a random-weight model of the real configuration on the device (no download), quantizes every decoder
 linear layer to bitsandbytes NF4 with double quantization, adds LoRA (r = 32, alpha = 32 on q, k, v, o, gate,
 up, down) with PEFT, and times full optimizer steps (forward, backward with gradient checkpointing, AdamW on
-the LoRA weights, fused on CUDA as the Trainer's default) on the same random token batch: first unpatched, then with ``sloth.patch`` applied to the same
-model, restarted from the same LoRA initialization and optimizer state. Reports the median step time after
-warm-up, the peak memory of the steps (``torch.cuda.max_memory_allocated``) and the per-step losses of both.
+the LoRA weights, fused on CUDA as the Trainer's default) on the same random token batch: first unpatched, then
+with ``sloth.patch`` applied to the same model, restarted from the same LoRA initialization and optimizer state.
+Reports the median step time after warm-up, the peak memory of the steps (``torch.cuda.max_memory_allocated``,
+and ``max_memory_reserved``, which includes the CUDA graph pools) and the per-step losses of both.
 
     python benchmarks/e2e.py                                  # Llama-3.1-8B config, seq 2048, batch 2
     python benchmarks/e2e.py --config qwen3-8b
