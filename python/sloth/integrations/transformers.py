@@ -26,8 +26,9 @@ Supported: Llama 3, Qwen3, Mistral and Gemma 3 text models (``*ForCausalLM``), b
   its forward is wrapped so that the rotary embedding of q and k runs on :func:`sloth.rope`, in place (see
   :mod:`sloth.integrations.rope`).
 
-The attention computation stays the model's own (SDPA / eager / flash); Gemma 3's embedding scale sqrt(hidden)
-and sliding-window layers are untouched. :func:`unpatch` restores every replaced attribute exactly.
+The attention computation stays the model's own (SDPA / eager / flash), except that under offloaded
+checkpointing on CUDA the ``"sdpa"`` function saves plain causal attention's output for the recompute
+(:mod:`sloth.integrations.sdpa`); Gemma 3's embedding scale sqrt(hidden) and sliding-window layers are untouched. :func:`unpatch` restores every replaced attribute exactly.
 
 With TRL: when ``trl`` is imported, :func:`patch` also hooks TRL's fused LM head so that trainers built on the
 patched model compute their per-token log-probs with sloth's kernel (see :mod:`sloth.integrations.trl`).
@@ -216,6 +217,10 @@ def patch(model, verbose: bool = False):
         patch_peft_model(model)
         lora = _lora_descriptions(model)
     model.__dict__[_RECORD] = (record, is_peft, lora)
+    if any(cls in ATTENTIONS for cls in (type(m).__name__ for m in base.modules())):
+        from .sdpa import install as install_sdpa
+
+        install_sdpa()  # "sdpa" saves its output in offloaded checkpoints (sloth.integrations.sdpa)
     if "trl" in sys.modules:  # trainers built from now on give this model sloth's fused LM head
         from .trl import install
 

@@ -273,6 +273,12 @@ def _small_cuda(hidden) -> bool:
         hidden.numel() <= MAX_TOKENS * hidden.shape[-1]
 
 
+def may_graph(hidden) -> bool:
+    """Whether a checkpointed layer whose hidden-state argument is ``hidden`` may run from CUDA graphs (forward
+    or recompute + backward): graphs on, on CUDA, at most MAX_TOKENS rows."""
+    return ENABLED and _small_cuda(hidden)
+
+
 def _capturing_now(t: torch.Tensor) -> bool:
     """Whether a CUDA graph capture is in progress on the current stream (a layer inside another graph)."""
     return t.is_cuda and torch.cuda.is_current_stream_capturing()

@@ -28,18 +28,49 @@ position embeddings and masks Transformers passes) make the call fall back to Py
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import weakref
 from typing import Any, Callable, List, Optional
 
 import torch
 
-from .layer_graphs import graphed_backward, graphed_call, output_grad_pairs
+from . import saved_attention
+from .layer_graphs import graphed_backward, graphed_call, may_graph, output_grad_pairs
 from .pinned_arena import arena
 
 _local = threading.local()  # .last: weakref to the most recent _HostCopy of this thread (forward order);
 #                             .recomputing: inside a checkpoint's recompute (see recomputing())
 _streams: dict = {}         # cuda device index -> side stream for the offload copies
+_budget = {"used": 0}       # bytes of pinned host memory holding saved attentions
+_budget_lock = threading.Lock()
+
+
+def _host_budget() -> int:
+    """Bytes of pinned host memory saved attentions may hold at once: SLOTH_SAVE_ATTENTION_HOST_GB (GiB), else an
+    eighth of the machine's physical memory (so that at long context, where the layers' inputs alone fill the
+    host, most layers recompute their attention rather than the host running out)."""
+    env = os.environ.get("SLOTH_SAVE_ATTENTION_HOST_GB")
+    if env is not None:
+        return int(float(env) * 2**30)
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 8
+    except (ValueError, OSError, AttributeError):
+        return 4 * 2**30
+
+
+def _reserve_budget(nbytes: int) -> bool:
+    with _budget_lock:
+        if _budget["used"] + nbytes > _host_budget():
+            return False
+        _budget["used"] += nbytes
+        return True
+
+
+def _release_budget(nbytes: int) -> None:
+    if nbytes:
+        with _budget_lock:
+            _budget["used"] -= nbytes
 
 
 def _side_stream(device: torch.device) -> "torch.cuda.Stream":
@@ -50,42 +81,49 @@ def _side_stream(device: torch.device) -> "torch.cuda.Stream":
 
 
 class _HostCopy:
-    """A CUDA tensor's copy in pinned host memory, made on the side stream; :meth:`prefetch` starts the copy back,
-    :meth:`fetch` returns the tensor on the GPU, ready on the current stream (once: the host copy is then freed)."""
+    """Copies of CUDA tensors in pinned host memory, made on the side stream; :meth:`prefetch` starts the copies
+    back, :meth:`fetch` returns the tensors on the GPU, ready on the current stream (once: the host copies are then
+    freed). ``budget_bytes`` of them count against the host budget of saved attentions (released with them)."""
 
-    __slots__ = ("host", "device", "prev", "_gpu", "_ready", "_arena", "_slot", "__weakref__")
+    __slots__ = ("host", "device", "prev", "budget_bytes", "_gpu", "_ready", "_arena", "_slots", "__weakref__")
 
-    def __init__(self, t: torch.Tensor, prev: Optional["_HostCopy"]):
-        self.device = t.device
+    def __init__(self, tensors: List[torch.Tensor], prev: Optional["_HostCopy"], budget_bytes: int = 0):
+        self.device = tensors[0].device
         self.prev = weakref.ref(prev) if prev is not None else None
+        self.budget_bytes = budget_bytes
         self._gpu = self._ready = None
-        stream = _side_stream(t.device)
-        stream.wait_stream(torch.cuda.current_stream(t.device))  # t is written by work queued on the compute stream
+        stream = _side_stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))  # written by work queued on the compute stream
         self._arena = arena()  # None: torch's pinned allocator
-        if self._arena is not None:
-            self.host, self._slot = self._arena.alloc(t.shape, t.dtype)
-        else:
-            self.host, self._slot = torch.empty(t.shape, dtype=t.dtype, pin_memory=True), None
-        with torch.cuda.stream(stream):
-            self.host.copy_(t, non_blocking=True)
-        t.record_stream(stream)  # t's memory is not handed out again before the copy has read it
+        self.host, self._slots = [], []
+        for t in tensors:
+            if self._arena is not None:
+                h, slot = self._arena.alloc(t.shape, t.dtype)
+            else:
+                h, slot = torch.empty(t.shape, dtype=t.dtype, pin_memory=True), None
+            self.host.append(h)
+            self._slots.append(slot)
+            with torch.cuda.stream(stream):
+                h.copy_(t, non_blocking=True)
+            t.record_stream(stream)  # t's memory is not handed out again before the copy has read it
 
     def prefetch(self) -> None:
         if self._gpu is not None or self.host is None:
             return
         stream = _side_stream(self.device)
         with torch.cuda.device(self.device):
-            # allocated on the compute stream, where it is used and freed; the side stream first waits for the
-            # compute stream, so the block's previous users are done before the copy overwrites it
-            gpu = torch.empty(self.host.shape, dtype=self.host.dtype, device=self.device)
+            # allocated on the compute stream, where they are used and freed; the side stream first waits for the
+            # compute stream, so the blocks' previous users are done before the copies overwrite them
+            gpu = [torch.empty(h.shape, dtype=h.dtype, device=self.device) for h in self.host]
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
-                gpu.copy_(self.host, non_blocking=True)
+                for g, h in zip(gpu, self.host):
+                    g.copy_(h, non_blocking=True)
                 ready = torch.cuda.Event()
                 ready.record(stream)
         self._gpu, self._ready = gpu, ready
 
-    def fetch(self) -> torch.Tensor:
+    def fetch(self) -> List[torch.Tensor]:
         if self.host is None and self._gpu is None:
             raise RuntimeError("sloth: offloaded checkpoint: the saved hidden state was already used; backward "
                                "through a checkpointed layer twice needs retain_graph, which this checkpoint does "
@@ -98,15 +136,19 @@ class _HostCopy:
         return gpu
 
     def _release(self) -> None:
-        # The pinned block returns to torch's host cache after the copy; an arena slot is reused only by a later
+        # The pinned blocks return to torch's host cache after the copies; an arena slot is reused only by a later
         # offload, whose copy runs on the same side stream, after this one's.
         self.host = None
-        if self._arena is not None and self._slot is not None:
-            self._arena.free(self._slot)
-        self._slot = None
+        if self._arena is not None:
+            for slot in reversed(self._slots):
+                if slot is not None:
+                    self._arena.free(slot)
+        self._slots = []
+        _release_budget(self.budget_bytes)
+        self.budget_bytes = 0
 
     def __del__(self):  # a checkpoint whose backward never ran (its graph freed)
-        if getattr(self, "_slot", None) is not None:
+        if getattr(self, "host", None) is not None:
             self._release()
 
     def previous(self) -> Optional["_HostCopy"]:
@@ -202,15 +244,24 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
         hidden = args[hidden_index]
         ctx.run, ctx.hidden_index = run, hidden_index
         ctx.state = _State(hidden.device)
-        with torch.no_grad():
+        # attention outputs are saved where the layer is neither replayed nor recomputed from a CUDA graph
+        collect = [] if _offloads(hidden) and saved_attention.enabled() and not may_graph(hidden) else None
+        with torch.no_grad(), saved_attention.collecting(collect):
             outputs = graphed_call(run, args)
         ctx.layout = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]  # positions of tensor args
         ctx.others = [None if isinstance(a, torch.Tensor) else a for a in args]
-        ctx.host_copy = None
+        ctx.host_copy, ctx.attention = None, []
         if _offloads(hidden):
+            extras = [t for item in collect or () for t in item.tensors()]
+            nbytes = sum(t.numel() * t.element_size() for t in extras)
+            if not extras or not _reserve_budget(nbytes):
+                extras, nbytes = [], 0
+            ctx.attention = collect if extras else []  # their O / LSE travel with the hidden state
             last = getattr(_local, "last", None)
-            ctx.host_copy = _HostCopy(hidden.detach(), last() if last is not None else None)
+            ctx.host_copy = _HostCopy([hidden.detach(), *extras], last() if last is not None else None, nbytes)
             _local.last = weakref.ref(ctx.host_copy)
+            for item in ctx.attention:  # the GPU copies are freed once copied (the host copy recorded the stream)
+                item.out = item.lse = None
             ctx.save_for_backward(*[a if i != hidden_index else None for i, a in enumerate(args) if i in ctx.layout])
         else:
             ctx.save_for_backward(*[args[i] for i in ctx.layout])
@@ -219,20 +270,25 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grad_outputs):
         saved = list(ctx.saved_tensors)
+        attention = []
         if ctx.host_copy is not None:
-            saved[ctx.layout.index(ctx.hidden_index)] = ctx.host_copy.fetch()
+            fetched = ctx.host_copy.fetch()
+            saved[ctx.layout.index(ctx.hidden_index)] = fetched[0]
+            attention = [item.with_tensors(fetched[1 + 2 * i:3 + 2 * i]) for i, item in enumerate(ctx.attention)]
             prev = ctx.host_copy.previous()
             if prev is not None:
                 prev.prefetch()  # the input of the layer before this one: copied while this one recomputes
-            ctx.host_copy = None
+            ctx.host_copy, ctx.attention = None, []
         needs = ctx.needs_input_grad[3:]
         args = list(ctx.others)
         for i, t in zip(ctx.layout, saved):
             d = t.detach()
             args[i] = d.requires_grad_(needs[i]) if d.is_floating_point() or d.is_complex() else d
-        grads = graphed_backward(ctx.run, args, needs, grad_outputs, ctx.state.recompute, tuple(ctx.state.autocast))
+        grads = None if attention else \
+            graphed_backward(ctx.run, args, needs, grad_outputs, ctx.state.recompute, tuple(ctx.state.autocast))
         if grads is None:
-            pairs = output_grad_pairs(ctx.state.replay(ctx.run, args), grad_outputs)
+            with saved_attention.replaying(attention):
+                pairs = output_grad_pairs(ctx.state.replay(ctx.run, args), grad_outputs)
             if pairs:
                 torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
             grads = [args[i].grad if isinstance(args[i], torch.Tensor) and needs[i] else None

@@ -1,0 +1,171 @@
+"""Causal attention whose output is kept by an offloaded checkpoint, so that its recompute skips the attention.
+
+Under ``use_gradient_checkpointing="sloth"`` the backward pass recomputes each decoder layer before
+backpropagating through it. The recompute needs the attention's output O (the o_proj input), and the attention
+backward needs O and the softmax's log-sum-exp (LSE); both are what the forward computed. At long sequences the
+attention forward is the costliest part of the recompute that does not scale with the weights (about 1.2 ms per
+layer at 8192 tokens on an H100, 37 ms of a Llama-3.1-8B step). So, on CUDA, where a layer is not replayed from a
+CUDA graph (more than :data:`sloth.nn.layer_graphs.MAX_TOKENS` tokens):
+
+- forward (no grad, inside :class:`~sloth.nn.offload_checkpoint.OffloadedCheckpointFunction`): inside
+  :func:`collecting`, :func:`causal_attention` runs cuDNN's fused attention (the kernel SDPA picks on sm_90),
+  asking it for the LSE as well, and hands ``(O, LSE)`` to the checkpoint, which copies them to pinned host memory
+  with the layer's input (:mod:`sloth.nn.offload_checkpoint`);
+- backward: the checkpoint brings them back with the layer's input; inside :func:`replaying`, the recompute's
+  attention returns the saved O, under an autograd node whose backward is cuDNN's attention backward on the
+  recomputed q, k, v with the saved O and LSE (what SDPA's own backward computes, from the same kernel).
+
+Only plain causal self-attention takes this path: no mask tensor (a padded batch brings one), no dropout, no
+softcapping or position bias, bf16 / fp16, equal q / k / v head dims of at most 256, query heads a multiple of
+the key heads; anything else returns None and the caller runs the model's own attention. The path uses torch's
+private ``aten::_scaled_dot_product_cudnn_attention`` (and its backward): if the installed torch rejects it, one
+warning is logged and the model's own attention runs from then on. Opt-in for now: ``SLOTH_SAVE_ATTENTION=1``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import threading
+from typing import List, Optional
+
+import torch
+
+logger = logging.getLogger("sloth")
+
+ENABLED = os.environ.get("SLOTH_SAVE_ATTENTION", "0") == "1"
+_broken: List[str] = []  # the first failure of the private ops (the path is then off)
+_local = threading.local()  # .collect: list receiving SavedAttention items (forward); .replay: list to consume
+
+
+class SavedAttention:
+    """One attention call's saved results: ``out [B, Hq, T, D]`` (memory laid out [B, T, Hq, D]), ``lse`` (fp32,
+    per query row and head) and the opaque rest of the cuDNN forward's results its backward takes back."""
+
+    __slots__ = ("out", "lse", "aux", "scale")
+
+    def __init__(self, out: torch.Tensor, lse: torch.Tensor, aux: tuple, scale: float):
+        self.out, self.lse, self.aux, self.scale = out, lse, aux, scale
+
+    def tensors(self) -> List[torch.Tensor]:
+        """The two tensors worth offloading, as contiguous tensors: O as [B, T, Hq, D], LSE."""
+        return [self.out.transpose(1, 2), self.lse]
+
+    def with_tensors(self, tensors: List[torch.Tensor]) -> "SavedAttention":
+        """This item with O and LSE replaced by ``tensors`` (as :meth:`tensors` gives them, e.g. copied back)."""
+        return SavedAttention(tensors[0].transpose(1, 2), tensors[1], self.aux, self.scale)
+
+    def offloadable(self) -> bool:
+        return self.out.transpose(1, 2).is_contiguous() and self.lse.is_contiguous()
+
+
+def enabled() -> bool:
+    """Whether checkpoints may save attention outputs (on, and the private ops not found broken)."""
+    return ENABLED and not _broken
+
+
+@contextlib.contextmanager
+def collecting(items: Optional[list]):
+    """While active, :func:`causal_attention` of a no-grad forward appends its :class:`SavedAttention` to ``items``
+    (None: nothing is collected)."""
+    outer, _local.collect = getattr(_local, "collect", None), items
+    try:
+        yield
+    finally:
+        _local.collect = outer
+
+
+@contextlib.contextmanager
+def replaying(items: Optional[list]):
+    """While active, :func:`causal_attention` in grad mode takes its output from the front of ``items``."""
+    outer, _local.replay = getattr(_local, "replay", None), items
+    try:
+        yield
+    finally:
+        _local.replay = outer
+
+
+def active() -> bool:
+    """Whether a checkpoint is collecting or replaying saved attentions on this thread."""
+    return getattr(_local, "collect", None) is not None or bool(getattr(_local, "replay", None))
+
+
+def _supported(query, key, value, attention_mask, dropout, is_causal, kwargs) -> bool:
+    if attention_mask is not None or not is_causal or dropout or kwargs.get("softcap") is not None or \
+            kwargs.get("position_bias") is not None or kwargs.get("output_attentions"):
+        return False
+    if not (query.dim() == 4 and key.dim() == 4 and value.dim() == 4):
+        return False
+    if query.dtype not in (torch.bfloat16, torch.float16) or key.dtype != query.dtype or value.dtype != query.dtype:
+        return False
+    b, hq, t, d = query.shape
+    return key.shape[0] == b and value.shape[0] == b and key.shape[2] == t and value.shape[2] == t and t > 1 and \
+        key.shape[3] == d and value.shape[3] == d and d <= 256 and d % 8 == 0 and \
+        key.shape[1] == value.shape[1] and hq % key.shape[1] == 0 and \
+        query.stride(-1) == 1 and key.stride(-1) == 1 and value.stride(-1) == 1
+
+
+def _fail(e: Exception) -> None:
+    if not _broken:
+        _broken.append(f"{type(e).__name__}: {e}")
+        logger.warning("sloth: saving attention outputs in checkpoints is off: torch's cuDNN attention op "
+                       "failed (%s); the recompute computes the attention as usual", _broken[0][:300])
+
+
+class SavedAttentionFunction(torch.autograd.Function):
+    """``apply(q, k, v, saved)``: ``saved.out`` (the attention of q, k, v computed in the forward pass) as the
+    output of a node whose backward is cuDNN's causal attention backward: reads q, k, v, O, dO and the LSE,
+    writes dq, dk, dv (summed over each key head's query group)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, saved: SavedAttention):
+        ctx.save_for_backward(q, k, v, saved.out, saved.lse)
+        ctx.aux, ctx.scale = saved.aux, saved.scale
+        return saved.out.detach()
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dout.stride() != out.stride():
+            dout = torch.empty_like(out).copy_(dout)  # same layout as O: empty_like keeps a dense tensor's strides
+        cum_q, cum_k, max_q, max_k, seed, offset = ctx.aux
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            dout, q, k, v, out, lse, seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, True, scale=ctx.scale)
+        if dk.shape[1] != k.shape[1]:  # per query head: sum each key head's group
+            dk = dk.unflatten(1, (k.shape[1], -1)).sum(2)
+            dv = dv.unflatten(1, (v.shape[1], -1)).sum(2)
+        return dq, dk, dv, None
+
+
+def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, dropout: float,
+                     scaling: Optional[float], is_causal: bool, kwargs: dict) -> Optional[torch.Tensor]:
+    """The causal attention of ``query [B, Hq, T, D]``, ``key / value [B, Hk, T, D]`` as ``[B, T, Hq, D]``
+    (contiguous, as Transformers' SDPA attention returns it) when a checkpoint collects or replays saved attentions
+    and the call is supported (see the module docstring); None otherwise (the caller computes it)."""
+    if not enabled() or not query.is_cuda or \
+            not _supported(query, key, value, attention_mask, dropout, is_causal, kwargs):
+        return None
+    scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
+    collect = getattr(_local, "collect", None)
+    if collect is not None and not torch.is_grad_enabled():
+        try:
+            r = torch.ops.aten._scaled_dot_product_cudnn_attention(query, key, value, None, True, 0.0, True, False,
+                                                                   scale=scale)
+        except Exception as e:  # noqa: BLE001 - an op this torch does not have or rejects: off from now on
+            _fail(e)
+            return None
+        item = SavedAttention(r[0], r[1], (r[2], r[3], r[4], r[5], r[6], r[7]), scale)
+        if item.offloadable():
+            collect.append(item)
+        return item.out.transpose(1, 2).contiguous()
+    replay = getattr(_local, "replay", None)
+    if replay and torch.is_grad_enabled():
+        item = replay[0]
+        b, hq, t, d = query.shape
+        if item.out.shape != (b, hq, t, d) or item.out.dtype != query.dtype or item.scale != scale:
+            return None  # not the call that was saved: compute it
+        replay.pop(0)
+        return SavedAttentionFunction.apply(query, key, value, item).transpose(1, 2).contiguous()
+    return None

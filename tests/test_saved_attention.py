@@ -1,0 +1,192 @@
+"""Attention outputs saved by offloaded checkpoints (sloth.nn.saved_attention, sloth.integrations.sdpa): what is
+accepted, the "sdpa" wrapper passing everything else through unchanged (CPU); on the GPU, the saved output and
+cuDNN's backward against an fp32 reference, and a checkpointed model's loss and gradients with and without saving."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import sloth
+from sloth.nn import layer_graphs, saved_attention
+from sloth.nn import offload_checkpoint as oc
+
+transformers = pytest.importorskip("transformers")
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-12)).item()
+
+
+def qkv(b, hq, hk, t, d, dtype, device, requires_grad=False, seed=0):
+    """q [b, hq, t, d], k / v [b, hk, t, d] as Transformers makes them: views of [b, t, heads, d] projections."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    out = []
+    for h in (hq, hk, hk):
+        x = torch.randn(b, t, h, d, generator=g, device=device, dtype=torch.float32).to(dtype)
+        out.append(x.transpose(1, 2).requires_grad_(requires_grad))
+    return out
+
+
+@pytest.mark.parametrize("case", ["ok", "mask", "dropout", "softcap", "fp32", "heads", "head_dim", "not_causal",
+                                  "one_token"])
+def test_unsupported_calls_are_declined(case):
+    """Plain causal GQA attention is accepted; each unsupported feature is declined (the model's own attention
+    runs). On the CPU even the accepted call returns None: the path is CUDA's."""
+    dtype = torch.float32 if case == "fp32" else torch.bfloat16
+    q, k, v = qkv(1, 6 if case == "heads" else 8, 4, 1 if case == "one_token" else 16,
+                  264 if case == "head_dim" else 64, dtype, "cpu")
+    mask = torch.zeros(1, 1, 16, 16) if case == "mask" else None
+    dropout = 0.1 if case == "dropout" else 0.0
+    kwargs = {"softcap": 30.0} if case == "softcap" else {}
+    assert saved_attention._supported(q, k, v, mask, dropout, case != "not_causal", kwargs) == (case == "ok")
+    with saved_attention.collecting([]):
+        assert saved_attention.causal_attention(q, k, v, mask, dropout, None, case != "not_causal", kwargs) is None
+
+
+def test_sdpa_wrapper_passes_through_and_installs_once():
+    """After sloth.patch, Transformers' "sdpa" function is sloth's wrapper (installed once); outside an offloaded
+    checkpoint's forward / recompute it computes exactly what the original does."""
+    from transformers.modeling_utils import AttentionInterface
+
+    from sloth.integrations import sdpa
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=128, vocab_size=128, tie_word_embeddings=False)
+    cfg._attn_implementation = "sdpa"
+    ref = transformers.LlamaForCausalLM(cfg).float()
+    model = sloth.patch(copy.deepcopy(ref))
+    wrapper = AttentionInterface._global_mapping["sdpa"]
+    original = getattr(wrapper, sdpa._ORIGINAL)
+    assert not hasattr(original, sdpa._ORIGINAL)
+    sloth.patch(copy.deepcopy(ref))
+    assert AttentionInterface._global_mapping["sdpa"] is wrapper  # not wrapped twice
+    ids = torch.randint(0, 128, (2, 24))
+    assert torch.equal(model(input_ids=ids, labels=ids).loss, ref(input_ids=ids, labels=ids).loss)
+    q, k, v = qkv(2, 4, 2, 24, 16, torch.float32, "cpu")
+    module = model.model.layers[0].self_attn
+    got, _ = wrapper(module, q, k, v, None, dropout=0.0, scaling=0.25)
+    want, _ = original(module, q, k, v, None, dropout=0.0, scaling=0.25)
+    assert torch.equal(got, want)
+
+
+CASES = [  # (batch, query heads, key heads, tokens, head dim, dtype)
+    (2, 8, 2, 333, 128, torch.bfloat16),
+    (1, 4, 4, 1000, 64, torch.float16),
+    (3, 16, 8, 77, 256, torch.bfloat16),
+    (1, 32, 8, 2048, 128, torch.bfloat16),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:5])) + str(c[5])[-4:])
+def test_cuda_saved_output_and_backward(case, monkeypatch):
+    """Forward (no grad, collected) then the recompute (replayed): the output and the q / k / v gradients are as
+    close to an fp32 reference as torch's own SDPA in the same dtype is (within 2x its error + a few ulp)."""
+    b, hq, hk, t, d, dtype = case
+    monkeypatch.setattr(saved_attention, "ENABLED", True)
+    q, k, v = qkv(b, hq, hk, t, d, dtype, "cuda", requires_grad=True)
+    dout = torch.randn(b, t, hq, d, device="cuda", dtype=dtype)  # [B, T, Hq, D], as o_proj's backward gives it
+    items: list = []
+    with torch.no_grad(), saved_attention.collecting(items):
+        first = saved_attention.causal_attention(q, k, v, None, 0.0, None, True, {})
+    assert first is not None and len(items) == 1, saved_attention._broken
+    with saved_attention.replaying(items):
+        out = saved_attention.causal_attention(q, k, v, None, 0.0, None, True, {})  # [B, T, Hq, D]
+    assert not items  # consumed
+    assert torch.equal(out, first)  # the saved output itself
+    out.backward(dout)
+    got = [out.detach(), q.grad, k.grad, v.grad]
+
+    def torch_sdpa(dt):
+        xs = [x.detach().to(dt).requires_grad_() for x in (q, k, v)]
+        o = F.scaled_dot_product_attention(*xs, is_causal=True, enable_gqa=hq != hk).transpose(1, 2)
+        o.backward(dout.to(dt))
+        return [o.detach()] + [x.grad for x in xs]
+
+    torch_same = torch_sdpa(dtype)
+    exact = torch_sdpa(torch.float32)
+    eps = torch.finfo(dtype).eps
+    for name, g, s, e in zip(("out", "dq", "dk", "dv"), got, torch_same, exact):
+        assert g.shape == e.shape and g.dtype == dtype, name
+        assert rel_err(g, e) <= 2 * rel_err(s, e) + 4 * eps, (name, rel_err(g, e), rel_err(s, e))
+
+
+def _model(attn="sdpa", layers=4):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=256, num_hidden_layers=layers, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=512, vocab_size=256,
+                                   max_position_embeddings=2048, tie_word_embeddings=False)
+    cfg._attn_implementation = attn
+    model = sloth.patch(transformers.LlamaForCausalLM(cfg).cuda().to(torch.bfloat16)).train()
+    sloth.set_gradient_checkpointing(model, "sloth")
+    return model
+
+
+def _step(model, ids, mask=None):
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, attention_mask=mask, labels=ids).loss
+    loss.backward()
+    torch.cuda.synchronize()
+    return loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture
+def count_saved(monkeypatch):
+    """How many recomputes took their attention output from a checkpoint; CUDA graphs off (every size saves)."""
+    monkeypatch.setattr(layer_graphs, "ENABLED", False)
+    monkeypatch.setattr(saved_attention, "ENABLED", True)
+    calls = []
+    apply = saved_attention.SavedAttentionFunction.apply
+
+    def counting(*a):
+        calls.append(1)
+        return apply(*a)
+
+    monkeypatch.setattr(saved_attention.SavedAttentionFunction, "apply", counting)
+    return calls
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("padded", [False, True])
+def test_cuda_checkpointed_model_with_saved_attention(count_saved, monkeypatch, padded):
+    """A bf16 Llama under use_gradient_checkpointing="sloth": every layer's recompute takes the saved attention
+    (none with a padded batch, whose mask the path declines), the loss is the same and the gradients are within
+    bf16 rounding (2.5 ulp: cuDNN's dq accumulation order may differ between runs) of the run that recomputes the
+    attention; the host budget is returned."""
+    model = _model()
+    ids = torch.randint(0, 256, (2, 600), device="cuda")
+    mask = None
+    if padded:
+        mask = torch.ones_like(ids)
+        mask[1, 450:] = 0
+    loss, grads = _step(model, ids, mask)
+    assert len(count_saved) == (0 if padded else 4)
+    assert oc._budget["used"] == 0
+    monkeypatch.setattr(saved_attention, "ENABLED", False)
+    loss_ref, grads_ref = _step(model, ids, mask)
+    assert len(count_saved) == (0 if padded else 4)
+    assert torch.equal(loss, loss_ref)
+    assert grads.keys() == grads_ref.keys() and grads
+    for n in grads:
+        assert rel_err(grads[n], grads_ref[n]) <= 1e-2, n
+
+
+@pytest.mark.cuda
+def test_cuda_host_budget_limits_saved_attention(count_saved, monkeypatch):
+    """With a host budget of about two layers' saved attention, two layers save theirs and the others recompute it;
+    the gradients are unchanged."""
+    model = _model()
+    ids = torch.randint(0, 256, (1, 1024), device="cuda")
+    per_layer = 1024 * 256 * 2 + 4 * 1024 * 4  # O [T, hidden] bf16 + LSE [heads, T] fp32, bytes
+    monkeypatch.setenv("SLOTH_SAVE_ATTENTION_HOST_GB", str(2.5 * per_layer / 2**30))
+    _, grads = _step(model, ids)
+    assert len(count_saved) == 2
+    monkeypatch.setenv("SLOTH_SAVE_ATTENTION_HOST_GB", "0")
+    _, grads_ref = _step(model, ids)
+    assert len(count_saved) == 2
+    for n in grads:
+        assert rel_err(grads[n], grads_ref[n]) <= 1e-2, n
