@@ -85,3 +85,27 @@ def test_group_falls_back_and_checks():
     other = make_projs("nf4", 64, (32,), (8,), torch.float32, "cpu")[0]
     with pytest.raises(ValueError, match="last dimension"):  # a projection of another input size
         lora_linear_group(x, [projs[0], other])
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+@pytest.mark.parametrize("grouped", [True, False])
+def test_group_without_outputs_has_the_same_backward(device, grouped):
+    """need_output=False (a recompute taking the outputs' values from elsewhere): zeros for the outputs, and
+    exactly the gradients of the call that computes them (grouped, and one by one when grouping does not apply)."""
+    projs = make_projs("nf4", 128, (64, 32, 32), (8, 8, 4), torch.float32, device)
+    if not grouped:  # a projection without LoRA: lora_linear_group runs them one by one
+        projs[1] = sloth.LoraProj(projs[1].weight, None, None, 1.0, None, projs[1].quant_state)
+    params = [t for p in projs for t in (p.lora_A, p.lora_B, p.bias) if t is not None]
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(7, 128, generator=g).to(device).requires_grad_()
+    dys = [torch.randn(7, o, generator=g).to(device) for o in (64, 32, 32)]
+    results = []
+    for need in (True, False):
+        ys = lora_linear_group(x, projs, need_output=need)
+        assert all(y.shape == (7, o) for y, o in zip(ys, (64, 32, 32)))
+        assert need or all(not y.any() for y in ys)
+        torch.autograd.backward(ys, dys)
+        results.append([x.grad.clone()] + grads(params))
+        x.grad = None
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -115,13 +115,22 @@ def test_cuda_saved_output_and_backward(case, monkeypatch):
         assert rel_err(g, e) <= 2 * rel_err(s, e) + 4 * eps, (name, rel_err(g, e), rel_err(s, e))
 
 
-def _model(attn="sdpa", layers=4):
+def _model(family="llama", lora=False, layers=4):
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=256, num_hidden_layers=layers, num_attention_heads=4,
-                                   num_key_value_heads=2, intermediate_size=512, vocab_size=256,
-                                   max_position_embeddings=2048, tie_word_embeddings=False)
-    cfg._attn_implementation = attn
-    model = sloth.patch(transformers.LlamaForCausalLM(cfg).cuda().to(torch.bfloat16)).train()
+    common = dict(hidden_size=256, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=512, vocab_size=256, max_position_embeddings=2048, tie_word_embeddings=False)
+    if family == "llama":
+        cfg, cls = transformers.LlamaConfig(**common), transformers.LlamaForCausalLM
+    else:
+        cfg, cls = transformers.Qwen3Config(**common, head_dim=64), transformers.Qwen3ForCausalLM
+    cfg._attn_implementation = "sdpa"
+    model = cls(cfg).cuda().to(torch.bfloat16)
+    if lora:
+        peft = pytest.importorskip("peft")
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            r=8, lora_alpha=16, lora_dropout=0.0, init_lora_weights=False,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    model = sloth.patch(model).train()
     sloth.set_gradient_checkpointing(model, "sloth")
     return model
 
@@ -136,39 +145,54 @@ def _step(model, ids, mask=None):
 
 @pytest.fixture
 def count_saved(monkeypatch):
-    """How many recomputes took their attention output from a checkpoint; CUDA graphs off (every size saves)."""
+    """Counts of what recomputes took from checkpoints: "attention" (saved attention outputs), "o" (attention
+    module outputs, o_proj skipped), "qkv" (grouped q / k / v projections without outputs); CUDA graphs off
+    (every size saves)."""
+    from sloth.nn import lora_group
+
     monkeypatch.setattr(layer_graphs, "ENABLED", False)
     monkeypatch.setattr(saved_attention, "ENABLED", True)
-    calls = []
-    apply = saved_attention.SavedAttentionFunction.apply
+    calls = {"attention": 0, "o": 0, "qkv": 0}
 
-    def counting(*a):
-        calls.append(1)
-        return apply(*a)
+    def counting(cls, key, when=lambda a: True):
+        apply = cls.apply
 
-    monkeypatch.setattr(saved_attention.SavedAttentionFunction, "apply", counting)
+        def counted(*a):
+            calls[key] += bool(when(a))
+            return apply(*a)
+
+        monkeypatch.setattr(cls, "apply", counted)
+
+    counting(saved_attention.SavedAttentionFunction, "attention")
+    counting(saved_attention.ValueOf, "o")
+    counting(lora_group.LoraGroupFunction, "qkv", when=lambda a: not a[3] and len(a) == 4 + 3 * 3)
     return calls
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("padded", [False, True])
-def test_cuda_checkpointed_model_with_saved_attention(count_saved, monkeypatch, padded):
-    """A bf16 Llama under use_gradient_checkpointing="sloth": every layer's recompute takes the saved attention
-    (none with a padded batch, whose mask the path declines), the loss is the same and the gradients are within
-    bf16 rounding (2.5 ulp: cuDNN's dq accumulation order may differ between runs) of the run that recomputes the
-    attention; the host budget is returned."""
-    model = _model()
+@pytest.mark.parametrize("family,lora,padded", [("llama", False, False), ("llama", False, True), ("llama", True, False),
+                                                ("qwen3", True, False)])
+def test_cuda_checkpointed_model_with_saved_attention(count_saved, monkeypatch, family, lora, padded):
+    """A bf16 model under use_gradient_checkpointing="sloth": every layer's recompute takes the saved attention
+    (none with a padded batch, whose mask the path declines); with LoRA on every projection also the attention
+    module's output (o_proj's product skipped) and, in Llama (no q / k norms), q / k / v (their projections'
+    products skipped). The loss is the same and the gradients are within bf16 rounding (2.5 ulp: cuDNN's dq
+    accumulation order may differ between runs) of the run that recomputes everything; the host budget is
+    returned."""
+    model = _model(family, lora)
     ids = torch.randint(0, 256, (2, 600), device="cuda")
     mask = None
     if padded:
         mask = torch.ones_like(ids)
         mask[1, 450:] = 0
     loss, grads = _step(model, ids, mask)
-    assert len(count_saved) == (0 if padded else 4)
+    layers = 0 if padded else 4
+    want = {"attention": layers, "o": layers if lora else 0, "qkv": layers if lora and family == "llama" else 0}
+    assert count_saved == want
     assert oc._budget["used"] == 0
     monkeypatch.setattr(saved_attention, "ENABLED", False)
     loss_ref, grads_ref = _step(model, ids, mask)
-    assert len(count_saved) == (0 if padded else 4)
+    assert count_saved == want
     assert torch.equal(loss, loss_ref)
     assert grads.keys() == grads_ref.keys() and grads
     for n in grads:
@@ -184,9 +208,9 @@ def test_cuda_host_budget_limits_saved_attention(count_saved, monkeypatch):
     per_layer = 1024 * 256 * 2 + 4 * 1024 * 4  # O [T, hidden] bf16 + LSE [heads, T] fp32, bytes
     monkeypatch.setenv("SLOTH_SAVE_ATTENTION_HOST_GB", str(2.5 * per_layer / 2**30))
     _, grads = _step(model, ids)
-    assert len(count_saved) == 2
+    assert count_saved["attention"] == 2
     monkeypatch.setenv("SLOTH_SAVE_ATTENTION_HOST_GB", "0")
     _, grads_ref = _step(model, ids)
-    assert len(count_saved) == 2
+    assert count_saved["attention"] == 2
     for n in grads:
         assert rel_err(grads[n], grads_ref[n]) <= 1e-2, n

@@ -90,8 +90,8 @@ def test_lora_grads(family, monkeypatch):
     from sloth.integrations import qkv
 
     groups = []  # q, k, v of each layer go through one lora_linear_group call (shared-input LoRA A GEMM)
-    monkeypatch.setattr(qkv, "lora_linear_group", lambda x, projs: groups.append(len(projs)) or
-                        sloth.nn.lora_group.lora_linear_group(x, projs))
+    monkeypatch.setattr(qkv, "lora_linear_group", lambda x, projs, *a: groups.append(len(projs)) or
+                        sloth.nn.lora_group.lora_linear_group(x, projs, *a))
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
     def lora(m):

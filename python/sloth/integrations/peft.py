@@ -11,16 +11,38 @@ LoRA dropout with p > 0 in training is applied to x for the LoRA branch only, as
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import types
 
 import torch
 
-from ..nn.lora_linear import lora_linear
+from ..nn.lora_linear import _lora_linear, lora_linear
 
 logger = logging.getLogger("sloth.peft")
 
 _ORIG = "_sloth_orig_forward"   # PEFT's forward as it was bound before patching
+_skip = contextvars.ContextVar("sloth_skip_output", default=None)  # SkipOutput of the running recompute
+
+
+class SkipOutput:
+    """Which layer's next fast-path call computes no output (``used``: whether it did)."""
+
+    def __init__(self, layer):
+        self.layer, self.used = layer, False
+
+
+@contextlib.contextmanager
+def skip_output(layer):
+    """While active, the sloth path of LoRA layer ``layer`` returns zeros for its output and builds the same
+    backward (``need_output=False``: a recompute that takes the output's value from elsewhere); yields the
+    :class:`SkipOutput` whose ``used`` tells whether that happened (not when the layer ran PEFT's own forward)."""
+    state = SkipOutput(layer)
+    token = _skip.set(state)
+    try:
+        yield state
+    finally:
+        _skip.reset(token)
 _SAVED = "_sloth_saved_forward"  # the instance-level `forward` entry we replaced (None: there was none)
 
 
@@ -120,7 +142,12 @@ def _sloth_forward(self, x, *args, **kwargs):
     with autocast_off(x.device.type):
         xc = x.to(dt)
         if not lora_dropout_active(self, adapter):
-            y = lora_linear(xc, weight, A, B, scaling, bias=bias, quant_state=qs)
+            skip = _skip.get()
+            if skip is None or skip.layer is not self or skip.used:
+                y = lora_linear(xc, weight, A, B, scaling, bias=bias, quant_state=qs)
+            else:  # zeros stand for y (see skip_output)
+                y = _lora_linear(xc, weight, A, B, scaling, bias, qs, False)
+                skip.used = True
         else:  # dropout on the LoRA branch only: y = base(x) + s * B(A(dropout(x)))
             y = lora_linear(xc, weight, None, None, bias=bias, quant_state=qs)
             xd = self.lora_dropout[adapter](x).to(dt)

@@ -28,19 +28,25 @@ _group = contextvars.ContextVar("sloth_qkv_group", default=None)
 
 
 class _Group:
-    def __init__(self, modules):
+    def __init__(self, modules, need_output: bool):
         self.modules = modules  # [q_proj, k_proj, v_proj]
+        self.need_output = need_output  # False: zeros stand for q, k, v (their values come from elsewhere)
         self.pending = {}  # module -> (x, x._version, y): the outputs computed with q's call
+        self.computed = False  # whether the three were computed together
 
 
 @contextlib.contextmanager
-def qkv_group(attention: torch.nn.Module):
-    """Group ``attention``'s q, k, v projections for the duration of its forward (see the module docstring)."""
+def qkv_group(attention: torch.nn.Module, need_output: bool = True):
+    """Group ``attention``'s q, k, v projections for the duration of its forward (see the module docstring);
+    yields the group (None when grouping is off or a projection is missing). ``need_output=False``: the grouped
+    call computes only what the backward needs and returns zeros for q, k, v (an offloaded checkpoint's recompute
+    that takes their values from the forward, see :mod:`sloth.integrations.sdpa`)."""
     modules = [getattr(attention, n, None) for n in NAMES]
     ok = ENABLED and all(isinstance(m, torch.nn.Module) for m in modules)
-    token = _group.set(_Group(modules) if ok else None)
+    group = _Group(modules, need_output) if ok else None
+    token = _group.set(group)
     try:
-        yield
+        yield group
     finally:
         _group.reset(token)
 
@@ -63,7 +69,8 @@ def grouped_forward(layer: torch.nn.Module, x: torch.Tensor) -> Optional[torch.T
     if len(dts) != 1:
         return None
     with autocast_off(x.device.type):
-        ys = lora_linear_group(x.to(dts.pop()), [p for p, _ in projs])
+        ys = lora_linear_group(x.to(dts.pop()), [p for p, _ in projs], grp.need_output)
+    grp.computed = True
     ys = [as_layer_output(y, x.dtype, p.quant_state) for y, (p, _) in zip(ys, projs)]
     for m, y in zip(grp.modules[1:], ys[1:]):
         grp.pending[m] = (x, x._version, y)

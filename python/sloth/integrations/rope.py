@@ -19,6 +19,7 @@ import weakref
 
 import torch
 
+from ..nn import saved_attention
 from ..nn.norm_rope import RopeFunction
 from .qkv import qkv_group
 
@@ -120,9 +121,14 @@ def install_dispatcher(attention: torch.nn.Module) -> bool:
 
 def sloth_attention_forward(self, *args, **kwargs):
     """The attention's own forward, with the RoPE dispatcher switched to sloth's kernel during the call and its
-    q, k, v LoRA projections grouped (sloth.integrations.qkv)."""
+    q, k, v LoRA projections grouped (sloth.integrations.qkv); under an offloaded checkpoint that saves
+    attentions, :func:`sloth.integrations.sdpa.checkpointed_attention_forward`."""
     token = _active.set(True)
     try:
+        if saved_attention.active():
+            from .sdpa import checkpointed_attention_forward  # (import cycle: sdpa uses qkv / peft)
+
+            return checkpointed_attention_forward(self, args, kwargs)
         with qkv_group(self):
             return self._sloth_orig_forward(*args, **kwargs)
     finally:

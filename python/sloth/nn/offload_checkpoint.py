@@ -260,8 +260,9 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
             last = getattr(_local, "last", None)
             ctx.host_copy = _HostCopy([hidden.detach(), *extras], last() if last is not None else None, nbytes)
             _local.last = weakref.ref(ctx.host_copy)
+            ctx.counts = [len(item.tensors()) for item in ctx.attention]
             for item in ctx.attention:  # the GPU copies are freed once copied (the host copy recorded the stream)
-                item.out = item.lse = None
+                item.drop()
             ctx.save_for_backward(*[a if i != hidden_index else None for i, a in enumerate(args) if i in ctx.layout])
         else:
             ctx.save_for_backward(*[args[i] for i in ctx.layout])
@@ -274,7 +275,10 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
         if ctx.host_copy is not None:
             fetched = ctx.host_copy.fetch()
             saved[ctx.layout.index(ctx.hidden_index)] = fetched[0]
-            attention = [item.with_tensors(fetched[1 + 2 * i:3 + 2 * i]) for i, item in enumerate(ctx.attention)]
+            at = 1
+            for item, n in zip(ctx.attention, ctx.counts):
+                attention.append(item.with_tensors(fetched[at:at + n]))
+                at += n
             prev = ctx.host_copy.previous()
             if prev is not None:
                 prev.prefetch()  # the input of the layer before this one: copied while this one recomputes

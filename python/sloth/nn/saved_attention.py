@@ -36,26 +36,41 @@ import torch
 logger = logging.getLogger("sloth")
 
 ENABLED = os.environ.get("SLOTH_SAVE_ATTENTION", "0") == "1"
+#: whether the attention's q / k / v and the attention module's output are saved too (for A/B timing)
+PROJECTIONS = os.environ.get("SLOTH_SAVE_PROJECTIONS", "1") != "0"
 _broken: List[str] = []  # the first failure of the private ops (the path is then off)
 _local = threading.local()  # .collect: list receiving SavedAttention items (forward); .replay: list to consume
 
 
 class SavedAttention:
     """One attention call's saved results: ``out [B, Hq, T, D]`` (memory laid out [B, T, Hq, D]), ``lse`` (fp32,
-    per query row and head) and the opaque rest of the cuDNN forward's results its backward takes back."""
+    per query row and head) and the opaque rest of the cuDNN forward's results its backward takes back; optionally
+    the attention's inputs ``qkv`` (q, k, v as [B, H, T, D], after RoPE) and the attention module's output
+    ``o_out [B, T, hidden]``, so that the recompute may skip the q / k / v and o projections too
+    (:mod:`sloth.integrations.sdpa`)."""
 
-    __slots__ = ("out", "lse", "aux", "scale")
+    __slots__ = ("out", "lse", "aux", "scale", "qkv", "o_out")
 
-    def __init__(self, out: torch.Tensor, lse: torch.Tensor, aux: tuple, scale: float):
-        self.out, self.lse, self.aux, self.scale = out, lse, aux, scale
+    def __init__(self, out: torch.Tensor, lse: torch.Tensor, aux: tuple, scale: float,
+                 qkv: Optional[List[torch.Tensor]] = None, o_out: Optional[torch.Tensor] = None):
+        self.out, self.lse, self.aux, self.scale, self.qkv, self.o_out = out, lse, aux, scale, qkv, o_out
 
     def tensors(self) -> List[torch.Tensor]:
-        """The two tensors worth offloading, as contiguous tensors: O as [B, T, Hq, D], LSE."""
-        return [self.out.transpose(1, 2), self.lse]
+        """The tensors to offload: O as [B, T, Hq, D], LSE, then q / k / v as [B, T, H, D] and o_out if kept."""
+        out = [self.out.transpose(1, 2), self.lse]
+        out += [x.transpose(1, 2) for x in self.qkv or ()]
+        return out + ([self.o_out] if self.o_out is not None else [])
 
     def with_tensors(self, tensors: List[torch.Tensor]) -> "SavedAttention":
-        """This item with O and LSE replaced by ``tensors`` (as :meth:`tensors` gives them, e.g. copied back)."""
-        return SavedAttention(tensors[0].transpose(1, 2), tensors[1], self.aux, self.scale)
+        """This item with its tensors replaced by ``tensors`` (as :meth:`tensors` gave them, e.g. copied back)."""
+        has_qkv, has_o = {2: (False, False), 3: (False, True), 5: (True, False), 6: (True, True)}[len(tensors)]
+        qkv = [x.transpose(1, 2) for x in tensors[2:5]] if has_qkv else None
+        return SavedAttention(tensors[0].transpose(1, 2), tensors[1], self.aux, self.scale, qkv,
+                              tensors[-1] if has_o else None)
+
+    def drop(self) -> None:
+        """Forget the GPU tensors (once their host copies are queued; :meth:`with_tensors` brings them back)."""
+        self.out = self.lse = self.o_out = self.qkv = None
 
     def offloadable(self) -> bool:
         return self.out.transpose(1, 2).is_contiguous() and self.lse.is_contiguous()
@@ -87,6 +102,17 @@ def replaying(items: Optional[list]):
         _local.replay = outer
 
 
+def collected() -> Optional[list]:
+    """The list a checkpoint's no-grad forward collects saved attentions into on this thread (None: none)."""
+    return getattr(_local, "collect", None) if not torch.is_grad_enabled() else None
+
+
+def next_replayed() -> Optional[SavedAttention]:
+    """The saved attention the next replayed attention call will take (None: none)."""
+    replay = getattr(_local, "replay", None)
+    return replay[0] if replay and torch.is_grad_enabled() else None
+
+
 def active() -> bool:
     """Whether a checkpoint is collecting or replaying saved attentions on this thread."""
     return getattr(_local, "collect", None) is not None or bool(getattr(_local, "replay", None))
@@ -116,12 +142,14 @@ def _fail(e: Exception) -> None:
 
 class SavedAttentionFunction(torch.autograd.Function):
     """``apply(q, k, v, saved)``: ``saved.out`` (the attention of q, k, v computed in the forward pass) as the
-    output of a node whose backward is cuDNN's causal attention backward: reads q, k, v, O, dO and the LSE,
-    writes dq, dk, dv (summed over each key head's query group)."""
+    output of a node whose backward is cuDNN's causal attention backward: reads q, k, v (``saved.qkv``'s values
+    when it has them: the given q, k, v then only connect the graph), O, dO and the LSE, writes dq, dk, dv (summed
+    over each key head's query group)."""
 
     @staticmethod
     def forward(ctx, q, k, v, saved: SavedAttention):
-        ctx.save_for_backward(q, k, v, saved.out, saved.lse)
+        qkv = saved.qkv if saved.qkv is not None else (q, k, v)
+        ctx.save_for_backward(*qkv, saved.out, saved.lse)
         ctx.aux, ctx.scale = saved.aux, saved.scale
         return saved.out.detach()
 
@@ -137,6 +165,19 @@ class SavedAttentionFunction(torch.autograd.Function):
             dk = dk.unflatten(1, (k.shape[1], -1)).sum(2)
             dv = dv.unflatten(1, (v.shape[1], -1)).sum(2)
         return dq, dk, dv, None
+
+
+class ValueOf(torch.autograd.Function):
+    """``apply(t, value)``: ``value``'s values under ``t``'s autograd history (the gradient goes to ``t``): a
+    recompute's output whose computation was skipped takes the value the forward computed."""
+
+    @staticmethod
+    def forward(ctx, t, value):
+        return value.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
 
 
 def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, dropout: float,
@@ -156,7 +197,7 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         except Exception as e:  # noqa: BLE001 - an op this torch does not have or rejects: off from now on
             _fail(e)
             return None
-        item = SavedAttention(r[0], r[1], (r[2], r[3], r[4], r[5], r[6], r[7]), scale)
+        item = SavedAttention(r[0], r[1], (r[2], r[3], r[4], r[5], r[6], r[7]), scale, [query, key, value])
         if item.offloadable():
             collect.append(item)
         return item.out.transpose(1, 2).contiguous()
