@@ -245,7 +245,8 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
         ctx.run, ctx.hidden_index = run, hidden_index
         ctx.state = _State(hidden.device)
         # attention outputs are saved where the layer is neither replayed nor recomputed from a CUDA graph
-        collect = [] if _offloads(hidden) and saved_attention.enabled() and not may_graph(hidden) else None
+        collect = [] if _offloads(hidden) and saved_attention.enabled() and not may_graph(hidden) and \
+            hidden.numel() <= saved_attention.MAX_TOKENS * hidden.shape[-1] else None
         with torch.no_grad(), saved_attention.collecting(collect):
             outputs = graphed_call(run, args)
         ctx.layout = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]  # positions of tensor args

@@ -1,19 +1,24 @@
-"""Causal attention whose output is kept by an offloaded checkpoint, so that its recompute skips the attention.
+"""Causal attention whose results are kept by an offloaded checkpoint, so that its recompute skips the attention.
 
 Under ``use_gradient_checkpointing="sloth"`` the backward pass recomputes each decoder layer before
 backpropagating through it. The recompute needs the attention's output O (the o_proj input), and the attention
-backward needs O and the softmax's log-sum-exp (LSE); both are what the forward computed. At long sequences the
-attention forward is the costliest part of the recompute that does not scale with the weights (about 1.2 ms per
-layer at 8192 tokens on an H100, 37 ms of a Llama-3.1-8B step). So, on CUDA, where a layer is not replayed from a
-CUDA graph (more than :data:`sloth.nn.layer_graphs.MAX_TOKENS` tokens):
+backward needs q, k, v, O and the softmax's log-sum-exp (LSE): all of them are what the forward computed. At long
+sequences the attention forward is the costliest part of the recompute that does not scale with the weights
+(about 1.2 ms per layer at 8192 tokens, 37 ms of a Llama-3.1-8B step). So, on CUDA, for layers of more than
+:data:`sloth.nn.layer_graphs.MAX_TOKENS` tokens (not replayed from CUDA graphs) and at most :data:`MAX_TOKENS`:
 
 - forward (no grad, inside :class:`~sloth.nn.offload_checkpoint.OffloadedCheckpointFunction`): inside
   :func:`collecting`, :func:`causal_attention` runs cuDNN's fused attention (the kernel SDPA picks on sm_90),
-  asking it for the LSE as well, and hands ``(O, LSE)`` to the checkpoint, which copies them to pinned host memory
-  with the layer's input (:mod:`sloth.nn.offload_checkpoint`);
+  asking it for the LSE as well, and hands a :class:`SavedAttention` to the checkpoint, which copies its tensors
+  to pinned host memory with the layer's input (within a host-memory budget, see
+  :mod:`sloth.nn.offload_checkpoint`);
 - backward: the checkpoint brings them back with the layer's input; inside :func:`replaying`, the recompute's
-  attention returns the saved O, under an autograd node whose backward is cuDNN's attention backward on the
-  recomputed q, k, v with the saved O and LSE (what SDPA's own backward computes, from the same kernel).
+  attention returns the saved O under an autograd node whose backward is cuDNN's attention backward with the
+  saved O and LSE (:class:`SavedAttentionFunction`: what SDPA's own backward computes, with the same kernel).
+
+:mod:`sloth.integrations.sdpa` routes Transformers' "sdpa" attention here and, for PEFT LoRA projections, also
+saves q / k / v and the attention module's output, so that the recompute skips the q / k / v and o projections'
+products as well.
 
 Only plain causal self-attention takes this path: no mask tensor (a padded batch brings one), no dropout, no
 softcapping or position bias, bf16 / fp16, equal q / k / v head dims of at most 256, query heads a multiple of
@@ -36,6 +41,10 @@ import torch
 logger = logging.getLogger("sloth")
 
 ENABLED = os.environ.get("SLOTH_SAVE_ATTENTION", "0") == "1"
+#: most tokens (hidden-state rows) of a layer whose attention is saved: beyond, the layers' inputs alone take tens of
+#: GiB of host memory (409,600 tokens x 32 layers: 100 GiB), which saved attentions (up to 3.5x an input each)
+#: must not crowd out
+MAX_TOKENS = 65536
 #: whether the attention's q / k / v and the attention module's output are saved too (for A/B timing)
 PROJECTIONS = os.environ.get("SLOTH_SAVE_PROJECTIONS", "1") != "0"
 _broken: List[str] = []  # the first failure of the private ops (the path is then off)
