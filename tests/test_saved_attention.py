@@ -73,6 +73,98 @@ def test_sdpa_wrapper_passes_through_and_installs_once():
     assert torch.equal(got, want)
 
 
+class _HostStandIn:
+    """offload_checkpoint._HostCopy without CUDA: keeps clones of the tensors (the bookkeeping is what is tested)."""
+
+    def __init__(self, tensors, prev, budget_bytes=0):
+        self.tensors, self.budget_bytes = [t.clone() for t in tensors], budget_bytes
+
+    def prefetch(self):
+        pass
+
+    def fetch(self):
+        oc._release_budget(self.budget_bytes)
+        tensors, self.tensors = self.tensors, None
+        return tensors
+
+    def previous(self):
+        return None
+
+
+def _math_forward(q, k, v, scale):
+    """The cuDNN forward's results from plain torch: O laid out [B, T, H, D] as cuDNN's, LSE [B, H, T] fp32."""
+    rep = q.shape[1] // k.shape[1]
+    s = (q.float() @ k.float().repeat_interleave(rep, 1).transpose(-1, -2)) * scale
+    t = q.shape[2]
+    s = s.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    out = (s.softmax(-1) @ v.float().repeat_interleave(rep, 1)).to(q.dtype)
+    out = out.transpose(1, 2).contiguous().transpose(1, 2)
+    return out, s.logsumexp(-1), None, None, t, t, torch.empty(0), torch.empty(0), None
+
+
+def _math_backward(dout, q, k, v, out, lse, aux, scale):
+    """Gradients per query head (as cuDNN's for expanded heads: the caller sums each key head's group)."""
+    rep = q.shape[1] // k.shape[1]
+    xs = [q.detach().requires_grad_(), k.detach().repeat_interleave(rep, 1).requires_grad_(),
+          v.detach().repeat_interleave(rep, 1).requires_grad_()]
+    with torch.enable_grad():  # (called inside a backward pass)
+        o = F.scaled_dot_product_attention(*xs, is_causal=True, scale=scale)
+        return torch.autograd.grad(o, xs, dout)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_bookkeeping_with_stand_ins(family, monkeypatch):
+    """The whole saving path on the CPU, with plain-torch stand-ins for the cuDNN kernels and the pinned copies
+    (fp32): a PEFT LoRA model under use_gradient_checkpointing="sloth" saves each layer's attention, its output
+    and (Llama: no q / k norms) q / k / v, the recompute skips those products, and loss and LoRA gradients equal
+    those of the run that recomputes everything (fp32 rounding: the stand-in attention is not SDPA's kernel)."""
+    from sloth.nn import lora_group
+
+    peft = pytest.importorskip("peft")
+    monkeypatch.setattr(saved_attention, "ENABLED", True)
+    monkeypatch.setattr(saved_attention, "DTYPES", (torch.float32,))
+    monkeypatch.setattr(saved_attention, "_on_device", lambda t: True)
+    monkeypatch.setattr(saved_attention, "_cudnn_forward", _math_forward)
+    monkeypatch.setattr(saved_attention, "_cudnn_backward", _math_backward)
+    monkeypatch.setattr(oc, "_offloads", lambda t: True)
+    monkeypatch.setattr(oc, "_HostCopy", _HostStandIn)
+    calls = {"attention": 0, "o": 0, "qkv": 0}
+    for cls, key, when in ((saved_attention.SavedAttentionFunction, "attention", lambda a: True),
+                           (saved_attention.ValueOf, "o", lambda a: True),
+                           (lora_group.LoraGroupFunction, "qkv", lambda a: not a[3] and len(a) == 13)):
+        def counted(*a, _apply=cls.apply, _key=key, _when=when):
+            calls[_key] += bool(_when(a))
+            return _apply(*a)
+
+        monkeypatch.setattr(cls, "apply", counted)
+    torch.manual_seed(0)
+    common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  intermediate_size=96, vocab_size=128, tie_word_embeddings=False)
+    cfg, cls = (transformers.LlamaConfig(**common), transformers.LlamaForCausalLM) if family == "llama" else \
+        (transformers.Qwen3Config(**common, head_dim=16), transformers.Qwen3ForCausalLM)
+    cfg._attn_implementation = "sdpa"
+    model = peft.get_peft_model(cls(cfg).float(), peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    model = sloth.patch(model).train()
+    sloth.set_gradient_checkpointing(model, "sloth")
+    ids = torch.randint(0, 128, (2, 24))
+    results = []
+    for on in (True, False):
+        monkeypatch.setattr(saved_attention, "ENABLED", on)
+        model.zero_grad(set_to_none=True)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        assert calls == {"attention": 2, "o": 2, "qkv": 2 if family == "llama" else 0}
+        assert oc._budget["used"] == 0
+    (loss, grads), (loss_ref, grads_ref) = results
+    assert abs(loss.item() - loss_ref.item()) <= 1e-6 * abs(loss_ref.item())
+    assert grads.keys() == grads_ref.keys() and len(grads) == 2 * 7 * 2
+    for n in grads:
+        assert rel_err(grads[n], grads_ref[n]) <= 1e-5, n
+
+
 CASES = [  # (batch, query heads, key heads, tokens, head dim, dtype)
     (2, 8, 2, 333, 128, torch.bfloat16),
     (1, 4, 4, 1000, 64, torch.float16),

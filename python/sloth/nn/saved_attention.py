@@ -45,6 +45,8 @@ ENABLED = os.environ.get("SLOTH_SAVE_ATTENTION", "0") == "1"
 #: GiB of host memory (409,600 tokens x 32 layers: 100 GiB), which saved attentions (up to 3.5x an input each)
 #: must not crowd out
 MAX_TOKENS = 65536
+#: dtypes of the fused kernels (tests on the CPU add float32, with a plain-torch stand-in for the kernels)
+DTYPES = (torch.bfloat16, torch.float16)
 #: whether the attention's q / k / v and the attention module's output are saved too (for A/B timing)
 PROJECTIONS = os.environ.get("SLOTH_SAVE_PROJECTIONS", "1") != "0"
 _broken: List[str] = []  # the first failure of the private ops (the path is then off)
@@ -133,7 +135,7 @@ def _supported(query, key, value, attention_mask, dropout, is_causal, kwargs) ->
         return False
     if not (query.dim() == 4 and key.dim() == 4 and value.dim() == 4):
         return False
-    if query.dtype not in (torch.bfloat16, torch.float16) or key.dtype != query.dtype or value.dtype != query.dtype:
+    if query.dtype not in DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
         return False
     b, hq, t, d = query.shape
     return key.shape[0] == b and value.shape[0] == b and key.shape[2] == t and value.shape[2] == t and t > 1 and \
@@ -147,6 +149,24 @@ def _fail(e: Exception) -> None:
         _broken.append(f"{type(e).__name__}: {e}")
         logger.warning("sloth: saving attention outputs in checkpoints is off: torch's cuDNN attention op "
                        "failed (%s); the recompute computes the attention as usual", _broken[0][:300])
+
+
+def _on_device(t: torch.Tensor) -> bool:
+    """Whether ``t`` is where the fused kernels run (CUDA)."""
+    return t.is_cuda
+
+
+def _cudnn_forward(q, k, v, scale: float) -> tuple:
+    """cuDNN's causal attention with its LSE: (out, lse, cum_seq_q, cum_seq_k, max_q, max_k, philox seed, offset,
+    debug mask)."""
+    return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False, scale=scale)
+
+
+def _cudnn_backward(dout, q, k, v, out, lse, aux: tuple, scale: float) -> tuple:
+    """cuDNN's causal attention backward: (dq, dk, dv); ``aux`` the forward's results after out and lse."""
+    cum_q, cum_k, max_q, max_k, seed, offset = aux
+    return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        dout, q, k, v, out, lse, seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, True, scale=scale)
 
 
 class SavedAttentionFunction(torch.autograd.Function):
@@ -167,9 +187,7 @@ class SavedAttentionFunction(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         if dout.stride() != out.stride():
             dout = torch.empty_like(out).copy_(dout)  # same layout as O: empty_like keeps a dense tensor's strides
-        cum_q, cum_k, max_q, max_k, seed, offset = ctx.aux
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            dout, q, k, v, out, lse, seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, True, scale=ctx.scale)
+        dq, dk, dv = _cudnn_backward(dout, q, k, v, out, lse, ctx.aux, ctx.scale)
         if dk.shape[1] != k.shape[1]:  # per query head: sum each key head's group
             dk = dk.unflatten(1, (k.shape[1], -1)).sum(2)
             dv = dv.unflatten(1, (v.shape[1], -1)).sum(2)
@@ -194,15 +212,14 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     """The causal attention of ``query [B, Hq, T, D]``, ``key / value [B, Hk, T, D]`` as ``[B, T, Hq, D]``
     (contiguous, as Transformers' SDPA attention returns it) when a checkpoint collects or replays saved attentions
     and the call is supported (see the module docstring); None otherwise (the caller computes it)."""
-    if not enabled() or not query.is_cuda or \
+    if not enabled() or not _on_device(query) or \
             not _supported(query, key, value, attention_mask, dropout, is_causal, kwargs):
         return None
     scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     collect = getattr(_local, "collect", None)
     if collect is not None and not torch.is_grad_enabled():
         try:
-            r = torch.ops.aten._scaled_dot_product_cudnn_attention(query, key, value, None, True, 0.0, True, False,
-                                                                   scale=scale)
+            r = _cudnn_forward(query, key, value, scale)
         except Exception as e:  # noqa: BLE001 - an op this torch does not have or rejects: off from now on
             _fail(e)
             return None
