@@ -306,3 +306,26 @@ def test_cuda_host_budget_limits_saved_attention(count_saved, monkeypatch):
     assert count_saved["attention"] == 2
     for n in grads:
         assert rel_err(grads[n], grads_ref[n]) <= 1e-2, n
+
+
+def test_backward_falls_back_when_the_kernel_rejects(monkeypatch):
+    """A backward kernel that raises (a torch whose private op changed): SDPA's own backward gives the gradients,
+    one warning is logged and the path is off from then on."""
+    monkeypatch.setattr(saved_attention, "_broken", [])
+    monkeypatch.setattr(saved_attention, "ENABLED", True)
+
+    def rejecting(*a, **k):
+        raise RuntimeError("schema changed")
+
+    monkeypatch.setattr(saved_attention, "_cudnn_backward", rejecting)
+    q, k, v = qkv(2, 4, 2, 12, 16, torch.float32, "cpu", requires_grad=True)
+    out, lse, *aux = _math_forward(q.detach(), k.detach(), v.detach(), 0.25)
+    item = saved_attention.SavedAttention(out, lse, tuple(aux[:6]), 0.25)
+    dout = torch.randn(2, 4, 12, 16)
+    saved_attention.SavedAttentionFunction.apply(q, k, v, item).backward(dout)
+    got = [q.grad, k.grad, v.grad]
+    xs = [x.detach().requires_grad_() for x in (q, k, v)]
+    F.scaled_dot_product_attention(*xs, is_causal=True, scale=0.25, enable_gqa=True).backward(dout)
+    for g, x in zip(got, xs):
+        assert torch.allclose(g, x.grad, atol=1e-6)
+    assert saved_attention._broken and not saved_attention.enabled()

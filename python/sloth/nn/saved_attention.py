@@ -173,7 +173,8 @@ class SavedAttentionFunction(torch.autograd.Function):
     """``apply(q, k, v, saved)``: ``saved.out`` (the attention of q, k, v computed in the forward pass) as the
     output of a node whose backward is cuDNN's causal attention backward: reads q, k, v (``saved.qkv``'s values
     when it has them: the given q, k, v then only connect the graph), O, dO and the LSE, writes dq, dk, dv (summed
-    over each key head's query group)."""
+    over each key head's query group). Should that op reject the call, SDPA's own forward and backward run on the
+    same q, k, v instead (and the path is off from then on)."""
 
     @staticmethod
     def forward(ctx, q, k, v, saved: SavedAttention):
@@ -187,7 +188,15 @@ class SavedAttentionFunction(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         if dout.stride() != out.stride():
             dout = torch.empty_like(out).copy_(dout)  # same layout as O: empty_like keeps a dense tensor's strides
-        dq, dk, dv = _cudnn_backward(dout, q, k, v, out, lse, ctx.aux, ctx.scale)
+        try:
+            dq, dk, dv = _cudnn_backward(dout, q, k, v, out, lse, ctx.aux, ctx.scale)
+        except Exception as e:  # noqa: BLE001 - the private op rejected the call: SDPA's own backward (slower)
+            _fail(e)
+            xs = [t.detach().requires_grad_() for t in (q, k, v)]
+            with torch.enable_grad():
+                o = torch.nn.functional.scaled_dot_product_attention(
+                    *xs, is_causal=True, scale=ctx.scale, enable_gqa=q.shape[1] != k.shape[1])
+                dq, dk, dv = torch.autograd.grad(o, xs, dout)
         if dk.shape[1] != k.shape[1]:  # per query head: sum each key head's group
             dk = dk.unflatten(1, (k.shape[1], -1)).sum(2)
             dv = dv.unflatten(1, (v.shape[1], -1)).sum(2)
