@@ -125,7 +125,7 @@ def sloth_attention_forward(self, *args, **kwargs):
     attentions, :func:`sloth.integrations.sdpa.checkpointed_attention_forward`."""
     token = _active.set(True)
     try:
-        if saved_attention.active():
+        if not torch.compiler.is_compiling() and saved_attention.active():
             from .sdpa import checkpointed_attention_forward  # (import cycle: sdpa uses qkv / peft)
 
             return checkpointed_attention_forward(self, args, kwargs)

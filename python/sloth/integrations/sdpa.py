@@ -25,7 +25,7 @@ _ORIGINAL = "_sloth_original"  # attribute of the registered function: the "sdpa
 def _wrap(original):
     def sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                                is_causal=None, **kwargs):
-        if saved_attention.active():
+        if not torch.compiler.is_compiling() and saved_attention.active():
             causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
             out = saved_attention.causal_attention(query, key, value, attention_mask, dropout, scaling, causal, kwargs)
             if out is not None:
