@@ -12,6 +12,7 @@ and ``max_memory_reserved``, which includes the CUDA graph pools) and the per-st
     python benchmarks/e2e.py --config qwen3-8b
     python benchmarks/e2e.py --config gemma-3-12b
     python benchmarks/e2e.py --seq 8192 --batch 1
+    python benchmarks/e2e.py --sides sloth-offload,sloth-offload-eager,sloth-offload-save   # graphs / saved attention
     python benchmarks/e2e.py --config tiny --device cpu --steps 2 --warmup 1 --seq 64   # smoke test, no GPU
 """
 
@@ -123,15 +124,22 @@ def build_qlora(name, device: str, dtype: torch.dtype, rank: int, alpha: int, **
     return pm
 
 
+_SAVE_ATTENTION_DEFAULT = []  # saved_attention.ENABLED as the environment set it
+
+
 def apply_side(pm, side: str) -> None:
     """Put ``pm`` on ``side``: ``hf`` (unpatched, Transformers' checkpointing), ``sloth`` (``sloth.patch``,
-    Transformers' checkpointing), ``sloth-offload`` (``sloth.patch``, offloaded checkpointing) or
-    ``sloth-offload-eager`` (the same without the layers' CUDA graphs, for A/B)."""
+    Transformers' checkpointing), ``sloth-offload`` (``sloth.patch``, offloaded checkpointing),
+    ``sloth-offload-eager`` (the same without the layers' CUDA graphs, for A/B) or ``sloth-offload-save`` (without
+    graphs, with the checkpoints' saved attention, :mod:`sloth.nn.saved_attention`, at every size)."""
     import sloth
-    from sloth.nn import layer_graphs
+    from sloth.nn import layer_graphs, saved_attention
 
+    if not _SAVE_ATTENTION_DEFAULT:
+        _SAVE_ATTENTION_DEFAULT.append(saved_attention.ENABLED)
     layer_graphs.clear()
-    layer_graphs.ENABLED = side != "sloth-offload-eager"
+    layer_graphs.ENABLED = side not in ("sloth-offload-eager", "sloth-offload-save")
+    saved_attention.ENABLED = side == "sloth-offload-save" or _SAVE_ATTENTION_DEFAULT[0]
     if side.startswith("sloth"):
         sloth.patch(pm)
     else:
@@ -236,7 +244,8 @@ def main(argv=None):
     ap.add_argument("--sides", default="hf,sloth,sloth-offload",
                     help="comma-separated: hf (unpatched), sloth (patched, Transformers' checkpointing), "
                          "sloth-offload (patched, use_gradient_checkpointing='sloth'), sloth-offload-eager (the same "
-                         "without the layers' CUDA graphs)")
+                         "without the layers' CUDA graphs), sloth-offload-save (without graphs, with saved attention; "
+                         "SLOTH_SAVE_ATTENTION=1 turns it on for the other sides, above the graphs' size)")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
                     help="after each side's timed steps, profile one more step and print its ROWS costliest ops")
