@@ -67,6 +67,50 @@ def count_down_products(monkeypatch):
     return calls
 
 
+class HostStandIn:
+    """offload_checkpoint._HostCopy without CUDA: keeps clones of the tensors (the bookkeeping is what is tested)."""
+
+    made = 0  # instances created
+
+    def __init__(self, tensors, prev, accounted=(0, 0)):
+        self.tensors, self.accounted = [t.clone() for t in tensors], accounted
+        HostStandIn.made += 1
+
+    def prefetch(self):
+        pass
+
+    def fetch(self):
+        oc._release_host(*self.accounted)
+        tensors, self.tensors = self.tensors, None
+        return tensors
+
+    def previous(self):
+        return None
+
+
+def test_host_limit_keeps_further_inputs_on_the_device(monkeypatch, caplog):
+    """When the pinned copies would exceed the host limit (SLOTH_OFFLOAD_HOST_GB), the inputs of further layers
+    stay where they are (one warning); gradients are unchanged and the accounting returns to zero. Run on the CPU
+    with a stand-in for the pinned copies."""
+    monkeypatch.setattr(oc, "_offloads", lambda t: True)
+    monkeypatch.setattr(oc, "_HostCopy", HostStandIn)
+    monkeypatch.setattr(oc, "_warned", [])
+    monkeypatch.setattr(HostStandIn, "made", 0)
+    ref = sloth.patch(make_model("llama")).train()
+    model = copy.deepcopy(ref)
+    sloth.set_gradient_checkpointing(model, "sloth")
+    _, g_ref = loss_and_grads(ref)
+    hidden = 4 * 12 * 64 * 4  # [batch, tokens, hidden] fp32, bytes: a power of two's worth of pinned memory
+    monkeypatch.setenv("SLOTH_OFFLOAD_HOST_GB", str(1.5 * hidden / 2**30))  # room for one of the two layers
+    with caplog.at_level("WARNING", logger="sloth"):
+        _, g = loss_and_grads(model)
+    assert HostStandIn.made == 1
+    assert sum("stay on the GPU" in r.getMessage() for r in caplog.records) == 1
+    assert oc._host == {"live": 0, "attention": 0}
+    for n in g:
+        assert rel_err(g[n], g_ref[n]) <= 1e-6, n
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3", "qwen3", "mistral"])
 @pytest.mark.parametrize("dropout", [0.0, 0.25])
 def test_grads_equal_no_checkpointing(family, dropout, count_recomputes, count_down_products):

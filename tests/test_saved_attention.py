@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import sloth
 from sloth.nn import layer_graphs, saved_attention
 from sloth.nn import offload_checkpoint as oc
+from test_offload_checkpoint import HostStandIn
 
 transformers = pytest.importorskip("transformers")
 
@@ -73,24 +74,6 @@ def test_sdpa_wrapper_passes_through_and_installs_once():
     assert torch.equal(got, want)
 
 
-class _HostStandIn:
-    """offload_checkpoint._HostCopy without CUDA: keeps clones of the tensors (the bookkeeping is what is tested)."""
-
-    def __init__(self, tensors, prev, budget_bytes=0):
-        self.tensors, self.budget_bytes = [t.clone() for t in tensors], budget_bytes
-
-    def prefetch(self):
-        pass
-
-    def fetch(self):
-        oc._release_budget(self.budget_bytes)
-        tensors, self.tensors = self.tensors, None
-        return tensors
-
-    def previous(self):
-        return None
-
-
 def _math_forward(q, k, v, scale):
     """The cuDNN forward's results from plain torch: O laid out [B, T, H, D] as cuDNN's, LSE [B, H, T] fp32."""
     rep = q.shape[1] // k.shape[1]
@@ -127,7 +110,7 @@ def test_bookkeeping_with_stand_ins(family, monkeypatch):
     monkeypatch.setattr(saved_attention, "_cudnn_forward", _math_forward)
     monkeypatch.setattr(saved_attention, "_cudnn_backward", _math_backward)
     monkeypatch.setattr(oc, "_offloads", lambda t: True)
-    monkeypatch.setattr(oc, "_HostCopy", _HostStandIn)
+    monkeypatch.setattr(oc, "_HostCopy", HostStandIn)
     calls = {"attention": 0, "o": 0, "qkv": 0}
     for cls, key, when in ((saved_attention.SavedAttentionFunction, "attention", lambda a: True),
                            (saved_attention.ValueOf, "o", lambda a: True),
@@ -157,7 +140,7 @@ def test_bookkeeping_with_stand_ins(family, monkeypatch):
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
         assert calls == {"attention": 2, "o": 2, "qkv": 2 if family == "llama" else 0}
-        assert oc._budget["used"] == 0
+        assert oc._host == {"live": 0, "attention": 0}
     (loss, grads), (loss_ref, grads_ref) = results
     assert abs(loss.item() - loss_ref.item()) <= 1e-6 * abs(loss_ref.item())
     assert grads.keys() == grads_ref.keys() and len(grads) == 2 * 7 * 2
@@ -281,7 +264,7 @@ def test_cuda_checkpointed_model_with_saved_attention(count_saved, monkeypatch, 
     layers = 0 if padded else 4
     want = {"attention": layers, "o": layers if lora else 0, "qkv": layers if lora and family == "llama" else 0}
     assert count_saved == want
-    assert oc._budget["used"] == 0
+    assert oc._host == {"live": 0, "attention": 0}
     monkeypatch.setattr(saved_attention, "ENABLED", False)
     loss_ref, grads_ref = _step(model, ids, mask)
     assert count_saved == want

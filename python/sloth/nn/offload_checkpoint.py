@@ -15,6 +15,9 @@ Transformers uses it (``GradientCheckpointingLayer`` calls ``func(partial(forwar
   of the input of the layer before it (the previous offloaded checkpoint in forward order) is started on the side
   stream, so it hides behind this layer's recompute and backward. At most two hidden states are on the GPU at a time.
 - off CUDA (CPU, other devices) nothing is copied: the hidden state is kept where it is (plain checkpointing).
+  So on CUDA when the pinned copies of all checkpoints would exceed the host limit (:func:`_host_limit`: the
+  host's memory less an eighth, or ``SLOTH_OFFLOAD_HOST_GB``): the inputs of further layers stay on the GPU (one
+  warning), rather than the host running out of memory at very long context.
 - during the recompute :func:`recomputing` is True, so that a module whose output the backward never reads (a
   decoder layer's MLP whose output only feeds the residual sum, see :mod:`sloth.integrations.mlp`) can skip
   computing it and only build its backward graph.
@@ -28,6 +31,7 @@ position embeddings and masks Transformers passes) make the call fall back to Py
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 import weakref
@@ -39,38 +43,81 @@ from . import saved_attention
 from .layer_graphs import graphed_backward, graphed_call, may_graph, output_grad_pairs
 from .pinned_arena import arena
 
+logger = logging.getLogger("sloth")
+
 _local = threading.local()  # .last: weakref to the most recent _HostCopy of this thread (forward order);
 #                             .recomputing: inside a checkpoint's recompute (see recomputing())
 _streams: dict = {}         # cuda device index -> side stream for the offload copies
-_budget = {"used": 0}       # bytes of pinned host memory holding saved attentions
-_budget_lock = threading.Lock()
+_host = {"live": 0, "attention": 0}  # bytes of pinned host memory held by checkpoints (as allocated) / by saved
+#                                      attentions (exact)
+_host_lock = threading.Lock()
+_warned: list = []  # the one warning that layer inputs stay on the GPU (host memory full)
 
 
-def _host_budget() -> int:
+def _phys_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 64 * 2**30
+
+
+def _gib_env(name: str) -> Optional[int]:
+    env = os.environ.get(name)
+    return int(float(env) * 2**30) if env is not None else None
+
+
+def _host_limit() -> int:
+    """Bytes of pinned host memory all checkpoints may hold: SLOTH_OFFLOAD_HOST_GB (GiB), else the machine's
+    physical memory less an eighth of it (at least 16 GiB) for everything else."""
+    limit = _gib_env("SLOTH_OFFLOAD_HOST_GB")
+    if limit is None:
+        phys = _phys_bytes()
+        limit = phys - max(16 * 2**30, phys // 8)
+    return limit
+
+
+def _attention_budget() -> int:
     """Bytes of pinned host memory saved attentions may hold at once: SLOTH_SAVE_ATTENTION_HOST_GB (GiB), else an
     eighth of the machine's physical memory (so that at long context, where the layers' inputs alone fill the
     host, most layers recompute their attention rather than the host running out)."""
-    env = os.environ.get("SLOTH_SAVE_ATTENTION_HOST_GB")
-    if env is not None:
-        return int(float(env) * 2**30)
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 8
-    except (ValueError, OSError, AttributeError):
-        return 4 * 2**30
+    budget = _gib_env("SLOTH_SAVE_ATTENTION_HOST_GB")
+    return budget if budget is not None else _phys_bytes() // 8
 
 
-def _reserve_budget(nbytes: int) -> bool:
-    with _budget_lock:
-        if _budget["used"] + nbytes > _host_budget():
-            return False
-        _budget["used"] += nbytes
-        return True
+def _pinned_bytes(t: torch.Tensor, exact: bool) -> int:
+    """Host bytes a pinned copy of ``t`` takes: exact in the arena, else rounded up to a power of two as torch's
+    pinned-memory allocator does."""
+    n = max(1, t.numel() * t.element_size())
+    return n if exact else 1 << (n - 1).bit_length()
 
 
-def _release_budget(nbytes: int) -> None:
-    if nbytes:
-        with _budget_lock:
-            _budget["used"] -= nbytes
+def _reserve_host(tensors: List[torch.Tensor], attention_bytes: int) -> Optional[int]:
+    """Account for pinned copies of ``tensors`` (``attention_bytes`` of them saved attention); returns the bytes
+    accounted, or None (nothing accounted) when they would exceed the host limit or the attention budget."""
+    exact = arena() is not None
+    nbytes = sum(_pinned_bytes(t, exact) for t in tensors)
+    with _host_lock:
+        if _host["live"] + nbytes > _host_limit() or \
+                (attention_bytes and _host["attention"] + attention_bytes > _attention_budget()):
+            return None
+        _host["live"] += nbytes
+        _host["attention"] += attention_bytes
+        return nbytes
+
+
+def _release_host(nbytes: int, attention_bytes: int) -> None:
+    if nbytes or attention_bytes:
+        with _host_lock:
+            _host["live"] -= nbytes
+            _host["attention"] -= attention_bytes
+
+
+def _warn_host_full() -> None:
+    if not _warned:
+        _warned.append(True)
+        logger.warning("sloth: offloaded checkpoints hold %.1f GiB of pinned host memory, the limit "
+                       "(SLOTH_OFFLOAD_HOST_GB; default: the host's memory less an eighth); the inputs of further "
+                       "layers stay on the GPU", _host["live"] / 2**30)
 
 
 def _side_stream(device: torch.device) -> "torch.cuda.Stream":
@@ -83,14 +130,15 @@ def _side_stream(device: torch.device) -> "torch.cuda.Stream":
 class _HostCopy:
     """Copies of CUDA tensors in pinned host memory, made on the side stream; :meth:`prefetch` starts the copies
     back, :meth:`fetch` returns the tensors on the GPU, ready on the current stream (once: the host copies are then
-    freed). ``budget_bytes`` of them count against the host budget of saved attentions (released with them)."""
+    freed). ``accounted``: the (host bytes, saved-attention bytes) :func:`_reserve_host` counted for them,
+    released with them."""
 
-    __slots__ = ("host", "device", "prev", "budget_bytes", "_gpu", "_ready", "_arena", "_slots", "__weakref__")
+    __slots__ = ("host", "device", "prev", "accounted", "_gpu", "_ready", "_arena", "_slots", "__weakref__")
 
-    def __init__(self, tensors: List[torch.Tensor], prev: Optional["_HostCopy"], budget_bytes: int = 0):
+    def __init__(self, tensors: List[torch.Tensor], prev: Optional["_HostCopy"], accounted=(0, 0)):
         self.device = tensors[0].device
         self.prev = weakref.ref(prev) if prev is not None else None
-        self.budget_bytes = budget_bytes
+        self.accounted = accounted
         self._gpu = self._ready = None
         stream = _side_stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))  # written by work queued on the compute stream
@@ -144,8 +192,8 @@ class _HostCopy:
                 if slot is not None:
                     self._arena.free(slot)
         self._slots = []
-        _release_budget(self.budget_bytes)
-        self.budget_bytes = 0
+        _release_host(*self.accounted)
+        self.accounted = (0, 0)
 
     def __del__(self):  # a checkpoint whose backward never ran (its graph freed)
         if getattr(self, "host", None) is not None:
@@ -252,20 +300,28 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
         ctx.layout = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]  # positions of tensor args
         ctx.others = [None if isinstance(a, torch.Tensor) else a for a in args]
         ctx.host_copy, ctx.attention = None, []
-        if _offloads(hidden):
+        offload = _offloads(hidden)
+        if offload:
             extras = [t for item in collect or () for t in item.tensors()]
-            nbytes = sum(t.numel() * t.element_size() for t in extras)
-            if not extras or not _reserve_budget(nbytes):
-                extras, nbytes = [], 0
-            ctx.attention = collect if extras else []  # their O / LSE travel with the hidden state
+            attention_bytes = sum(t.numel() * t.element_size() for t in extras)
+            accounted = _reserve_host([hidden, *extras], attention_bytes) if extras else None
+            if accounted is None:  # without the saved attention (over its budget or the host limit)
+                extras, attention_bytes = [], 0
+                accounted = _reserve_host([hidden], 0)
+            offload = accounted is not None
+            if not offload:
+                _warn_host_full()
+        if offload:
+            ctx.attention = collect if extras else []  # their tensors travel with the hidden state
             last = getattr(_local, "last", None)
-            ctx.host_copy = _HostCopy([hidden.detach(), *extras], last() if last is not None else None, nbytes)
+            ctx.host_copy = _HostCopy([hidden.detach(), *extras], last() if last is not None else None,
+                                      (accounted, attention_bytes))
             _local.last = weakref.ref(ctx.host_copy)
             ctx.counts = [len(item.tensors()) for item in ctx.attention]
             for item in ctx.attention:  # the GPU copies are freed once copied (the host copy recorded the stream)
                 item.drop()
             ctx.save_for_backward(*[a if i != hidden_index else None for i, a in enumerate(args) if i in ctx.layout])
-        else:
+        else:  # off CUDA, or the host is full: the hidden state stays where it is
             ctx.save_for_backward(*[args[i] for i in ctx.layout])
         return outputs
 
