@@ -22,6 +22,7 @@ from ..nn.lora_linear import _lora_linear, lora_linear
 logger = logging.getLogger("sloth.peft")
 
 _ORIG = "_sloth_orig_forward"   # PEFT's forward as it was bound before patching
+_SAVED = "_sloth_saved_forward"  # the instance-level `forward` entry we replaced (None: there was none)
 _skip = contextvars.ContextVar("sloth_skip_output", default=None)  # SkipOutput of the running recompute
 
 
@@ -43,7 +44,6 @@ def skip_output(layer):
         yield state
     finally:
         _skip.reset(token)
-_SAVED = "_sloth_saved_forward"  # the instance-level `forward` entry we replaced (None: there was none)
 
 
 def _lora_classes():

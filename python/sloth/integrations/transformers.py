@@ -28,7 +28,8 @@ Supported: Llama 3, Qwen3, Mistral and Gemma 3 text models (``*ForCausalLM``), b
 
 The attention computation stays the model's own (SDPA / eager / flash), except that under offloaded
 checkpointing on CUDA the ``"sdpa"`` function saves plain causal attention's output for the recompute
-(:mod:`sloth.integrations.sdpa`); Gemma 3's embedding scale sqrt(hidden) and sliding-window layers are untouched. :func:`unpatch` restores every replaced attribute exactly.
+(:mod:`sloth.integrations.sdpa`); Gemma 3's embedding scale sqrt(hidden) and sliding-window layers are
+untouched. :func:`unpatch` restores every replaced attribute exactly.
 
 With TRL: when ``trl`` is imported, :func:`patch` also hooks TRL's fused LM head so that trainers built on the
 patched model compute their per-token log-probs with sloth's kernel (see :mod:`sloth.integrations.trl`).
