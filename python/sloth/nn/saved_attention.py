@@ -225,8 +225,8 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
             not _supported(query, key, value, attention_mask, dropout, is_causal, kwargs):
         return None
     scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
-    collect = getattr(_local, "collect", None)
-    if collect is not None and not torch.is_grad_enabled():
+    collect = collected()
+    if collect is not None:
         try:
             r = _cudnn_forward(query, key, value, scale)
         except Exception as e:  # noqa: BLE001 - an op this torch does not have or rejects: off from now on
@@ -236,12 +236,10 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         if item.offloadable():
             collect.append(item)
         return item.out.transpose(1, 2).contiguous()
-    replay = getattr(_local, "replay", None)
-    if replay and torch.is_grad_enabled():
-        item = replay[0]
-        b, hq, t, d = query.shape
-        if item.out.shape != (b, hq, t, d) or item.out.dtype != query.dtype or item.scale != scale:
+    item = next_replayed()
+    if item is not None:
+        if item.out.shape != query.shape or item.out.dtype != query.dtype or item.scale != scale:
             return None  # not the call that was saved: compute it
-        replay.pop(0)
+        _local.replay.pop(0)
         return SavedAttentionFunction.apply(query, key, value, item).transpose(1, 2).contiguous()
     return None
