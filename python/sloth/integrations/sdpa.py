@@ -23,15 +23,16 @@ _ORIGINAL = "_sloth_original"  # attribute of the registered function: the "sdpa
 
 
 def _wrap(original):
-    def sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
-                               is_causal=None, **kwargs):
-        if not torch.compiler.is_compiling() and saved_attention.active():
+    def sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs):
+        if not args and not torch.compiler.is_compiling() and saved_attention.active():
+            rest = {k: v for k, v in kwargs.items() if k not in ("dropout", "scaling", "is_causal")}
+            is_causal = kwargs.get("is_causal")
             causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-            out = saved_attention.causal_attention(query, key, value, attention_mask, dropout, scaling, causal, kwargs)
+            out = saved_attention.causal_attention(query, key, value, attention_mask, kwargs.get("dropout", 0.0),
+                                                   kwargs.get("scaling"), causal, rest)
             if out is not None:
                 return out, None
-        return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                        is_causal=is_causal, **kwargs)
+        return original(module, query, key, value, attention_mask, *args, **kwargs)
 
     setattr(sdpa_attention_forward, _ORIGINAL, original)
     sdpa_attention_forward.__doc__ = (original.__doc__ or "") + \
