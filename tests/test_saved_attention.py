@@ -251,7 +251,7 @@ def test_cuda_checkpointed_model_with_saved_attention(count_saved, monkeypatch, 
     """A bf16 model under use_gradient_checkpointing="sloth": every layer's recompute takes the saved attention
     (none with a padded batch, whose mask the path declines); with LoRA on every projection also the attention
     module's output (o_proj's product skipped) and, in Llama (no q / k norms), q / k / v (their projections'
-    products skipped). The loss is the same and the gradients are within bf16 rounding (2.5 ulp: cuDNN's dq
+    products skipped). The loss is the same (up to SDPA's kernel choice) and the gradients are within bf16 rounding (2.5 ulp: cuDNN's dq
     accumulation order may differ between runs) of the run that recomputes everything; the host budget is
     returned."""
     model = _model(family, lora)
@@ -268,7 +268,9 @@ def test_cuda_checkpointed_model_with_saved_attention(count_saved, monkeypatch, 
     monkeypatch.setattr(saved_attention, "ENABLED", False)
     loss_ref, grads_ref = _step(model, ids, mask)
     assert count_saved == want
-    assert torch.equal(loss, loss_ref)
+    # the same cuDNN kernel when SDPA picks it (then equal); another SDPA kernel rounds the bf16 attention output
+    # differently (~4e-3 per element), which the mean over 1200 tokens brings down to ~1e-4
+    assert torch.allclose(loss, loss_ref, rtol=1e-3, atol=0), (loss, loss_ref)
     assert grads.keys() == grads_ref.keys() and grads
     for n in grads:
         assert rel_err(grads[n], grads_ref[n]) <= 1e-2, n
