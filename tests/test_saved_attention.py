@@ -251,9 +251,9 @@ def test_cuda_checkpointed_model_with_saved_attention(count_saved, monkeypatch, 
     """A bf16 model under use_gradient_checkpointing="sloth": every layer's recompute takes the saved attention
     (none with a padded batch, whose mask the path declines); with LoRA on every projection also the attention
     module's output (o_proj's product skipped) and, in Llama (no q / k norms), q / k / v (their projections'
-    products skipped). The loss is the same (up to SDPA's kernel choice) and the gradients are within bf16 rounding (2.5 ulp: cuDNN's dq
-    accumulation order may differ between runs) of the run that recomputes everything; the host budget is
-    returned."""
+    products skipped). The loss is the same (up to SDPA's kernel choice) and the gradients are within bf16
+    rounding (2.5 ulp: cuDNN's dq accumulation order may differ between runs) of the run that recomputes
+    everything; the host accounting returns to zero."""
     model = _model(family, lora)
     ids = torch.randint(0, 256, (2, 600), device="cuda")
     mask = None
