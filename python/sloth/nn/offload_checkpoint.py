@@ -314,8 +314,12 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
         if offload:
             ctx.attention = collect if extras else []  # their tensors travel with the hidden state
             last = getattr(_local, "last", None)
-            ctx.host_copy = _HostCopy([hidden.detach(), *extras], last() if last is not None else None,
-                                      (accounted, attention_bytes))
+            try:
+                ctx.host_copy = _HostCopy([hidden.detach(), *extras], last() if last is not None else None,
+                                          (accounted, attention_bytes))
+            except BaseException:  # e.g. pinned memory could not be allocated: nothing stays accounted
+                _release_host(accounted, attention_bytes)
+                raise
             _local.last = weakref.ref(ctx.host_copy)
             ctx.counts = [len(item.tensors()) for item in ctx.attention]
             for item in ctx.attention:  # the GPU copies are freed once copied (the host copy recorded the stream)
