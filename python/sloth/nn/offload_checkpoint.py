@@ -138,7 +138,7 @@ class _HostCopy:
     def __init__(self, tensors: List[torch.Tensor], prev: Optional["_HostCopy"], accounted=(0, 0)):
         self.device = tensors[0].device
         self.prev = weakref.ref(prev) if prev is not None else None
-        self.accounted = accounted
+        self.accounted = (0, 0)  # set once the copies are queued (a failure before: the caller releases it)
         self._gpu = self._ready = None
         stream = _side_stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))  # written by work queued on the compute stream
@@ -154,6 +154,7 @@ class _HostCopy:
             with torch.cuda.stream(stream):
                 h.copy_(t, non_blocking=True)
             t.record_stream(stream)  # t's memory is not handed out again before the copy has read it
+        self.accounted = accounted
 
     def prefetch(self) -> None:
         if self._gpu is not None or self.host is None:
