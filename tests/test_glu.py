@@ -83,7 +83,7 @@ def test_lora_mlp(device, kind, monkeypatch):
     apply = lora_group.LoraGroupFunction.apply
     monkeypatch.setattr(lora_group.LoraGroupFunction, "apply", lambda *a: groups.append(len(a)) or apply(*a))
     y = sloth.lora_mlp(x, *projs, kind=kind)
-    assert groups == [4 + 2 * 3]  # gate and up as one group: x, ws, scalings, need_output, then (A, B, bias) each
+    assert groups == [3 + 2 * 3]  # gate and up as one group: x, ws, scalings, then (A, B, bias) for each
     y.square().sum().backward()
     got = [x.grad] + [p.lora_A.grad for p in projs] + [p.lora_B.grad for p in projs]
 

@@ -95,26 +95,32 @@ def _math_backward(dout, q, k, v, out, lse, aux, scale):
         return torch.autograd.grad(o, xs, dout)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_bookkeeping_with_stand_ins(family, monkeypatch):
+def _rejecting(*a, **k):
+    raise RuntimeError("schema changed")
+
+
+@pytest.mark.parametrize("family,backward", [("llama", "kernel"), ("qwen3", "kernel"), ("llama", "rejected")])
+def test_bookkeeping_with_stand_ins(family, backward, monkeypatch):
     """The whole saving path on the CPU, with plain-torch stand-ins for the cuDNN kernels and the pinned copies
     (fp32): a PEFT LoRA model under use_gradient_checkpointing="sloth" saves each layer's attention, its output
     and (Llama: no q / k norms) q / k / v, the recompute skips those products, and loss and LoRA gradients equal
-    those of the run that recomputes everything (fp32 rounding: the stand-in attention is not SDPA's kernel)."""
+    those of the run that recomputes everything (fp32 rounding: the stand-in attention is not SDPA's kernel).
+    A backward kernel that rejects its call: every saved layer falls back to SDPA's backward, same gradients."""
     from sloth.nn import lora_group
 
     peft = pytest.importorskip("peft")
     monkeypatch.setattr(saved_attention, "ENABLED", True)
+    monkeypatch.setattr(saved_attention, "_broken", [])
     monkeypatch.setattr(saved_attention, "DTYPES", (torch.float32,))
     monkeypatch.setattr(saved_attention, "_on_device", lambda t: True)
     monkeypatch.setattr(saved_attention, "_cudnn_forward", _math_forward)
-    monkeypatch.setattr(saved_attention, "_cudnn_backward", _math_backward)
+    monkeypatch.setattr(saved_attention, "_cudnn_backward", _math_backward if backward == "kernel" else _rejecting)
     monkeypatch.setattr(oc, "_offloads", lambda t: True)
     monkeypatch.setattr(oc, "_HostCopy", HostStandIn)
     calls = {"attention": 0, "o": 0, "qkv": 0}
     for cls, key, when in ((saved_attention.SavedAttentionFunction, "attention", lambda a: True),
                            (saved_attention.ValueOf, "o", lambda a: True),
-                           (lora_group.LoraGroupFunction, "qkv", lambda a: not a[3] and len(a) == 13)):
+                           (lora_group.LoraGroupNoOutputFunction, "qkv", lambda a: len(a) == 3 + 3 * 3)):
         def counted(*a, _apply=cls.apply, _key=key, _when=when):
             calls[_key] += bool(_when(a))
             return _apply(*a)
@@ -135,10 +141,12 @@ def test_bookkeeping_with_stand_ins(family, monkeypatch):
     results = []
     for on in (True, False):
         monkeypatch.setattr(saved_attention, "ENABLED", on)
+        monkeypatch.setattr(saved_attention, "_broken", [])
         model.zero_grad(set_to_none=True)
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        assert bool(saved_attention._broken) == (on and backward == "rejected")
         assert calls == {"attention": 2, "o": 2, "qkv": 2 if family == "llama" else 0}
         assert oc._host == {"live": 0, "attention": 0}
     (loss, grads), (loss_ref, grads_ref) = results
@@ -240,7 +248,7 @@ def count_saved(monkeypatch):
 
     counting(saved_attention.SavedAttentionFunction, "attention")
     counting(saved_attention.ValueOf, "o")
-    counting(lora_group.LoraGroupFunction, "qkv", when=lambda a: not a[3] and len(a) == 4 + 3 * 3)
+    counting(lora_group.LoraGroupNoOutputFunction, "qkv", when=lambda a: len(a) == 3 + 3 * 3)
     return calls
 
 

@@ -16,24 +16,29 @@ import torch
 from .lora_linear import LoraProj, _forward, _proj, as_rows, prepare_args
 
 
+def _group_forward(ctx, x2d, ws, scalings, abb, need_output: bool):
+    """The group's forward: t = x [A_1; ...]^T in one GEMM, then each y_i = x W_i^T + s_i t_i B_i^T (+ bias_i), or
+    zeros for them without ``need_output``; saves x and t for the backward."""
+    As, Bs, biases = abb[0::3], abb[1::3], abb[2::3]
+    ranks = [a.shape[0] for a in As]
+    t_all = torch.mm(x2d, torch.cat(As).t())  # [M, sum r]: the shared-input GEMM
+    ts = t_all.split(ranks, dim=1)  # [M, r_i] views
+    if need_output:
+        ys = [_forward(x2d, w, None, B, s, b, t=t.contiguous())[0]
+              for w, B, s, b, t in zip(ws, Bs, scalings, biases, ts)]
+    else:  # only the backward graph: zeros stand for the outputs
+        ys = [x2d.new_zeros(x2d.shape[0], w.shape[0]) for w in ws]
+    ctx.ws, ctx.scalings, ctx.ranks = ws, scalings, ranks
+    ctx.save_for_backward(x2d, t_all, *As, *Bs)
+    return tuple(ys)
+
+
 class LoraGroupFunction(torch.autograd.Function):
-    """Autograd for lora_linear_group on 2-d x: inputs x2d, the weights, scalings, need_output, then
-    (A_i, B_i, bias_i) per projection."""
+    """Autograd for lora_linear_group on 2-d x: inputs x2d, then (A_i, B_i, bias_i) per projection."""
 
     @staticmethod
-    def forward(ctx, x2d, ws, scalings, need_output, *abb):
-        As, Bs, biases = abb[0::3], abb[1::3], abb[2::3]
-        ranks = [a.shape[0] for a in As]
-        t_all = torch.mm(x2d, torch.cat(As).t())  # [M, sum r]: the shared-input GEMM
-        ts = t_all.split(ranks, dim=1)  # [M, r_i] views
-        if need_output:
-            ys = [_forward(x2d, w, None, B, s, b, t=t.contiguous())[0]
-                  for w, B, s, b, t in zip(ws, Bs, scalings, biases, ts)]
-        else:  # only the backward graph: zeros stand for the outputs
-            ys = [x2d.new_zeros(x2d.shape[0], w.shape[0]) for w in ws]
-        ctx.ws, ctx.scalings, ctx.ranks = ws, scalings, ranks
-        ctx.save_for_backward(x2d, t_all, *As, *Bs)
-        return tuple(ys)
+    def forward(ctx, x2d, ws, scalings, *abb):
+        return _group_forward(ctx, x2d, ws, scalings, abb, True)
 
     @staticmethod
     def backward(ctx, *dys):
@@ -49,15 +54,24 @@ class LoraGroupFunction(torch.autograd.Function):
             dx = torch.mm(dyB, torch.cat(As))  # [M, in]: all the rank-r terms in one GEMM
             for dy, w in zip(dys, ctx.ws):
                 dx.addmm_(dy, w.materialize(dy.dtype))  # += dy_i W_i
-        dAs = torch.mm(dyB.t(), x2d).split(ctx.ranks) if any(need[4::3]) else [None] * n  # [r_i, in]
+        dAs = torch.mm(dyB.t(), x2d).split(ctx.ranks) if any(need[3::3]) else [None] * n  # [r_i, in]
         ts = t_all.split(ctx.ranks, dim=1)
         grads = []
         for i in range(n):
-            dA = dAs[i] if need[4 + 3 * i] else None
-            dB = torch.mm(dys[i].t(), ts[i]).mul_(ctx.scalings[i]) if need[5 + 3 * i] else None  # [out_i, r_i]
-            db = dys[i].sum(0) if need[6 + 3 * i] else None
+            dA = dAs[i] if need[3 + 3 * i] else None
+            dB = torch.mm(dys[i].t(), ts[i]).mul_(ctx.scalings[i]) if need[4 + 3 * i] else None  # [out_i, r_i]
+            db = dys[i].sum(0) if need[5 + 3 * i] else None
             grads += [dA, dB, db]
-        return (dx, None, None, None, *grads)
+        return (dx, None, None, *grads)
+
+
+class LoraGroupNoOutputFunction(LoraGroupFunction):
+    """:class:`LoraGroupFunction` whose forward computes only the LoRA A products (zeros for the outputs): the
+    same backward, for a recompute that takes the outputs' values from elsewhere."""
+
+    @staticmethod
+    def forward(ctx, x2d, ws, scalings, *abb):
+        return _group_forward(ctx, x2d, ws, scalings, abb, False)
 
 
 def lora_linear_group(x: torch.Tensor, projs: Sequence[LoraProj], need_output: bool = True) -> list[torch.Tensor]:
@@ -79,5 +93,6 @@ def lora_linear_group(x: torch.Tensor, projs: Sequence[LoraProj], need_output: b
     x2d = as_rows(x, in_f)  # [tokens, in]
     if x2d.shape[0] == 0:
         return [x.new_zeros((*lead, w.shape[0])) for w in ws]
-    ys = LoraGroupFunction.apply(x2d, ws, [float(p.scaling) for p in projs], need_output, *abb)
+    fn = LoraGroupFunction if need_output else LoraGroupNoOutputFunction
+    ys = fn.apply(x2d, ws, [float(p.scaling) for p in projs], *abb)
     return [y.view(*lead, w.shape[0]) for y, w in zip(ys, ws)]

@@ -15,9 +15,9 @@ Transformers uses it (``GradientCheckpointingLayer`` calls ``func(partial(forwar
   of the input of the layer before it (the previous offloaded checkpoint in forward order) is started on the side
   stream, so it hides behind this layer's recompute and backward. At most two hidden states are on the GPU at a time.
 - off CUDA (CPU, other devices) nothing is copied: the hidden state is kept where it is (plain checkpointing).
-  So on CUDA when the pinned copies of all checkpoints would exceed the host limit (:func:`_host_limit`: the
-  host's memory less an eighth, or ``SLOTH_OFFLOAD_HOST_GB``): the inputs of further layers stay on the GPU (one
-  warning), rather than the host running out of memory at very long context.
+  So on CUDA when the pinned copies of all checkpoints would exceed the host limit (:func:`_host_limit`: most of
+  the host's memory, or ``SLOTH_OFFLOAD_HOST_GB``): the inputs of further layers stay on the GPU (one warning),
+  rather than the host running out of memory at very long context.
 - during the recompute :func:`recomputing` is True, so that a module whose output the backward never reads (a
   decoder layer's MLP whose output only feeds the residual sum, see :mod:`sloth.integrations.mlp`) can skip
   computing it and only build its backward graph.
@@ -50,15 +50,25 @@ _local = threading.local()  # .last: weakref to the most recent _HostCopy of thi
 _streams: dict = {}         # cuda device index -> side stream for the offload copies
 _host = {"live": 0, "attention": 0}  # bytes of pinned host memory held by checkpoints (as allocated) / by saved
 #                                      attentions (exact)
-_host_lock = threading.Lock()
+_host_lock = threading.RLock()  # (re-entrant: a _HostCopy may be collected, and release, inside the lock)
 _warned: list = []  # the one warning that layer inputs stay on the GPU (host memory full)
 
 
 def _phys_bytes() -> int:
+    """The host memory this process may use: physical memory, or the container's (cgroup) limit if lower."""
     try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        phys = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
-        return 64 * 2**30
+        phys = 64 * 2**30
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                value = f.read().strip()
+        except OSError:
+            continue
+        if value.isdigit():
+            phys = min(phys, int(value))
+    return phys
 
 
 def _gib_env(name: str) -> Optional[int]:
@@ -67,12 +77,13 @@ def _gib_env(name: str) -> Optional[int]:
 
 
 def _host_limit() -> int:
-    """Bytes of pinned host memory all checkpoints may hold: SLOTH_OFFLOAD_HOST_GB (GiB), else the machine's
-    physical memory less an eighth of it (at least 16 GiB) for everything else."""
+    """Bytes of pinned host memory all checkpoints may hold: SLOTH_OFFLOAD_HOST_GB (GiB), else the host memory
+    (:func:`_phys_bytes`) less what everything else needs: an eighth of it, or a quarter up to 16 GiB if more
+    (12 GiB of a 16 GiB host, 112 GiB of a 128 GiB one)."""
     limit = _gib_env("SLOTH_OFFLOAD_HOST_GB")
     if limit is None:
         phys = _phys_bytes()
-        limit = phys - max(16 * 2**30, phys // 8)
+        limit = phys - max(phys // 8, min(16 * 2**30, phys // 4))
     return limit
 
 
@@ -96,9 +107,9 @@ def _reserve_host(tensors: List[torch.Tensor], attention_bytes: int) -> Optional
     accounted, or None (nothing accounted) when they would exceed the host limit or the attention budget."""
     exact = arena() is not None
     nbytes = sum(_pinned_bytes(t, exact) for t in tensors)
+    limit, budget = _host_limit(), _attention_budget()  # (outside the lock: they read the environment)
     with _host_lock:
-        if _host["live"] + nbytes > _host_limit() or \
-                (attention_bytes and _host["attention"] + attention_bytes > _attention_budget()):
+        if _host["live"] + nbytes > limit or (attention_bytes and _host["attention"] + attention_bytes > budget):
             return None
         _host["live"] += nbytes
         _host["attention"] += attention_bytes
@@ -115,9 +126,9 @@ def _release_host(nbytes: int, attention_bytes: int) -> None:
 def _warn_host_full() -> None:
     if not _warned:
         _warned.append(True)
-        logger.warning("sloth: offloaded checkpoints hold %.1f GiB of pinned host memory, the limit "
-                       "(SLOTH_OFFLOAD_HOST_GB; default: the host's memory less an eighth); the inputs of further "
-                       "layers stay on the GPU", _host["live"] / 2**30)
+        logger.warning("sloth: offloaded checkpoints hold %.1f GiB of pinned host memory, the limit is %.1f GiB "
+                       "(SLOTH_OFFLOAD_HOST_GB sets it); the inputs of further layers stay on the GPU",
+                       _host["live"] / 2**30, _host_limit() / 2**30)
 
 
 def _side_stream(device: torch.device) -> "torch.cuda.Stream":

@@ -22,9 +22,11 @@ products as well.
 
 Only plain causal self-attention takes this path: no mask tensor (a padded batch brings one), no dropout, no
 softcapping or position bias, bf16 / fp16, equal q / k / v head dims of at most 256, query heads a multiple of
-the key heads; anything else returns None and the caller runs the model's own attention. The path uses torch's
-private ``aten::_scaled_dot_product_cudnn_attention`` (and its backward): if the installed torch rejects it, one
-warning is logged and the model's own attention runs from then on. Opt-in for now: ``SLOTH_SAVE_ATTENTION=1``.
+the key heads, cuDNN's SDPA kernels allowed (``torch.backends.cuda.enable_cudnn_sdp``) and no deterministic
+algorithms asked for; anything else returns None and the caller runs the model's own attention. The path uses
+torch's private ``aten::_scaled_dot_product_cudnn_attention`` (and its backward): if the installed torch rejects
+it, one warning is logged, SDPA's own backward serves the attentions already saved, and nothing more is saved.
+Opt-in for now: ``SLOTH_SAVE_ATTENTION=1``.
 """
 
 from __future__ import annotations
@@ -151,6 +153,12 @@ def _fail(e: Exception) -> None:
                        "failed (%s); the recompute computes the attention as usual", _broken[0][:300])
 
 
+def _cudnn_allowed() -> bool:
+    """Whether the user lets SDPA use cuDNN's kernels (``torch.backends.cuda.enable_cudnn_sdp``) and does not ask
+    for deterministic algorithms (cuDNN's attention backward is not)."""
+    return torch.backends.cuda.cudnn_sdp_enabled() and not torch.are_deterministic_algorithms_enabled()
+
+
 def _on_device(t: torch.Tensor) -> bool:
     """Whether ``t`` is where the fused kernels run (CUDA)."""
     return t.is_cuda
@@ -190,6 +198,8 @@ class SavedAttentionFunction(torch.autograd.Function):
             dout = torch.empty_like(out).copy_(dout)  # same layout as O: empty_like keeps a dense tensor's strides
         try:
             dq, dk, dv = _cudnn_backward(dout, q, k, v, out, lse, ctx.aux, ctx.scale)
+        except torch.OutOfMemoryError:
+            raise
         except Exception as e:  # noqa: BLE001 - the private op rejected the call: SDPA's own backward (slower)
             _fail(e)
             xs = [t.detach().requires_grad_() for t in (q, k, v)]
@@ -221,14 +231,17 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     """The causal attention of ``query [B, Hq, T, D]``, ``key / value [B, Hk, T, D]`` as ``[B, T, Hq, D]``
     (contiguous, as Transformers' SDPA attention returns it) when a checkpoint collects or replays saved attentions
     and the call is supported (see the module docstring); None otherwise (the caller computes it)."""
-    if not enabled() or not _on_device(query) or \
-            not _supported(query, key, value, attention_mask, dropout, is_causal, kwargs):
+    if not _on_device(query) or not _supported(query, key, value, attention_mask, dropout, is_causal, kwargs):
         return None
     scale = float(scaling) if scaling is not None else 1.0 / math.sqrt(query.shape[-1])
     collect = collected()
     if collect is not None:
+        if not enabled() or not _cudnn_allowed():
+            return None
         try:
             r = _cudnn_forward(query, key, value, scale)
+        except torch.OutOfMemoryError:
+            raise
         except Exception as e:  # noqa: BLE001 - an op this torch does not have or rejects: off from now on
             _fail(e)
             return None
@@ -236,7 +249,7 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         if item.offloadable():
             collect.append(item)
         return item.out.transpose(1, 2).contiguous()
-    item = next_replayed()
+    item = next_replayed()  # (replayed even once the path is off: the recompute may have skipped q / k / v)
     if item is not None:
         if item.out.shape != query.shape or item.out.dtype != query.dtype or item.scale != scale:
             return None  # not the call that was saved: compute it
