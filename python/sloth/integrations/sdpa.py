@@ -78,9 +78,9 @@ def checkpointed_attention_forward(attention: torch.nn.Module, args: tuple, kwar
             out = attention._sloth_orig_forward(*args, **kwargs)
         if len(collect) == n + 1:
             item = collect[-1]
-            if not saved_attention.PROJECTIONS or group is None or not group.computed or \
-                    _projections_read_back(attention):
-                item.qkv = None
+            if saved_attention.PROJECTIONS and group is not None and group.computed and \
+                    not _projections_read_back(attention):
+                item.qkv = item.inputs
             o_proj = getattr(attention, "o_proj", None)
             if saved_attention.PROJECTIONS and isinstance(out, tuple) and isinstance(o_proj, _lora_classes()) and \
                     _proj(o_proj) is not None:

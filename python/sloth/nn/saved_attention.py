@@ -62,11 +62,12 @@ class SavedAttention:
     ``o_out [B, T, hidden]``, so that the recompute may skip the q / k / v and o projections too
     (:mod:`sloth.integrations.sdpa`)."""
 
-    __slots__ = ("out", "lse", "aux", "scale", "qkv", "o_out")
+    __slots__ = ("out", "lse", "aux", "scale", "qkv", "o_out", "inputs")
 
     def __init__(self, out: torch.Tensor, lse: torch.Tensor, aux: tuple, scale: float,
                  qkv: Optional[List[torch.Tensor]] = None, o_out: Optional[torch.Tensor] = None):
         self.out, self.lse, self.aux, self.scale, self.qkv, self.o_out = out, lse, aux, scale, qkv, o_out
+        self.inputs: Optional[List[torch.Tensor]] = None  # the forward's q, k, v: what qkv may be set to
 
     def tensors(self) -> List[torch.Tensor]:
         """The tensors to offload: O as [B, T, Hq, D], LSE, then q / k / v as [B, T, H, D] and o_out if kept."""
@@ -83,7 +84,7 @@ class SavedAttention:
 
     def drop(self) -> None:
         """Forget the GPU tensors (once their host copies are queued; :meth:`with_tensors` brings them back)."""
-        self.out = self.lse = self.o_out = self.qkv = None
+        self.out = self.lse = self.o_out = self.qkv = self.inputs = None
 
     def offloadable(self) -> bool:
         return self.out.transpose(1, 2).is_contiguous() and self.lse.is_contiguous()
@@ -245,7 +246,8 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         except Exception as e:  # noqa: BLE001 - an op this torch does not have or rejects: off from now on
             _fail(e)
             return None
-        item = SavedAttention(r[0], r[1], (r[2], r[3], r[4], r[5], r[6], r[7]), scale, [query, key, value])
+        item = SavedAttention(r[0], r[1], (r[2], r[3], r[4], r[5], r[6], r[7]), scale)
+        item.inputs = [query, key, value]
         if item.offloadable():
             collect.append(item)
         return item.out.transpose(1, 2).contiguous()
