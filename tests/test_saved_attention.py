@@ -3,7 +3,6 @@ accepted, the "sdpa" wrapper passing everything else through unchanged (CPU); on
 cuDNN's backward against an fp32 reference, and a checkpointed model's loss and gradients with and without saving."""
 
 import copy
-import math
 
 import pytest
 import torch
