@@ -287,7 +287,7 @@ def _capturing_now(t: torch.Tensor) -> bool:
 def graphed_call(function: Callable, args: tuple):
     """``function(*args)`` (a checkpointed layer's forward, called under no_grad), replayed from a CUDA graph where
     possible (see the module docstring)."""
-    if not ENABLED or not args or not _small_cuda(args[0]) or _capturing_now(args[0]):
+    if not args or not may_graph(args[0]) or _capturing_now(args[0]):
         return function(*args)
     try:
         layer, call, tensors, sig_key = _layer_call(function, args)
@@ -443,7 +443,7 @@ def graphed_backward(function: Callable, args: list, needs: tuple, grad_outputs:
     gradients of ``args`` (those with ``needs``) are returned. None: the caller runs the backward eagerly (the first
     backward of a layer with a signature, a layer that cannot be graphed, a distributed run whose gradient hooks
     must fire). The layer's forward graph must exist (its static buffers and pool are shared)."""
-    if not ENABLED or not args or not _small_cuda(args[0]) or _capturing_now(args[0]) or \
+    if not args or not may_graph(args[0]) or _capturing_now(args[0]) or \
             (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return None
     try:
