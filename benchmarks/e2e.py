@@ -12,7 +12,7 @@ and ``max_memory_reserved``, which includes the CUDA graph pools) and the per-st
     python benchmarks/e2e.py --config qwen3-8b
     python benchmarks/e2e.py --config gemma-3-12b
     python benchmarks/e2e.py --seq 8192 --batch 1
-    python benchmarks/e2e.py --sides sloth-offload,sloth-offload-eager,sloth-offload-save   # graphs / saved attention
+    python benchmarks/e2e.py --sides sloth-offload,sloth-offload-graphs,sloth-offload-save,sloth-offload-eager  # A/B
     python benchmarks/e2e.py --config tiny --device cpu --steps 2 --warmup 1 --seq 64   # smoke test, no GPU
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -130,8 +131,9 @@ _SAVE_ATTENTION_DEFAULT = []  # saved_attention.ENABLED as the environment set i
 def apply_side(pm, side: str) -> None:
     """Put ``pm`` on ``side``: ``hf`` (unpatched, Transformers' checkpointing), ``sloth`` (``sloth.patch``,
     Transformers' checkpointing), ``sloth-offload`` (``sloth.patch``, offloaded checkpointing),
-    ``sloth-offload-eager`` (the same without the layers' CUDA graphs, for A/B) or ``sloth-offload-save`` (without
-    graphs, with the checkpoints' saved attention, :mod:`sloth.nn.saved_attention`, at every size)."""
+    ``sloth-offload-eager`` (the same without the layers' CUDA graphs or saved attention, for A/B),
+    ``sloth-offload-graphs`` (graphs without saved attention) or ``sloth-offload-save`` (saved attention,
+    :mod:`sloth.nn.saved_attention`, without graphs)."""
     import sloth
     from sloth.nn import layer_graphs, saved_attention
 
@@ -139,7 +141,8 @@ def apply_side(pm, side: str) -> None:
         _SAVE_ATTENTION_DEFAULT.append(saved_attention.ENABLED)
     layer_graphs.clear()
     layer_graphs.ENABLED = side not in ("sloth-offload-eager", "sloth-offload-save")
-    saved_attention.ENABLED = side == "sloth-offload-save" or _SAVE_ATTENTION_DEFAULT[0]
+    saved_attention.ENABLED = side == "sloth-offload-save" or (
+        _SAVE_ATTENTION_DEFAULT[0] and side not in ("sloth-offload-eager", "sloth-offload-graphs"))
     if side.startswith("sloth"):
         sloth.patch(pm)
     else:
@@ -244,8 +247,8 @@ def main(argv=None):
     ap.add_argument("--sides", default="hf,sloth,sloth-offload",
                     help="comma-separated: hf (unpatched), sloth (patched, Transformers' checkpointing), "
                          "sloth-offload (patched, use_gradient_checkpointing='sloth'), sloth-offload-eager (the same "
-                         "without the layers' CUDA graphs), sloth-offload-save (without graphs, with saved attention; "
-                         "SLOTH_SAVE_ATTENTION=1 turns it on for the other sides, above the graphs' size)")
+                         "without the layers' CUDA graphs or saved attention), sloth-offload-graphs (graphs only), "
+                         "sloth-offload-save (saved attention only)")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
                     help="after each side's timed steps, profile one more step and print its ROWS costliest ops")
@@ -263,7 +266,9 @@ def main(argv=None):
     ntok = args.batch * args.seq
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
-        print(f"device: {torch.cuda.get_device_name()}; model memory {torch.cuda.memory_allocated() / GIB:.2f} GiB")
+        conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")  # every side's (sloth sets expandable segments at import)
+        print(f"device: {torch.cuda.get_device_name()}; model memory {torch.cuda.memory_allocated() / GIB:.2f} GiB; "
+              f"PYTORCH_CUDA_ALLOC_CONF={conf!r}")
 
     results = {}
     for side in args.sides.split(","):

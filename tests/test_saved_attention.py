@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import sloth
 from sloth.nn import layer_graphs, saved_attention
 from sloth.nn import offload_checkpoint as oc
+from test_layer_graphs import cpu_graphs  # noqa: F401  (fixture)
 from test_offload_checkpoint import HostStandIn
 
 transformers = pytest.importorskip("transformers")
@@ -98,22 +99,19 @@ def _rejecting(*a, **k):
     raise RuntimeError("schema changed")
 
 
-@pytest.mark.parametrize("family,backward", [("llama", "kernel"), ("qwen3", "kernel"), ("llama", "rejected")])
-def test_bookkeeping_with_stand_ins(family, backward, monkeypatch):
-    """The whole saving path on the CPU, with plain-torch stand-ins for the cuDNN kernels and the pinned copies
-    (fp32): a PEFT LoRA model under use_gradient_checkpointing="sloth" saves each layer's attention, its output
-    and (Llama: no q / k norms) q / k / v, the recompute skips those products, and loss and LoRA gradients equal
-    those of the run that recomputes everything (fp32 rounding: the stand-in attention is not SDPA's kernel).
-    A backward kernel that rejects its call: every saved layer falls back to SDPA's backward, same gradients."""
+@pytest.fixture
+def stand_ins(monkeypatch):
+    """The saving path on the CPU: plain-torch stand-ins for the cuDNN kernels and the pinned copies, fp32 allowed;
+    returns the counts of what recomputes took from checkpoints ("attention": saved outputs, "o": attention module
+    outputs, o_proj skipped; "qkv": grouped q / k / v projections without outputs)."""
     from sloth.nn import lora_group
 
-    peft = pytest.importorskip("peft")
     monkeypatch.setattr(saved_attention, "ENABLED", True)
     monkeypatch.setattr(saved_attention, "_broken", [])
     monkeypatch.setattr(saved_attention, "DTYPES", (torch.float32,))
     monkeypatch.setattr(saved_attention, "_on_device", lambda t: True)
     monkeypatch.setattr(saved_attention, "_cudnn_forward", _math_forward)
-    monkeypatch.setattr(saved_attention, "_cudnn_backward", _math_backward if backward == "kernel" else _rejecting)
+    monkeypatch.setattr(saved_attention, "_cudnn_backward", _math_backward)
     monkeypatch.setattr(oc, "_offloads", lambda t: True)
     monkeypatch.setattr(oc, "_HostCopy", HostStandIn)
     calls = {"attention": 0, "o": 0, "qkv": 0}
@@ -125,6 +123,12 @@ def test_bookkeeping_with_stand_ins(family, backward, monkeypatch):
             return _apply(*a)
 
         monkeypatch.setattr(cls, "apply", counted)
+    return calls
+
+
+def _tiny_lora_model(family: str):
+    """A 2-layer fp32 PEFT LoRA model (every projection) under use_gradient_checkpointing="sloth"."""
+    peft = pytest.importorskip("peft")
     torch.manual_seed(0)
     common = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=96, vocab_size=128, tie_word_embeddings=False)
@@ -136,6 +140,19 @@ def test_bookkeeping_with_stand_ins(family, backward, monkeypatch):
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     model = sloth.patch(model).train()
     sloth.set_gradient_checkpointing(model, "sloth")
+    return model
+
+
+@pytest.mark.parametrize("family,backward", [("llama", "kernel"), ("qwen3", "kernel"), ("llama", "rejected")])
+def test_bookkeeping_with_stand_ins(family, backward, stand_ins, monkeypatch):
+    """The whole saving path on the CPU (fp32, see ``stand_ins``): a PEFT LoRA model under
+    use_gradient_checkpointing="sloth" saves each layer's attention, its output and (Llama: no q / k norms) q / k /
+    v, the recompute skips those products, and loss and LoRA gradients equal those of the run that recomputes
+    everything (fp32 rounding: the stand-in attention is not SDPA's kernel). A backward kernel that rejects its
+    call: every saved layer falls back to SDPA's backward, same gradients."""
+    if backward == "rejected":
+        monkeypatch.setattr(saved_attention, "_cudnn_backward", _rejecting)
+    model = _tiny_lora_model(family)
     ids = torch.randint(0, 128, (2, 24))
     results = []
     for on in (True, False):
@@ -146,13 +163,56 @@ def test_bookkeeping_with_stand_ins(family, backward, monkeypatch):
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
         assert bool(saved_attention._broken) == (on and backward == "rejected")
-        assert calls == {"attention": 2, "o": 2, "qkv": 2 if family == "llama" else 0}
+        assert stand_ins == {"attention": 2, "o": 2, "qkv": 2 if family == "llama" else 0}
         assert oc._host == {"live": 0, "attention": 0}
     (loss, grads), (loss_ref, grads_ref) = results
     assert abs(loss.item() - loss_ref.item()) <= 1e-6 * abs(loss_ref.item())
     assert grads.keys() == grads_ref.keys() and len(grads) == 2 * 7 * 2
     for n in grads:
         assert rel_err(grads[n], grads_ref[n]) <= 1e-5, n
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_graphed_bookkeeping_with_stand_ins(family, stand_ins, cpu_graphs, monkeypatch):
+    """Saved attention with the layers' CUDA graphs (each graph replaced by a re-run of its captured work, see
+    test_layer_graphs.cpu_graphs): the forward graph leaves the saved attentions in static buffers whose copies
+    the checkpoint offloads, the backward graph takes them back from the same buffers. Four steps on the same
+    batch: layers captured (forward at the second step, backward at the second), every recompute took the saved
+    attention (and in Llama q / k / v), and losses and LoRA gradients are exactly those of the same saving run
+    without graphs (test_bookkeeping_with_stand_ins compares saving with recomputing)."""
+    model = _tiny_lora_model(family)
+    ids = torch.randint(0, 128, (2, 24))
+    runs = []
+    for on in (True, False):
+        monkeypatch.setattr(layer_graphs, "ENABLED", on)
+        layer_graphs.clear()
+        m = copy.deepcopy(model)
+        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1e-2)
+        losses, grads = [], []
+        for _ in range(4):
+            loss = m(input_ids=ids, labels=ids).loss
+            loss.backward()
+            grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        if on:
+            assert layer_graphs.graph_count() == 2 and layer_graphs.graph_count(backward=True) == 2
+            sig = next(iter(layer_graphs._signatures.values()))
+            assert len(sig.saved) == 1 and next(iter(sig.backward.values())).saved is sig.saved
+        runs.append((torch.stack(losses), grads))
+        assert oc._host == {"live": 0, "attention": 0}
+    # per layer and step one recompute took the saved attention, in both runs; the backward captures (one per
+    # layer) ran their work once more on the CPU
+    assert cpu_graphs["captures"] == 2 * 2
+    n = 2 * 4 * 2 + 2
+    assert stand_ins == {"attention": n, "o": n, "qkv": n if family == "llama" else 0}
+    (l1, g1), (l0, g0) = runs
+    torch.testing.assert_close(l1, l0, rtol=0, atol=0)
+    for a, b in zip(g1, g0):
+        assert a.keys() == b.keys() and len(a) == 2 * 7 * 2
+        for n in a:
+            torch.testing.assert_close(a[n], b[n], rtol=0, atol=0, msg=n)
 
 
 CASES = [  # (batch, query heads, key heads, tokens, head dim, dtype)

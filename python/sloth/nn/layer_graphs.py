@@ -44,6 +44,8 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
+from . import saved_attention
+
 logger = logging.getLogger("sloth")
 
 ENABLED = os.environ.get("SLOTH_CUDA_GRAPHS", "1") != "0"
@@ -168,13 +170,36 @@ class _Graph:
         self.params, self.keep = params, keep  # parameters whose gradients a backward graph gives; buffers kept
 
 
-class _Signature:
-    """The graphs of every layer called with one signature: static inputs / outputs and one shared memory pool."""
+def _saved_buffers(layouts: tuple, device: torch.device) -> list:
+    """Static buffers of saved attentions of these layouts (:meth:`SavedAttention.layout`): per item, its
+    :meth:`SavedAttention.flat` tensors."""
+    out = []
+    for main, aux, _ in layouts:
+        bufs = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in main]
+        bufs += [torch.empty(a[1], dtype=a[2], device=a[3]) for a in aux if a[0] == "T"]
+        out.append(bufs)
+    return out
 
-    def __init__(self, tensors: list, out_template, out_signature, out_meta: list):
+
+def _load_saved(buffers: list, items: list) -> None:
+    for bufs, item in zip(buffers, items):
+        for dst, src in zip(bufs, item.flat()):
+            dst.copy_(src)
+
+
+class _Signature:
+    """The graphs of every layer called with one signature: static inputs / outputs and one shared memory pool.
+
+    A forward that collects saved attentions (:func:`sloth.nn.saved_attention.collecting`) leaves them in static
+    buffers (``saved``, of ``saved_layouts``), copied out after each replay; the backward graphs read them back from
+    the same buffers (the two never run at once)."""
+
+    def __init__(self, tensors: list, out_template, out_signature, out_meta: list, saved_layouts: tuple):
         self.inputs = [torch.empty_like(t) for t in tensors]  # static inputs
         self.out_template, self.out_signature = out_template, out_signature
         self.outputs = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype, device in out_meta]
+        self.saved_layouts = saved_layouts
+        self.saved = _saved_buffers(saved_layouts, self.inputs[0].device)
         self.pool = None  # of the forward and backward graphs (they never run at once), made at the first capture
         self.graphs: dict = {}  # id(layer) -> _Graph
         self.backward: dict = {}  # (needs, grad-output signature, autocast) -> _BackwardSet
@@ -184,7 +209,11 @@ class _Signature:
             for dst, src in zip(self.inputs, tensors):
                 dst.copy_(src)
 
-    def result(self):
+    def result(self, collect: Optional[list]):
+        """Copies of the static outputs (the layer's result); copies of the saved attentions go to ``collect``."""
+        if collect is not None:
+            collect.extend(saved_attention.from_flat(layout, [b.clone() for b in bufs])
+                           for layout, bufs in zip(self.saved_layouts, self.saved))
         return _fill(self.out_template, [o.clone() for o in self.outputs])
 
 
@@ -234,17 +263,23 @@ def _outside_buffers() -> list:
     return [b for b in Workspace._buffers.values() if b is not None]
 
 
-def _capture(sig: _Signature, layer, call, tensors: list, state: tuple) -> _Graph:
+def _capture(sig: _Signature, layer, call, tensors: list, state: tuple, collecting: bool) -> _Graph:
     func, template = call
     sig.load(tensors)
     pargs, kwargs, args = _fill(template, sig.inputs)
 
     def work():
         outs: list = []
-        if _split(func(*pargs, *args, **kwargs), outs)[1] != sig.out_signature:
+        items: Optional[list] = [] if collecting else None
+        with saved_attention.collecting(items):
+            result = func(*pargs, *args, **kwargs)
+        if _split(result, outs)[1] != sig.out_signature:
             raise NotGraphable("outputs differ from those of the eager run")
+        if tuple(i.layout() for i in items or ()) != sig.saved_layouts:
+            raise NotGraphable("saved attentions differ from those of the eager run")
         for dst, src in zip(sig.outputs, outs):
             dst.copy_(src)
+        _load_saved(sig.saved, items or [])
 
     return _Graph(layer, state, _record(sig, work), (), _outside_buffers())
 
@@ -289,8 +324,10 @@ def graphed_call(function: Callable, args: tuple):
     possible (see the module docstring)."""
     if not args or not may_graph(args[0]) or _capturing_now(args[0]):
         return function(*args)
+    collect = saved_attention.collected()  # (the checkpoint's list of saved attentions, or None)
     try:
         layer, call, tensors, sig_key = _layer_call(function, args)
+        sig_key = (sig_key, collect is not None)
         device = args[0].device
         if any(t.device != device for t in tensors):
             raise NotGraphable("tensors on several devices")
@@ -309,14 +346,15 @@ def graphed_call(function: Callable, args: tuple):
                 torch.cuda.empty_cache()
             sig.load(tensors)
             g.graph.replay()
-            return sig.result()
+            return sig.result(collect)
     if key in _failed:
         return function(*args)
     seen = _seen.get(key)
     if seen is None or seen[0] != state:  # first run of this layer with this signature: eager
+        n = len(collect or ())
         out = function(*args)
         try:
-            _remember(key, (state, _out_meta(out)))
+            _remember(key, (state, (*_out_meta(out), tuple(i.layout() for i in (collect or ())[n:]))))
         except NotGraphable:
             _failed.add(key)
         return out
@@ -332,28 +370,36 @@ def graphed_call(function: Callable, args: tuple):
             _signatures.popitem(last=False)
             _evictions[0] += 1
     try:
-        g = _capture(sig, layer, call, tensors, state)
+        g = _capture(sig, layer, call, tensors, state, collect is not None)
     except Exception as e:  # noqa: BLE001 - any failure: this layer runs eagerly from now on
         _failed_capture(key, sig.graphs, layer, "forward", e)
         return function(*args)
     sig.graphs[id(layer)] = g
     sig.load(tensors)
     g.graph.replay()
-    return sig.result()
+    return sig.result(collect)
 
 
 class _BackwardSet:
     """Backward graphs (recompute + backward) of the layers of one signature, for one set of inputs that need
-    gradients and one layout of output gradients: static output gradients in, static gradients out."""
+    gradients, one layout of output gradients and one of saved attentions: static output gradients and saved
+    attentions in, static gradients out."""
 
-    def __init__(self, grads: list):
+    def __init__(self, sig: _Signature, grads: list, layouts: tuple):
         self.grad_inputs = [torch.empty_like(g) for g in grads]  # static gradients of the layer's outputs
         self.outputs: Optional[list] = None  # static gradients of the inputs, then of the parameters (in the pool)
         self.graphs: dict = {}  # id(layer) -> _Graph (params: in the order of outputs after the inputs')
+        self.layouts = layouts  # of the saved attentions the recompute takes (static: the forward's buffers)
+        self.saved = sig.saved if layouts == sig.saved_layouts else _saved_buffers(layouts, sig.inputs[0].device)
 
-    def load(self, grads: list) -> None:
+    def load(self, grads: list, attention: list) -> None:
         for dst, src in zip(self.grad_inputs, grads):
             dst.copy_(src)
+        _load_saved(self.saved, attention)
+
+    def saved_items(self) -> list:
+        """The saved attentions in the static buffers, for the recompute to take (see saved_attention.replaying)."""
+        return [saved_attention.from_flat(layout, bufs) for layout, bufs in zip(self.layouts, self.saved)]
 
 
 def output_grad_pairs(outputs, grad_outputs) -> list:
@@ -381,10 +427,10 @@ def _leaves(roots: list) -> list:
 
 
 def _capture_backward(sig: _Signature, bset: _BackwardSet, layer, call, tensors: list, grad_outputs: tuple,
-                      need_idx: list, recompute, state: tuple) -> _Graph:
+                      need_idx: list, recompute, state: tuple, attention: list) -> _Graph:
     func, template = call
     sig.load(tensors)
-    bset.load([g for g in grad_outputs if g is not None])
+    bset.load([g for g in grad_outputs if g is not None], attention)
     inputs = [sig.inputs[i].requires_grad_(True) for i in need_idx]
     pargs, kwargs, args = _fill(template, sig.inputs)
     it = iter(bset.grad_inputs)
@@ -392,8 +438,11 @@ def _capture_backward(sig: _Signature, bset: _BackwardSet, layer, call, tensors:
     found: dict = {}
 
     def work():
-        with recompute():
+        items = bset.saved_items()
+        with saved_attention.replaying(items), recompute():
             pairs = output_grad_pairs(func(*pargs, *args, **kwargs), static_grads)
+        if items:
+            raise NotGraphable("the recompute did not take every saved attention")
         if not pairs:
             raise NotGraphable("no output gradient")
         roots = [o for o, _ in pairs]
@@ -419,9 +468,9 @@ def _capture_backward(sig: _Signature, bset: _BackwardSet, layer, call, tensors:
 
 
 def _run_backward(sig: _Signature, bset: _BackwardSet, g: _Graph, tensors: list, grad_outputs: tuple,
-                  need_idx: list, args: list) -> list:
+                  need_idx: list, args: list, attention: list) -> list:
     sig.load(tensors)
-    bset.load([x for x in grad_outputs if x is not None])
+    bset.load([x for x in grad_outputs if x is not None], attention)
     g.graph.replay()
     n = len(need_idx)
     for p, grad in zip(g.params, bset.outputs[n:]):  # what AccumulateGrad does
@@ -436,13 +485,15 @@ def _run_backward(sig: _Signature, bset: _BackwardSet, g: _Graph, tensors: list,
 
 
 def graphed_backward(function: Callable, args: list, needs: tuple, grad_outputs: tuple, recompute,
-                     autocast: tuple) -> Optional[list]:
+                     autocast: tuple, attention: list = (), collected: bool = False) -> Optional[list]:
     """The backward of a checkpointed layer from a CUDA graph: ``function(*args)`` recomputed under
-    ``recompute()`` (grad mode, the forward's ``autocast``) and backpropagated from ``grad_outputs``, all in one
-    graph replay; the parameters' gradients are accumulated into their ``.grad`` as AccumulateGrad does, and the
-    gradients of ``args`` (those with ``needs``) are returned. None: the caller runs the backward eagerly (the first
-    backward of a layer with a signature, a layer that cannot be graphed, a distributed run whose gradient hooks
-    must fire). The layer's forward graph must exist (its static buffers and pool are shared)."""
+    ``recompute()`` (grad mode, the forward's ``autocast``), taking the saved attentions ``attention`` (as
+    :func:`sloth.nn.saved_attention.replaying` does; ``collected``: whether the forward collected them, part of its
+    signature) and backpropagated from ``grad_outputs``, all in one graph replay; the parameters' gradients are
+    accumulated into their ``.grad`` as AccumulateGrad does, and the gradients of ``args`` (those with ``needs``)
+    are returned. None: the caller runs the backward eagerly (the first backward of a layer with a signature, a
+    layer that cannot be graphed, a distributed run whose gradient hooks must fire). The layer's forward graph must
+    exist (its static buffers and pool are shared)."""
     if not args or not may_graph(args[0]) or _capturing_now(args[0]) or \
             (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return None
@@ -452,6 +503,7 @@ def graphed_backward(function: Callable, args: list, needs: tuple, grad_outputs:
     except NotGraphable as e:
         logger.debug("sloth: layer backward not graphed: %s", e)
         return None
+    sig_key = (sig_key, collected)
     sig = _signatures.get(sig_key)
     if sig is None:
         return None
@@ -462,13 +514,14 @@ def graphed_backward(function: Callable, args: list, needs: tuple, grad_outputs:
             if need:
                 need_idx.append(k)
             k += 1
+    layouts = tuple(item.layout() for item in attention)
     bkey = (tuple(bool(x) for x in needs), tuple(None if g is None else (tuple(g.shape), g.dtype, g.device)
-                                                 for g in grad_outputs), autocast)
+                                                 for g in grad_outputs), autocast, layouts)
     bset = sig.backward.get(bkey)
     if bset is not None:
         g = bset.graphs.get(id(layer))
         if g is not None and g.layer() is layer and g.state == state:
-            return _run_backward(sig, bset, g, tensors, grad_outputs, need_idx, args)
+            return _run_backward(sig, bset, g, tensors, grad_outputs, need_idx, args, attention)
     key = ("backward", sig_key, bkey, id(layer))
     if key in _failed:
         return None
@@ -477,15 +530,15 @@ def graphed_backward(function: Callable, args: list, needs: tuple, grad_outputs:
         _remember(key, (state, None))
         return None
     if bset is None:
-        bset = sig.backward[bkey] = _BackwardSet([g for g in grad_outputs if g is not None])
+        bset = sig.backward[bkey] = _BackwardSet(sig, [g for g in grad_outputs if g is not None], layouts)
     try:
-        g = _capture_backward(sig, bset, layer, call, tensors, grad_outputs, need_idx, recompute, state)
+        g = _capture_backward(sig, bset, layer, call, tensors, grad_outputs, need_idx, recompute, state, attention)
     except Exception as e:  # noqa: BLE001 - any failure: this layer's backward runs eagerly from now on
         _failed_capture(key, bset.graphs, layer, "backward", e)
         return None
     bset.graphs[id(layer)] = g
     _trim[0] = True
-    return _run_backward(sig, bset, g, tensors, grad_outputs, need_idx, args)
+    return _run_backward(sig, bset, g, tensors, grad_outputs, need_idx, args, attention)
 
 
 def clear() -> None:

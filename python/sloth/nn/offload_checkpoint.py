@@ -40,7 +40,7 @@ from typing import Any, Callable, List, Optional
 import torch
 
 from . import saved_attention
-from .layer_graphs import graphed_backward, graphed_call, may_graph, output_grad_pairs
+from .layer_graphs import graphed_backward, graphed_call, output_grad_pairs
 from .pinned_arena import arena
 
 logger = logging.getLogger("sloth")
@@ -304,14 +304,13 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
         hidden = args[hidden_index]
         ctx.run, ctx.hidden_index = run, hidden_index
         ctx.state = _State(hidden.device)
-        # attention outputs are saved where the layer is neither replayed nor recomputed from a CUDA graph
-        collect = [] if _offloads(hidden) and saved_attention.enabled() and not may_graph(hidden) and \
-            hidden.numel() <= saved_attention.MAX_TOKENS * hidden.shape[-1] else None
+        collect = [] if _offloads(hidden) and saved_attention.enabled() and \
+            hidden.numel() <= saved_attention.MAX_TOKENS * hidden.shape[-1] else None  # saved attentions
         with torch.no_grad(), saved_attention.collecting(collect):
             outputs = graphed_call(run, args)
         ctx.layout = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]  # positions of tensor args
         ctx.others = [None if isinstance(a, torch.Tensor) else a for a in args]
-        ctx.host_copy, ctx.attention = None, []
+        ctx.host_copy, ctx.attention, ctx.collected = None, [], collect is not None
         offload = _offloads(hidden)
         if offload:
             extras = [t for item in collect or () for t in item.tensors()]
@@ -361,8 +360,8 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
         for i, t in zip(ctx.layout, saved):
             d = t.detach()
             args[i] = d.requires_grad_(needs[i]) if d.is_floating_point() or d.is_complex() else d
-        grads = None if attention else \
-            graphed_backward(ctx.run, args, needs, grad_outputs, ctx.state.recompute, tuple(ctx.state.autocast))
+        grads = graphed_backward(ctx.run, args, needs, grad_outputs, ctx.state.recompute, tuple(ctx.state.autocast),
+                                 attention, ctx.collected)
         if grads is None:
             with saved_attention.replaying(attention):
                 pairs = output_grad_pairs(ctx.state.replay(ctx.run, args), grad_outputs)

@@ -26,7 +26,8 @@ the key heads, cuDNN's SDPA kernels allowed (``torch.backends.cuda.enable_cudnn_
 algorithms asked for; anything else returns None and the caller runs the model's own attention. The path uses
 torch's private ``aten::_scaled_dot_product_cudnn_attention`` (and its backward): if the installed torch rejects
 it, one warning is logged, SDPA's own backward serves the attentions already saved, and nothing more is saved.
-Opt-in for now: ``SLOTH_SAVE_ATTENTION=1``.
+On by default; ``SLOTH_SAVE_ATTENTION=0`` (read at import) turns it off. Llama-3.1-8B QLoRA at 8192 x 1 on an H100:
+0.742 s / step with it, 0.800 s without.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import torch
 
 logger = logging.getLogger("sloth")
 
-ENABLED = os.environ.get("SLOTH_SAVE_ATTENTION", "0") == "1"
+ENABLED = os.environ.get("SLOTH_SAVE_ATTENTION", "1") != "0"
 #: most tokens (hidden-state rows) of a layer whose attention is saved: beyond, the layers' inputs alone take tens of
 #: GiB of host memory (409,600 tokens x 32 layers: 100 GiB), which saved attentions (up to 3.5x an input each)
 #: must not crowd out
@@ -77,10 +78,19 @@ class SavedAttention:
 
     def with_tensors(self, tensors: List[torch.Tensor]) -> "SavedAttention":
         """This item with its tensors replaced by ``tensors`` (as :meth:`tensors` gave them, e.g. copied back)."""
-        has_qkv, has_o = {2: (False, False), 3: (False, True), 5: (True, False), 6: (True, True)}[len(tensors)]
-        qkv = [x.transpose(1, 2) for x in tensors[2:5]] if has_qkv else None
-        return SavedAttention(tensors[0].transpose(1, 2), tensors[1], self.aux, self.scale, qkv,
-                              tensors[-1] if has_o else None)
+        return _assemble(tensors, self.aux, self.scale)
+
+    def layout(self) -> tuple:
+        """What a CUDA graph that saves or replays this item fixes (hashable): the shapes / dtypes of
+        :meth:`tensors`, ``aux`` (its tensors' shapes / dtypes / devices, its other values) and the scale."""
+        main = tuple((tuple(t.shape), t.dtype) for t in self.tensors())
+        aux = tuple(("T", tuple(a.shape), a.dtype, a.device) if isinstance(a, torch.Tensor) else ("C", a)
+                    for a in self.aux)
+        return main, aux, self.scale
+
+    def flat(self) -> List[torch.Tensor]:
+        """:meth:`tensors`, then the tensors of ``aux`` (what a graph's static buffers hold of this item)."""
+        return self.tensors() + [a for a in self.aux if isinstance(a, torch.Tensor)]
 
     def drop(self) -> None:
         """Forget the GPU tensors (once their host copies are queued; :meth:`with_tensors` brings them back)."""
@@ -88,6 +98,21 @@ class SavedAttention:
 
     def offloadable(self) -> bool:
         return self.out.transpose(1, 2).is_contiguous() and self.lse.is_contiguous()
+
+
+def from_flat(layout: tuple, tensors: List[torch.Tensor]) -> SavedAttention:
+    """The item of ``layout`` (:meth:`SavedAttention.layout`) whose :meth:`SavedAttention.flat` is ``tensors``."""
+    main, aux, scale = layout
+    rest = iter(tensors[len(main):])
+    return _assemble(tensors[:len(main)], tuple(next(rest) if a[0] == "T" else a[1] for a in aux), scale)
+
+
+def _assemble(tensors: List[torch.Tensor], aux: tuple, scale: float) -> SavedAttention:
+    """An item from its :meth:`SavedAttention.tensors` (2, 3, 5 or 6 of them: q / k / v and the module output
+    optional), ``aux`` and ``scale``."""
+    has_qkv, has_o = {2: (False, False), 3: (False, True), 5: (True, False), 6: (True, True)}[len(tensors)]
+    qkv = [x.transpose(1, 2) for x in tensors[2:5]] if has_qkv else None
+    return SavedAttention(tensors[0].transpose(1, 2), tensors[1], aux, scale, qkv, tensors[-1] if has_o else None)
 
 
 def enabled() -> bool:
