@@ -4,8 +4,8 @@ Under ``use_gradient_checkpointing="sloth"`` the backward pass recomputes each d
 backpropagating through it. The recompute needs the attention's output O (the o_proj input), and the attention
 backward needs q, k, v, O and the softmax's log-sum-exp (LSE): all of them are what the forward computed. At long
 sequences the attention forward is the costliest part of the recompute that does not scale with the weights
-(about 1.2 ms per layer at 8192 tokens, 37 ms of a Llama-3.1-8B step). So, on CUDA, for layers of more than
-:data:`sloth.nn.layer_graphs.MAX_TOKENS` tokens (not replayed from CUDA graphs) and at most :data:`MAX_TOKENS`:
+(about 1.2 ms per layer at 8192 tokens, 37 ms of a Llama-3.1-8B step), and the q / k / v and o projections'
+products a fifth of the layer's weight FLOPs. So, on CUDA, for layers of at most :data:`MAX_TOKENS` tokens:
 
 - forward (no grad, inside :class:`~sloth.nn.offload_checkpoint.OffloadedCheckpointFunction`): inside
   :func:`collecting`, :func:`causal_attention` runs cuDNN's fused attention (the kernel SDPA picks on sm_90),
@@ -15,6 +15,9 @@ sequences the attention forward is the costliest part of the recompute that does
 - backward: the checkpoint brings them back with the layer's input; inside :func:`replaying`, the recompute's
   attention returns the saved O under an autograd node whose backward is cuDNN's attention backward with the
   saved O and LSE (:class:`SavedAttentionFunction`: what SDPA's own backward computes, with the same kernel).
+- layers replayed from CUDA graphs (:mod:`sloth.nn.layer_graphs`, up to 4,096 tokens) do the same inside their
+  graphs: the forward graph leaves the saved tensors in static buffers, copied out after each replay; the backward
+  graph reads them back from those buffers.
 
 :mod:`sloth.integrations.sdpa` routes Transformers' "sdpa" attention here and, for PEFT LoRA projections, also
 saves q / k / v and the attention module's output, so that the recompute skips the q / k / v and o projections'
