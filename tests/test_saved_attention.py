@@ -180,6 +180,7 @@ def test_graphed_bookkeeping_with_stand_ins(family, stand_ins, cpu_graphs, monke
     batch: layers captured (forward at the second step, backward at the second), every recompute took the saved
     attention (and in Llama q / k / v), and losses and LoRA gradients are exactly those of the same saving run
     without graphs (test_bookkeeping_with_stand_ins compares saving with recomputing)."""
+    monkeypatch.setattr(saved_attention, "UNDER_GRAPHS", True)
     model = _tiny_lora_model(family)
     ids = torch.randint(0, 128, (2, 24))
     runs = []
@@ -381,3 +382,35 @@ def test_backward_falls_back_when_the_kernel_rejects(monkeypatch):
     for g, x in zip(got, xs):
         assert torch.allclose(g, x.grad, atol=1e-6)
     assert saved_attention._broken and not saved_attention.enabled()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_cuda_saved_attention_inside_layer_graphs(monkeypatch, family):
+    """Saved attention inside the layers' CUDA graphs (UNDER_GRAPHS): from the second step every layer's forward
+    and recompute + backward are graph replays whose saved attentions go through the static buffers; loss and
+    gradients of the fourth step are those of the same saving run without graphs, within the run-to-run spread
+    of cuDNN's attention backward (its dq accumulation order may differ: 2.5 bf16 ulp)."""
+    monkeypatch.setattr(saved_attention, "ENABLED", True)
+    monkeypatch.setattr(saved_attention, "UNDER_GRAPHS", True)
+    base = _model(family, lora=True)
+    ids = torch.randint(0, 256, (2, 600), device="cuda")
+    results = []
+    for graphs in (True, False):
+        monkeypatch.setattr(layer_graphs, "ENABLED", graphs)
+        layer_graphs.clear()
+        model = copy.deepcopy(base)
+        for _ in range(4):
+            loss, grads = _step(model, ids)
+        if graphs:
+            assert layer_graphs.graph_count() == 4 and layer_graphs.graph_count(backward=True) == 4
+            sig = next(iter(layer_graphs._signatures.values()))
+            assert len(sig.saved) == 1 and next(iter(sig.backward.values())).saved is sig.saved
+        assert oc._host == {"live": 0, "attention": 0}
+        results.append((loss, grads))
+    layer_graphs.clear()
+    (loss, grads), (loss_ref, grads_ref) = results
+    assert torch.allclose(loss, loss_ref, rtol=1e-3, atol=0), (loss, loss_ref)
+    assert grads.keys() == grads_ref.keys() and grads
+    for n in grads:
+        assert rel_err(grads[n], grads_ref[n]) <= 1e-2, n

@@ -5,7 +5,8 @@ backpropagating through it. The recompute needs the attention's output O (the o_
 backward needs q, k, v, O and the softmax's log-sum-exp (LSE): all of them are what the forward computed. At long
 sequences the attention forward is the costliest part of the recompute that does not scale with the weights
 (about 1.2 ms per layer at 8192 tokens, 37 ms of a Llama-3.1-8B step), and the q / k / v and o projections'
-products a fifth of the layer's weight FLOPs. So, on CUDA, for layers of at most :data:`MAX_TOKENS` tokens:
+products a fifth of the layer's weight FLOPs. So, on CUDA, for layers of at most :data:`MAX_TOKENS` tokens (not replayed from CUDA graphs unless
+:data:`UNDER_GRAPHS`):
 
 - forward (no grad, inside :class:`~sloth.nn.offload_checkpoint.OffloadedCheckpointFunction`): inside
   :func:`collecting`, :func:`causal_attention` runs cuDNN's fused attention (the kernel SDPA picks on sm_90),
@@ -15,9 +16,9 @@ products a fifth of the layer's weight FLOPs. So, on CUDA, for layers of at most
 - backward: the checkpoint brings them back with the layer's input; inside :func:`replaying`, the recompute's
   attention returns the saved O under an autograd node whose backward is cuDNN's attention backward with the
   saved O and LSE (:class:`SavedAttentionFunction`: what SDPA's own backward computes, with the same kernel).
-- layers replayed from CUDA graphs (:mod:`sloth.nn.layer_graphs`, up to 4,096 tokens) do the same inside their
-  graphs: the forward graph leaves the saved tensors in static buffers, copied out after each replay; the backward
-  graph reads them back from those buffers.
+- layers replayed from CUDA graphs (:mod:`sloth.nn.layer_graphs`, up to 4,096 tokens) may do the same inside
+  their graphs (:data:`UNDER_GRAPHS`): the forward graph leaves the saved tensors in static buffers, copied out
+  after each replay; the backward graph reads them back from those buffers.
 
 :mod:`sloth.integrations.sdpa` routes Transformers' "sdpa" attention here and, for PEFT LoRA projections, also
 saves q / k / v and the attention module's output, so that the recompute skips the q / k / v and o projections'
@@ -53,6 +54,9 @@ ENABLED = os.environ.get("SLOTH_SAVE_ATTENTION", "1") != "0"
 MAX_TOKENS = 65536
 #: dtypes of the fused kernels (tests on the CPU add float32, with a plain-torch stand-in for the kernels)
 DTYPES = (torch.bfloat16, torch.float16)
+#: whether layers replayed from CUDA graphs (sloth.nn.layer_graphs, up to 4,096 tokens) save theirs too, inside
+#: their graphs: ``SLOTH_SAVE_ATTENTION_GRAPHED=1`` (off by default until measured on a GPU: CPU-tested only)
+UNDER_GRAPHS = os.environ.get("SLOTH_SAVE_ATTENTION_GRAPHED", "0") == "1"
 #: whether the attention's q / k / v and the attention module's output are saved too (for A/B timing)
 PROJECTIONS = os.environ.get("SLOTH_SAVE_PROJECTIONS", "1") != "0"
 _broken: List[str] = []  # the first failure of the private ops (the path is then off)
