@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 
@@ -268,9 +267,7 @@ def main(argv=None):
     ntok = args.batch * args.seq
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
-        conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")  # every side's (sloth sets expandable segments at import)
-        print(f"device: {torch.cuda.get_device_name()}; model memory {torch.cuda.memory_allocated() / GIB:.2f} GiB; "
-              f"PYTORCH_CUDA_ALLOC_CONF={conf!r}")
+        print(f"device: {torch.cuda.get_device_name()}; model memory {torch.cuda.memory_allocated() / GIB:.2f} GiB")
 
     results = {}
     for side in args.sides.split(","):

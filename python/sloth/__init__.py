@@ -7,10 +7,6 @@ from __future__ import annotations
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from ._allocator import use_expandable_segments
-
-use_expandable_segments()  # before the first CUDA allocation where possible (sloth._allocator says why)
-
 from . import _C  # noqa: F401  (registers torch.ops.sloth.*)
 from . import nn, ops
 from .nn import causal_lm_loss, glu, linear_cross_entropy, linear_logprobs, lora_linear, lora_mlp

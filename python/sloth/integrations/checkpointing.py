@@ -15,6 +15,7 @@ import inspect
 import types
 from typing import Union
 
+from .._allocator import use_expandable_segments
 from ..nn.offload_checkpoint import offloaded_checkpoint
 from ._models import peft_parts
 
@@ -76,7 +77,8 @@ def set_gradient_checkpointing(model, mode: Mode = "sloth") -> None:
     each layer's input hidden state, offloaded to pinned host memory on CUDA (plain checkpointing elsewhere);
     ``True`` uses Transformers' own non-reentrant checkpointing; ``False`` turns checkpointing off. With
     checkpointing the KV cache is turned off (``config.use_cache = False``) and the input embeddings' output
-    requires grad, so frozen-base LoRA training gets gradients."""
+    requires grad, so frozen-base LoRA training gets gradients. ``"sloth"`` also turns on the CUDA allocator's
+    expandable segments unless you chose allocator settings (:mod:`sloth._allocator`)."""
     mode = normalize_mode(mode)
     base = transformers_model(model)
     if not getattr(base, "supports_gradient_checkpointing", False):
@@ -89,6 +91,7 @@ def set_gradient_checkpointing(model, mode: Mode = "sloth") -> None:
         return
     if mode == "sloth":
         _install_sticky(base)
+        use_expandable_segments()  # the offloads' many block sizes fragment a fixed-segment cache
     _enable(base)
     if not getattr(base, "_require_grads_hooks", None) and not hasattr(base, "_require_grads_hook"):
         base.enable_input_require_grads()

@@ -5,7 +5,7 @@ Transformers looks an attention's computation up in its registry (``AttentionInt
 ``_attn_implementation``. :func:`install` (called by :func:`sloth.patch`, once per process) registers, under
 ``"sdpa"``, a function that hands the call to :func:`sloth.nn.saved_attention.causal_attention` while an
 offloaded checkpoint collects or replays saved attentions on this thread (``use_gradient_checkpointing="sloth"``,
-on CUDA, up to 65,536 tokens), and to the original ``"sdpa"`` function otherwise or whenever that returns
+on CUDA, see that module for which layers), and to the original ``"sdpa"`` function otherwise or whenever that returns
 None (a mask, dropout, an unsupported shape): models sloth did not patch, inference and every other case compute
 exactly what they did.
 """

@@ -186,8 +186,12 @@ def _saved_buffers(layouts: tuple, device: torch.device) -> list:
 
 
 def _load_saved(buffers: list, items: list) -> None:
+    """Copy the saved attentions ``items`` into static ``buffers`` (of the same layouts)."""
+    assert len(buffers) == len(items)
     for bufs, item in zip(buffers, items):
-        for dst, src in zip(bufs, item.flat()):
+        flat = item.flat()
+        assert len(bufs) == len(flat)
+        for dst, src in zip(bufs, flat):
             dst.copy_(src)
 
 
@@ -206,7 +210,7 @@ class _Signature:
         self.saved = _saved_buffers(saved_layouts, self.inputs[0].device)
         self.pool = None  # of the forward and backward graphs (they never run at once), made at the first capture
         self.graphs: dict = {}  # id(layer) -> _Graph
-        self.backward: dict = {}  # (needs, grad-output signature, autocast) -> _BackwardSet
+        self.backward: dict = {}  # (needs, grad-output signature, autocast, saved layouts) -> _BackwardSet
 
     def load(self, tensors: list) -> None:
         with torch.no_grad():  # (static inputs of backward graphs are leaves that require grad)

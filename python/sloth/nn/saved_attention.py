@@ -5,8 +5,8 @@ backpropagating through it. The recompute needs the attention's output O (the o_
 backward needs q, k, v, O and the softmax's log-sum-exp (LSE): all of them are what the forward computed. At long
 sequences the attention forward is the costliest part of the recompute that does not scale with the weights
 (about 1.2 ms per layer at 8192 tokens, 37 ms of a Llama-3.1-8B step), and the q / k / v and o projections'
-products a fifth of the layer's weight FLOPs. So, on CUDA, for layers of at most :data:`MAX_TOKENS` tokens (not replayed from CUDA graphs unless
-:data:`UNDER_GRAPHS`):
+products a fifth of the layer's weight FLOPs. So, on NVIDIA GPUs (sm_80 or later), for layers of at most
+:data:`MAX_TOKENS` tokens (not replayed from CUDA graphs unless :data:`UNDER_GRAPHS`):
 
 - forward (no grad, inside :class:`~sloth.nn.offload_checkpoint.OffloadedCheckpointFunction`): inside
   :func:`collecting`, :func:`causal_attention` runs cuDNN's fused attention (the kernel SDPA picks on sm_90),
@@ -59,6 +59,8 @@ DTYPES = (torch.bfloat16, torch.float16)
 UNDER_GRAPHS = os.environ.get("SLOTH_SAVE_ATTENTION_GRAPHED", "0") == "1"
 #: whether the attention's q / k / v and the attention module's output are saved too (for A/B timing)
 PROJECTIONS = os.environ.get("SLOTH_SAVE_PROJECTIONS", "1") != "0"
+_TORCH = tuple(int(x) for x in torch.__version__.split(".")[:2])
+_capability: dict = {}  # CUDA device index -> major compute capability
 _broken: List[str] = []  # the first failure of the private ops (the path is then off)
 _local = threading.local()  # .collect: list receiving SavedAttention items (forward); .replay: list to consume
 
@@ -186,6 +188,13 @@ def _fail(e: Exception) -> None:
                        "failed (%s); the recompute computes the attention as usual", _broken[0][:300])
 
 
+def _rejected(e: Exception, t: torch.Tensor) -> bool:
+    """Whether ``e`` from a private cuDNN op means the op rejects the call (the path then turns off), rather than
+    out of memory or a failure of a CUDA graph capture in progress (the caller handles those: a failed capture
+    runs that layer eagerly, and the path stays on)."""
+    return not isinstance(e, torch.OutOfMemoryError) and not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def _cudnn_allowed() -> bool:
     """Whether the user lets SDPA use cuDNN's kernels (``torch.backends.cuda.enable_cudnn_sdp``) and does not ask
     for deterministic algorithms (cuDNN's attention backward is not)."""
@@ -193,8 +202,16 @@ def _cudnn_allowed() -> bool:
 
 
 def _on_device(t: torch.Tensor) -> bool:
-    """Whether ``t`` is where the fused kernels run (CUDA)."""
-    return t.is_cuda
+    """Whether ``t`` is where the fused kernels run: an NVIDIA GPU of compute capability 8.0 or later (cuDNN's
+    fused attention; measured on sm_90), not ROCm, with torch 2.6 or later (2.5.0's cuDNN attention could return
+    NaN, pytorch#139298)."""
+    if not t.is_cuda or getattr(torch.version, "hip", None) or _TORCH < (2, 6):
+        return False
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    major = _capability.get(index)
+    if major is None:
+        major = _capability[index] = torch.cuda.get_device_capability(index)[0]
+    return major >= 8
 
 
 def _cudnn_forward(q, k, v, scale: float) -> tuple:
@@ -231,9 +248,9 @@ class SavedAttentionFunction(torch.autograd.Function):
             dout = torch.empty_like(out).copy_(dout)  # same layout as O: empty_like keeps a dense tensor's strides
         try:
             dq, dk, dv = _cudnn_backward(dout, q, k, v, out, lse, ctx.aux, ctx.scale)
-        except torch.OutOfMemoryError:
-            raise
         except Exception as e:  # noqa: BLE001 - the private op rejected the call: SDPA's own backward (slower)
+            if not _rejected(e, q):
+                raise
             _fail(e)
             xs = [t.detach().requires_grad_() for t in (q, k, v)]
             with torch.enable_grad():
@@ -273,9 +290,9 @@ def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
             return None
         try:
             r = _cudnn_forward(query, key, value, scale)
-        except torch.OutOfMemoryError:
-            raise
         except Exception as e:  # noqa: BLE001 - an op this torch does not have or rejects: off from now on
+            if not _rejected(e, query):
+                raise
             _fail(e)
             return None
         item = SavedAttention(r[0], r[1], (r[2], r[3], r[4], r[5], r[6], r[7]), scale)
