@@ -126,7 +126,7 @@ def stand_ins(monkeypatch):
     return calls
 
 
-def _tiny_lora_model(family: str):
+def _tiny_lora_model(family: str, dropout: float = 0.0):
     """A 2-layer fp32 PEFT LoRA model (every projection) under use_gradient_checkpointing="sloth"."""
     peft = pytest.importorskip("peft")
     torch.manual_seed(0)
@@ -136,7 +136,7 @@ def _tiny_lora_model(family: str):
         (transformers.Qwen3Config(**common, head_dim=16), transformers.Qwen3ForCausalLM)
     cfg._attn_implementation = "sdpa"
     model = peft.get_peft_model(cls(cfg).float(), peft.LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False,
+        r=4, lora_alpha=8, lora_dropout=dropout, init_lora_weights=False,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     model = sloth.patch(model).train()
     sloth.set_gradient_checkpointing(model, "sloth")
@@ -172,15 +172,16 @@ def test_bookkeeping_with_stand_ins(family, backward, stand_ins, monkeypatch):
         assert rel_err(grads[n], grads_ref[n]) <= 1e-5, n
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_graphed_bookkeeping_with_stand_ins(family, stand_ins, cpu_graphs, monkeypatch):
+@pytest.mark.parametrize("family,under_graphs", [("llama", True), ("qwen3", True), ("llama", False)])
+def test_graphed_bookkeeping_with_stand_ins(family, under_graphs, stand_ins, cpu_graphs, monkeypatch):
     """Saved attention with the layers' CUDA graphs (each graph replaced by a re-run of its captured work, see
-    test_layer_graphs.cpu_graphs): the forward graph leaves the saved attentions in static buffers whose copies
-    the checkpoint offloads, the backward graph takes them back from the same buffers. Four steps on the same
-    batch: layers captured (forward at the second step, backward at the second), every recompute took the saved
-    attention (and in Llama q / k / v), and losses and LoRA gradients are exactly those of the same saving run
-    without graphs (test_bookkeeping_with_stand_ins compares saving with recomputing)."""
-    monkeypatch.setattr(saved_attention, "UNDER_GRAPHS", True)
+    test_layer_graphs.cpu_graphs). UNDER_GRAPHS: the forward graph leaves the saved attentions in static buffers
+    whose copies the checkpoint offloads, the backward graph takes them back from the same buffers; otherwise only
+    the layers' eager runs (the first step) save theirs. Four steps on the same batch: layers captured (forward at
+    the second step, backward at the second or third), the recomputes took the saved attentions (and in Llama q /
+    k / v), and losses and LoRA gradients are those of the same saving run without graphs (exactly, when both
+    save at every step; test_bookkeeping_with_stand_ins compares saving with recomputing)."""
+    monkeypatch.setattr(saved_attention, "UNDER_GRAPHS", under_graphs)
     model = _tiny_lora_model(family)
     ids = torch.randint(0, 128, (2, 24))
     runs = []
@@ -200,20 +201,24 @@ def test_graphed_bookkeeping_with_stand_ins(family, stand_ins, cpu_graphs, monke
         if on:
             assert layer_graphs.graph_count() == 2 and layer_graphs.graph_count(backward=True) == 2
             sig = next(iter(layer_graphs._signatures.values()))
-            assert len(sig.saved) == 1 and next(iter(sig.backward.values())).saved is sig.saved
+            assert len(sig.saved) == (1 if under_graphs else 0)
+            assert next(iter(sig.backward.values())).saved is sig.saved
         runs.append((torch.stack(losses), grads))
         assert oc._host == {"live": 0, "attention": 0}
-    # per layer and step one recompute took the saved attention, in both runs; the backward captures (one per
-    # layer) ran their work once more on the CPU
     assert cpu_graphs["captures"] == 2 * 2
-    n = 2 * 4 * 2 + 2
+    # per layer and step one recompute took the saved attention without graphs; with them, UNDER_GRAPHS: the same
+    # and once more in each backward capture (its work ran once more on the CPU); else only the first step's
+    n = 2 * 4 + (2 * 4 + 2 if under_graphs else 2)
     assert stand_ins == {"attention": n, "o": n, "qkv": n if family == "llama" else 0}
+    # exactly equal when both runs save at every step; else steps 2-4 recompute the attention with graphs and
+    # take the saved one without: fp32 rounding of the stand-in attention
+    tol = 0.0 if under_graphs else 1e-5
     (l1, g1), (l0, g0) = runs
-    torch.testing.assert_close(l1, l0, rtol=0, atol=0)
+    torch.testing.assert_close(l1, l0, rtol=tol, atol=0)
     for a, b in zip(g1, g0):
         assert a.keys() == b.keys() and len(a) == 2 * 7 * 2
         for n in a:
-            torch.testing.assert_close(a[n], b[n], rtol=0, atol=0, msg=n)
+            assert rel_err(a[n], b[n]) <= tol, n
 
 
 CASES = [  # (batch, query heads, key heads, tokens, head dim, dtype)
@@ -414,3 +419,27 @@ def test_cuda_saved_attention_inside_layer_graphs(monkeypatch, family):
     assert grads.keys() == grads_ref.keys() and grads
     for n in grads:
         assert rel_err(grads[n], grads_ref[n]) <= 1e-2, n
+
+
+def test_eager_layers_save_beside_graphs(stand_ins, cpu_graphs, monkeypatch):
+    """LoRA dropout keeps the layers out of the CUDA graphs (the recompute must draw the same masks): their eager
+    runs save attention at the graphs' sizes too, and the recompute, which draws the same dropout masks, gives the
+    gradients of the run that recomputes everything (fp32 rounding of the stand-in attention)."""
+    model = _tiny_lora_model("llama", dropout=0.1)
+    ids = torch.randint(0, 128, (2, 24))
+    results = []
+    for on in (True, False):
+        monkeypatch.setattr(saved_attention, "ENABLED", on)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        # (with LoRA dropout the projections run unfused, so only the attention itself is saved)
+        assert stand_ins == {"attention": 2, "o": 0, "qkv": 0}
+    assert layer_graphs.graph_count() == 0 and cpu_graphs["captures"] == 0
+    (loss, grads), (loss_ref, grads_ref) = results
+    assert abs(loss.item() - loss_ref.item()) <= 1e-6 * abs(loss_ref.item())
+    assert grads.keys() == grads_ref.keys() and len(grads) == 2 * 7 * 2
+    for n in grads:
+        assert rel_err(grads[n], grads_ref[n]) <= 1e-5, n

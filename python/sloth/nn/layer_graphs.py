@@ -332,7 +332,7 @@ def graphed_call(function: Callable, args: tuple):
     possible (see the module docstring)."""
     if not args or not may_graph(args[0]) or _capturing_now(args[0]):
         return function(*args)
-    collect = saved_attention.collected()  # (the checkpoint's list of saved attentions, or None)
+    collect = saved_attention.graph_collected()  # (the checkpoint's list of saved attentions, or None)
     try:
         layer, call, tensors, sig_key = _layer_call(function, args)
         sig_key = (sig_key, collect is not None)
@@ -360,7 +360,7 @@ def graphed_call(function: Callable, args: tuple):
     seen = _seen.get(key)
     if seen is None or seen[0] != state:  # first run of this layer with this signature: eager
         n = len(collect or ())
-        out = function(*args)
+        out = function(*args)  # (collects saved attentions when the checkpoint does, even if the graphs do not)
         try:
             _remember(key, (state, (*_out_meta(out), tuple(i.layout() for i in (collect or ())[n:]))))
         except NotGraphable:

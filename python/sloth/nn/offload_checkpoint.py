@@ -40,7 +40,7 @@ from typing import Any, Callable, List, Optional
 import torch
 
 from . import saved_attention
-from .layer_graphs import graphed_backward, graphed_call, may_graph, output_grad_pairs
+from .layer_graphs import graphed_backward, graphed_call, output_grad_pairs
 from .pinned_arena import arena
 
 logger = logging.getLogger("sloth")
@@ -305,13 +305,13 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
         ctx.run, ctx.hidden_index = run, hidden_index
         ctx.state = _State(hidden.device)
         collect = [] if _offloads(hidden) and saved_attention.enabled() and \
-            (saved_attention.UNDER_GRAPHS or not may_graph(hidden)) and \
             hidden.numel() <= saved_attention.MAX_TOKENS * hidden.shape[-1] else None  # saved attentions
         with torch.no_grad(), saved_attention.collecting(collect):
+            ctx.collected = saved_attention.graph_collected() is not None  # (part of the layer graphs' signature)
             outputs = graphed_call(run, args)
         ctx.layout = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]  # positions of tensor args
         ctx.others = [None if isinstance(a, torch.Tensor) else a for a in args]
-        ctx.host_copy, ctx.attention, ctx.collected = None, [], collect is not None
+        ctx.host_copy, ctx.attention = None, []
         offload = _offloads(hidden)
         if offload:
             extras = [t for item in collect or () for t in item.tensors()]

@@ -6,7 +6,7 @@ backward needs q, k, v, O and the softmax's log-sum-exp (LSE): all of them are w
 sequences the attention forward is the costliest part of the recompute that does not scale with the weights
 (about 1.2 ms per layer at 8192 tokens, 37 ms of a Llama-3.1-8B step), and the q / k / v and o projections'
 products a fifth of the layer's weight FLOPs. So, on NVIDIA GPUs (sm_80 or later), for layers of at most
-:data:`MAX_TOKENS` tokens (not replayed from CUDA graphs unless :data:`UNDER_GRAPHS`):
+:data:`MAX_TOKENS` tokens, in their eager runs (and in their CUDA-graph replays if :data:`UNDER_GRAPHS`):
 
 - forward (no grad, inside :class:`~sloth.nn.offload_checkpoint.OffloadedCheckpointFunction`): inside
   :func:`collecting`, :func:`causal_attention` runs cuDNN's fused attention (the kernel SDPA picks on sm_90),
@@ -153,6 +153,12 @@ def replaying(items: Optional[list]):
 def collected() -> Optional[list]:
     """The list a checkpoint's no-grad forward collects saved attentions into on this thread (None: none)."""
     return getattr(_local, "collect", None) if not torch.is_grad_enabled() else None
+
+
+def graph_collected() -> Optional[list]:
+    """The list a layer replayed from a CUDA graph collects saved attentions into: :func:`collected` if
+    :data:`UNDER_GRAPHS`, else None (the layer's eager runs still collect)."""
+    return collected() if UNDER_GRAPHS else None
 
 
 def next_replayed() -> Optional[SavedAttention]:
