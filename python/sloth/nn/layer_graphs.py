@@ -502,9 +502,9 @@ def graphed_backward(function: Callable, args: list, needs: tuple, grad_outputs:
     are returned. None: the caller runs the backward eagerly (the first backward of a layer with a signature, a
     layer that cannot be graphed, a distributed run whose gradient hooks must fire). The layer's forward graph must
     exist (its static buffers and pool are shared)."""
-    if not args or not may_graph(args[0]) or _capturing_now(args[0]) or \
+    if not args or not may_graph(args[0]) or _capturing_now(args[0]) or (attention and not collected) or \
             (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return None
+        return None  # (saved attentions of an eager forward whose graphs do not save: recomputed eagerly)
     try:
         layer, call, tensors, sig_key = _layer_call(function, tuple(args))
         state = _layer_state(layer)
