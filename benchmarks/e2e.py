@@ -284,13 +284,16 @@ def main(argv=None):
         if args.profile:
             print_profile(pm, batch, args.device, args.profile, side)
         med = statistics.median(times)
+        from sloth import _allocator
+
+        expandable = bool(_allocator._applied)  # (sloth's checkpointing turns it on; it stays on for later sides)
         if side.startswith("sloth-offload"):
             from sloth.nn import layer_graphs
 
             print(f"{side}: {layer_graphs.graph_count()} layer forward graphs, "
-                  f"{layer_graphs.graph_count(backward=True)} backward graphs")
+                  f"{layer_graphs.graph_count(backward=True)} backward graphs, expandable segments {expandable}")
         results[side] = dict(s_per_step=med, peak_gib=peak, reserved_gib=reserved, tokens_per_s=ntok / med,
-                             losses=losses)
+                             losses=losses, expandable_segments=expandable)
         print(f"{side:14s} {med:8.3f} s/step  {peak:7.2f} GiB peak ({reserved:.2f} reserved)  {ntok / med:9.0f} tok/s  "
               f"losses {' '.join(f'{x:.4f}' for x in losses)}", flush=True)
     for side in [x for x in results if x != "hf"]:
