@@ -258,6 +258,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     import sloth
+    import sloth._allocator
 
     dtype = torch.bfloat16
     pm = build_qlora(args.config, args.device, dtype, args.rank, args.alpha)
@@ -284,9 +285,7 @@ def main(argv=None):
         if args.profile:
             print_profile(pm, batch, args.device, args.profile, side)
         med = statistics.median(times)
-        from sloth import _allocator
-
-        expandable = bool(_allocator._applied)  # (sloth's checkpointing turns it on; it stays on for later sides)
+        expandable = bool(sloth._allocator._applied)  # (sloth's checkpointing turns it on; it stays on for later sides)
         if side.startswith("sloth-offload"):
             from sloth.nn import layer_graphs
 

@@ -143,6 +143,27 @@ def _tiny_lora_model(family: str, dropout: float = 0.0):
     return model
 
 
+def _check_saving_matches_recomputing(model, ids, monkeypatch, check_run):
+    """One training step of ``model`` with saved attention, then one without (each from the same RNG state, so
+    that dropout draws the same masks); ``check_run(on)`` after each. Loss and LoRA gradients are equal up to fp32
+    rounding (the stand-in attention is not SDPA's kernel)."""
+    results = []
+    for on in (True, False):
+        monkeypatch.setattr(saved_attention, "ENABLED", on)
+        monkeypatch.setattr(saved_attention, "_broken", [])
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        check_run(on)
+    (loss, grads), (loss_ref, grads_ref) = results
+    assert abs(loss.item() - loss_ref.item()) <= 1e-6 * abs(loss_ref.item())
+    assert grads.keys() == grads_ref.keys() and len(grads) == 2 * 7 * 2
+    for n in grads:
+        assert rel_err(grads[n], grads_ref[n]) <= 1e-5, n
+
+
 @pytest.mark.parametrize("family,backward", [("llama", "kernel"), ("qwen3", "kernel"), ("llama", "rejected")])
 def test_bookkeeping_with_stand_ins(family, backward, stand_ins, monkeypatch):
     """The whole saving path on the CPU (fp32, see ``stand_ins``): a PEFT LoRA model under
@@ -152,24 +173,13 @@ def test_bookkeeping_with_stand_ins(family, backward, stand_ins, monkeypatch):
     call: every saved layer falls back to SDPA's backward, same gradients."""
     if backward == "rejected":
         monkeypatch.setattr(saved_attention, "_cudnn_backward", _rejecting)
-    model = _tiny_lora_model(family)
-    ids = torch.randint(0, 128, (2, 24))
-    results = []
-    for on in (True, False):
-        monkeypatch.setattr(saved_attention, "ENABLED", on)
-        monkeypatch.setattr(saved_attention, "_broken", [])
-        model.zero_grad(set_to_none=True)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    def check_run(on):
         assert bool(saved_attention._broken) == (on and backward == "rejected")
         assert stand_ins == {"attention": 2, "o": 2, "qkv": 2 if family == "llama" else 0}
         assert oc._host == {"live": 0, "attention": 0}
-    (loss, grads), (loss_ref, grads_ref) = results
-    assert abs(loss.item() - loss_ref.item()) <= 1e-6 * abs(loss_ref.item())
-    assert grads.keys() == grads_ref.keys() and len(grads) == 2 * 7 * 2
-    for n in grads:
-        assert rel_err(grads[n], grads_ref[n]) <= 1e-5, n
+
+    _check_saving_matches_recomputing(_tiny_lora_model(family), torch.randint(0, 128, (2, 24)), monkeypatch,
+                                      check_run)
 
 
 @pytest.mark.parametrize("family,under_graphs", [("llama", True), ("qwen3", True), ("llama", False)])
@@ -425,21 +435,10 @@ def test_eager_layers_save_beside_graphs(stand_ins, cpu_graphs, monkeypatch):
     """LoRA dropout keeps the layers out of the CUDA graphs (the recompute must draw the same masks): their eager
     runs save attention at the graphs' sizes too, and the recompute, which draws the same dropout masks, gives the
     gradients of the run that recomputes everything (fp32 rounding of the stand-in attention)."""
-    model = _tiny_lora_model("llama", dropout=0.1)
-    ids = torch.randint(0, 128, (2, 24))
-    results = []
-    for on in (True, False):
-        monkeypatch.setattr(saved_attention, "ENABLED", on)
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(1)
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    def check_run(on):
         # (with LoRA dropout the projections run unfused, so only the attention itself is saved)
         assert stand_ins == {"attention": 2, "o": 0, "qkv": 0}
+
+    _check_saving_matches_recomputing(_tiny_lora_model("llama", dropout=0.1), torch.randint(0, 128, (2, 24)),
+                                      monkeypatch, check_run)
     assert layer_graphs.graph_count() == 0 and cpu_graphs["captures"] == 0
-    (loss, grads), (loss_ref, grads_ref) = results
-    assert abs(loss.item() - loss_ref.item()) <= 1e-6 * abs(loss_ref.item())
-    assert grads.keys() == grads_ref.keys() and len(grads) == 2 * 7 * 2
-    for n in grads:
-        assert rel_err(grads[n], grads_ref[n]) <= 1e-5, n

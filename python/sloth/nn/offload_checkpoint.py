@@ -314,7 +314,8 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
         ctx.host_copy, ctx.attention = None, []
         offload = _offloads(hidden)
         if offload:
-            extras = [t for item in collect or () for t in item.tensors()]
+            per_item = [item.tensors() for item in collect or ()]
+            extras = [t for ts in per_item for t in ts]
             attention_bytes = sum(t.numel() * t.element_size() for t in extras)
             accounted = _reserve_host([hidden, *extras], attention_bytes) if extras else None
             if accounted is None:  # without the saved attention (over its budget or the host limit)
@@ -333,7 +334,7 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
                 _release_host(accounted, attention_bytes)
                 raise
             _local.last = weakref.ref(ctx.host_copy)
-            ctx.counts = [len(item.tensors()) for item in ctx.attention]
+            ctx.counts = [len(ts) for ts in per_item]
             for item in ctx.attention:  # the GPU copies are freed once copied (the host copy recorded the stream)
                 item.drop()
             ctx.save_for_backward(*[a if i != hidden_index else None for i, a in enumerate(args) if i in ctx.layout])
