@@ -4,7 +4,8 @@ torch's pinned-memory allocator rounds every block up to a power of two: 32 hidd
 x 4096 x bf16) take 32 x 4 GiB = 128 GiB of host memory instead of 105 GB. The checkpoints of a training step
 are made in forward order and released in the reverse order in backward, so one region, sub-allocated as a stack,
 holds them exactly. The region is plain host memory page-locked with ``cudaHostRegister`` (exact size). When a
-step needs more than the region holds, the overflow comes from torch's pinned allocator and the region grows
+step needs more than the region holds (the first step, a longer batch), each tensor that does not fit gets a
+page-locked buffer of its own, also of exact size (the page-locking is paid only then), and the region grows
 to the peak seen so far the next time nothing is alive in it (at the latest the next step's start), so from the
 second step on all checkpoints live in it.
 
@@ -58,14 +59,13 @@ class PinnedArena:
     """A stack of host tensors in one page-locked region: :meth:`alloc` -> (tensor, handle), :meth:`free` (handle).
 
     Frees may come in any order; a slot's bytes return to the stack once every slot above it is free too.
-    ``pin`` page-locks a new region and returns its undo (tests pass a no-op); ``fallback`` allocates a tensor
-    that does not fit (torch's pinned allocator by default).
+    ``pin`` page-locks a buffer and returns its undo (tests pass a no-op). A tensor that does not fit the region
+    gets a page-locked buffer of its own, of its exact size (not torch's pinned allocator, whose power-of-two
+    rounding would take 128 GiB for the 105 GB of a first step at 400k tokens), unpinned when it is freed.
     """
 
-    def __init__(self, pin: Callable[[torch.Tensor], Callable[[], None]] = _cuda_pin,
-                 fallback: Optional[Callable[[tuple, torch.dtype], torch.Tensor]] = None):
+    def __init__(self, pin: Callable[[torch.Tensor], Callable[[], None]] = _cuda_pin):
         self._pin = pin
-        self._fallback = fallback or (lambda shape, dtype: torch.empty(shape, dtype=dtype, pin_memory=True))
         self._buf: Optional[torch.Tensor] = None  # uint8 [capacity]
         self._unpin: Optional[Callable[[], None]] = None
         self._slots: List[list] = []  # [offset, nbytes, freed] in stack order
@@ -93,14 +93,18 @@ class PinnedArena:
             self._top += nbytes
             return self._buf[slot[0]:slot[0] + exact].view(dtype).view(shape), slot
         self.overflows += 1
-        return self._fallback(shape, dtype), ("overflow", nbytes)
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        unpin = self._pin(buf)
+        return buf[:exact].view(dtype).view(shape), ["overflow", nbytes, unpin, buf]
 
     def free(self, handle) -> None:
-        if isinstance(handle, tuple):  # an overflow tensor: its memory goes back with the tensor
-            self._in_use -= handle[1]
-            return
-        if handle[2]:
+        if handle[2] in (True, None):
             raise RuntimeError("sloth: pinned arena slot freed twice")
+        if handle[0] == "overflow":  # a buffer of its own: unpinned (after its copies), then dropped
+            self._in_use -= handle[1]
+            unpin, handle[2], handle[3] = handle[2], None, None
+            unpin()
+            return
         handle[2] = True
         self._in_use -= handle[1]
         while self._slots and self._slots[-1][2]:
