@@ -28,6 +28,7 @@ On the CPU nothing runs out of memory: the search just stops at ``--max-len``.
 
     python benchmarks/long_context.py --side sloth-offload                       # full depth, doubling from 16k
     python benchmarks/long_context.py --side sloth-offload --layers 4 --lengths 262144,409600
+    python benchmarks/long_context.py --lengths 409600 --max-step-seconds 560 --progress 16   # full depth, one step
     python benchmarks/long_context.py --side hf,sloth --start 8192 --budget-seconds 400
     python benchmarks/long_context.py --device-memory-gib 79.2 ...       # an H100 80 GB's memory on a larger GPU
     python benchmarks/long_context.py --config tiny --device cpu --start 64 --max-len 512      # smoke test, no GPU
@@ -65,14 +66,16 @@ class Watchdog:
     """Forward pre-hook on every attention and MLP module: raises :class:`StepTimeout` once the trial is past its
     deadline (and, for testing, a fake CUDA OOM above ``fake_oom_above`` tokens)."""
 
-    def __init__(self, fake_oom_above=None):
+    def __init__(self, fake_oom_above=None, progress: int = 0):
         self.deadline = math.inf
         self.fired = False
         self.length = 0
         self.fake_oom_above = fake_oom_above
+        self.progress, self.calls, self.start = progress, 0, 0.0  # progress: print every this many calls (0: never)
 
     def arm(self, seconds: float, length: int) -> None:
         self.deadline, self.fired, self.length = time.perf_counter() + seconds, False, length
+        self.calls, self.start = 0, time.perf_counter()
 
     def disarm(self) -> None:
         self.deadline = math.inf
@@ -83,6 +86,12 @@ class Watchdog:
         if time.perf_counter() > self.deadline:
             self.fired = True
             raise StepTimeout("over the trial's time limit")
+        self.calls += 1
+        if self.progress and self.calls % self.progress == 0:  # (a step cut off by a time limit still tells)
+            peak = f", peak {_safe(lambda: torch.cuda.max_memory_allocated() / GIB):.2f} GiB" \
+                if torch.cuda.is_available() else ""
+            print(f"    {self.length} tokens: {self.calls} attention / MLP calls (forward and recompute) after "
+                  f"{time.perf_counter() - self.start:.0f} s{peak}", flush=True)
 
 
 def _free(cuda: bool) -> None:
@@ -333,6 +342,8 @@ def main(argv=None):
     ap.add_argument("--fake-oom-above", type=int, default=None,
                     help="testing: lengths above this raise a CUDA OOM inside the model (exercises the search on "
                          "the CPU)")
+    ap.add_argument("--progress", type=int, default=0, metavar="CALLS",
+                    help="print the elapsed time and peak memory every CALLS attention / MLP calls of a trial")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
     sides = [s for s in args.sides.split(",") if s]
@@ -394,7 +405,7 @@ def main(argv=None):
           f"({per_layer_static / 2**20:.0f} MiB per layer)", flush=True)
     init = {n: p.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}
 
-    watchdog = Watchdog(args.fake_oom_above)
+    watchdog = Watchdog(args.fake_oom_above, args.progress)
     hooks = []
     for layer in lm.model.layers:
         hooks.append(layer.self_attn.register_forward_pre_hook(watchdog))
