@@ -95,18 +95,18 @@ class PinnedArena:
         self.overflows += 1
         buf = torch.empty(nbytes, dtype=torch.uint8)
         unpin = self._pin(buf)
-        return buf[:exact].view(dtype).view(shape), ["overflow", nbytes, unpin, buf]
+        # an overflow's handle has its freed flag where a slot has it
+        return buf[:exact].view(dtype).view(shape), ["overflow", nbytes, False, (unpin, buf)]
 
     def free(self, handle) -> None:
-        if handle[2] in (True, None):
+        if handle[2]:
             raise RuntimeError("sloth: pinned arena slot freed twice")
-        if handle[0] == "overflow":  # a buffer of its own: unpinned (after its copies), then dropped
-            self._in_use -= handle[1]
-            unpin, handle[2], handle[3] = handle[2], None, None
-            unpin()
-            return
         handle[2] = True
         self._in_use -= handle[1]
+        if handle[0] == "overflow":  # a buffer of its own: unpinned (after its copies), then dropped
+            unpin, _ = handle.pop()
+            unpin()
+            return
         while self._slots and self._slots[-1][2]:
             self._slots.pop()
         self._top = self._slots[-1][0] + self._slots[-1][1] if self._slots else 0
