@@ -76,6 +76,18 @@ def test_overflow_is_pinned_at_its_exact_size_until_freed():
     assert a._in_use == 0 and not a._slots
 
 
+def test_a_failed_overflow_pin_counts_nothing():
+    """cudaHostRegister may fail (the host's locked-memory limit): the error reaches the caller and the arena's
+    bookkeeping is as before the call, so the region is not later sized for bytes that never existed."""
+    def pin(buf):
+        raise RuntimeError("cudaHostRegister failed")
+
+    a = PinnedArena(pin=pin)
+    with pytest.raises(RuntimeError, match="cudaHostRegister"):
+        a.alloc((1000,), torch.bfloat16)
+    assert a.overflows == 0 and a._in_use == 0 and a._peak == 0 and not a._slots
+
+
 def test_out_of_order_frees_reclaim_once_the_top_is_free():
     a, _ = make_arena()
     shapes = [(1024,)] * 4

@@ -85,18 +85,22 @@ class PinnedArena:
         nbytes = _round_up(max(1, exact))
         if not self._slots and self._peak > self.capacity:
             self._resize(self._peak)
-        self._in_use += nbytes
-        self._peak = max(self._peak, self._in_use)
         if self._top + nbytes <= self.capacity:
             slot = [self._top, nbytes, False]
             self._slots.append(slot)
             self._top += nbytes
+            self._count(nbytes)
             return self._buf[slot[0]:slot[0] + exact].view(dtype).view(shape), slot
-        self.overflows += 1
         buf = torch.empty(nbytes, dtype=torch.uint8)
-        unpin = self._pin(buf)
+        unpin = self._pin(buf)  # (should it fail, nothing has been counted)
+        self.overflows += 1
+        self._count(nbytes)
         # an overflow's handle has its freed flag where a slot has it
         return buf[:exact].view(dtype).view(shape), ["overflow", nbytes, False, (unpin, buf)]
+
+    def _count(self, nbytes: int) -> None:
+        self._in_use += nbytes
+        self._peak = max(self._peak, self._in_use)
 
     def free(self, handle) -> None:
         if handle[2]:
