@@ -115,18 +115,29 @@ def _safe(fn, default=float("nan")):
         return default
 
 
+def _arena():
+    """sloth's pinned arena of offloaded checkpoints where ``SLOTH_PINNED_ARENA=1``, else None."""
+    from sloth.nn import pinned_arena
+
+    return pinned_arena.arena()
+
+
 def _host_pinned_peak() -> float:
-    """Peak bytes of the pinned host allocator since its last reset (NaN where torch does not report it)."""
+    """Peak bytes of pinned host memory since the last reset: torch's pinned allocator's plus sloth's pinned arena's
+    (``SLOTH_PINNED_ARENA=1``), NaN where torch does not report its own."""
+    arena = _arena()
     stats = getattr(torch.cuda, "host_memory_stats", None)
-    if stats is None:
-        return float("nan")
     try:
-        return float(stats().get("allocated_bytes.peak", float("nan")))
+        torch_peak = float(stats().get("allocated_bytes.peak", float("nan"))) if stats else float("nan")
     except Exception:
-        return float("nan")
+        torch_peak = float("nan")
+    return torch_peak + (arena.peak_bytes if arena is not None else 0)
 
 
 def _reset_host_peak() -> None:
+    arena = _arena()
+    if arena is not None:
+        arena.reset_peak()
     reset = getattr(torch.cuda, "reset_peak_host_memory_stats", None)
     if reset is not None:
         try:
@@ -437,7 +448,8 @@ def main(argv=None):
                 extra = (full_layers - layers) * (per_layer_static + 3 * lora_layer + ckpt)
                 r["est_full_peak_gib"] = r["peak_gib"] + extra / GIB
                 if side == "sloth-offload":
-                    block = 1 << max(0, math.ceil(math.log2(length * hidden * dtype.itemsize)))  # pow2 pinned
+                    block = length * hidden * dtype.itemsize  # exact size in the pinned arena, else a power of 2
+                    block = block if _arena() is not None else 1 << max(0, math.ceil(math.log2(block)))
                     r["est_full_host_pinned_gib"] = r["host_pinned_gib"] + (full_layers - layers) * block / GIB
             live.append(r)
             if args.json:  # after every trial: a run cut short keeps what it measured

@@ -88,6 +88,25 @@ def test_a_failed_overflow_pin_counts_nothing():
     assert a.overflows == 0 and a._in_use == 0 and a._peak == 0 and not a._slots
 
 
+def test_peak_bytes_counts_region_and_overflow_until_reset():
+    """peak_bytes (what reports read: torch's pinned-memory statistics do not see the arena) is the most bytes alive
+    at once, in the region and in overflows; reset_peak restarts it from what is alive, without changing how the
+    region is next sized."""
+    a, _ = make_arena()
+    one_step(a, [(1024,), (512,)])  # first step: 2048 + 1024 bytes alive at once, the first in an overflow
+    first = a.overflows
+    assert first >= 1 and a.peak_bytes == 3072
+    a.reset_peak()
+    assert a.peak_bytes == 0
+    t, h = a.alloc((256,), torch.bfloat16)  # the region (sized 3072 B at least, from the first step's peak)
+    assert a.overflows == first and a.capacity >= 3072 and a.peak_bytes == 512
+    a.reset_peak()
+    assert a.peak_bytes == 512  # still alive
+    a.free(h)
+    one_step(a, [(1024,), (512,)])
+    assert a.peak_bytes == 3072 and a.overflows == first
+
+
 def test_out_of_order_frees_reclaim_once_the_top_is_free():
     a, _ = make_arena()
     shapes = [(1024,)] * 4

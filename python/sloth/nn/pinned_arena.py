@@ -73,6 +73,9 @@ class PinnedArena:
         self._in_use = 0  # bytes alive, region and overflow
         self._peak = 0  # most bytes alive at once since the region was last sized
         self.overflows = 0  # allocations that did not fit the region (for tests and reports)
+        #: most bytes alive at once (region and overflow) since :meth:`reset_peak` (for reports: torch's pinned
+        #: allocator statistics do not see this memory)
+        self.peak_bytes = 0
 
     @property
     def capacity(self) -> int:
@@ -101,6 +104,11 @@ class PinnedArena:
     def _count(self, nbytes: int) -> None:
         self._in_use += nbytes
         self._peak = max(self._peak, self._in_use)
+        self.peak_bytes = max(self.peak_bytes, self._in_use)
+
+    def reset_peak(self) -> None:
+        """Restart :attr:`peak_bytes` from the bytes alive now (the region's sizing keeps its own peak)."""
+        self.peak_bytes = self._in_use
 
     def free(self, handle) -> None:
         if handle[2]:
