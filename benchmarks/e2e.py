@@ -132,10 +132,10 @@ def apply_side(pm, side: str) -> None:
     Transformers' checkpointing), ``sloth-offload`` (``sloth.patch``, offloaded checkpointing),
     ``sloth-offload-eager`` (the same without the layers' CUDA graphs or saved attention, for A/B),
     ``sloth-offload-graphs`` (graphs without saved attention), ``sloth-offload-save`` (saved attention,
-    :mod:`sloth.nn.saved_attention`, without graphs) or ``sloth-offload-graphs-save`` (both, saved inside the
+    :mod:`sloth.runtime.saved_attention`, without graphs) or ``sloth-offload-graphs-save`` (both, saved inside the
     graphs)."""
     import sloth
-    from sloth.nn import layer_graphs, saved_attention
+    from sloth.runtime import layer_graphs, saved_attention
 
     if not _SAVE_ATTENTION_DEFAULT:
         _SAVE_ATTENTION_DEFAULT.extend((saved_attention.ENABLED, saved_attention.UNDER_GRAPHS))
@@ -258,7 +258,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     import sloth
-    import sloth._allocator
+    import sloth.runtime.allocator
 
     dtype = torch.bfloat16
     pm = build_qlora(args.config, args.device, dtype, args.rank, args.alpha)
@@ -285,9 +285,9 @@ def main(argv=None):
         if args.profile:
             print_profile(pm, batch, args.device, args.profile, side)
         med = statistics.median(times)
-        expandable = bool(sloth._allocator._applied)  # (sloth's checkpointing turns it on; it stays on for later sides)
+        expandable = bool(sloth.runtime.allocator._applied)  # (sloth's checkpointing turns it on; it stays on for later sides)
         if side.startswith("sloth-offload"):
-            from sloth.nn import layer_graphs
+            from sloth.runtime import layer_graphs
 
             print(f"{side}: {layer_graphs.graph_count()} layer forward graphs, "
                   f"{layer_graphs.graph_count(backward=True)} backward graphs, expandable segments {expandable}")

@@ -117,7 +117,7 @@ def _safe(fn, default=float("nan")):
 
 def _arena():
     """sloth's pinned arena of offloaded checkpoints where ``SLOTH_PINNED_ARENA=1``, else None."""
-    from sloth.nn import pinned_arena
+    from sloth.runtime import pinned_arena
 
     return pinned_arena.arena()
 

@@ -1,4 +1,4 @@
-"""The CUDA allocator setting of sloth's offloaded checkpointing (sloth._allocator): expandable segments, applied
+"""The CUDA allocator setting of sloth's offloaded checkpointing (sloth.runtime.allocator): expandable segments, applied
 to the running allocator without touching the environment, unless the user chose a setting; CUDA builds of torch
 only. The CUDA test checks, in a fresh process, that segments allocated afterwards really are expandable."""
 
@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from sloth import _allocator
+from sloth.runtime import allocator as _allocator
 
 
 @pytest.fixture
@@ -76,7 +76,7 @@ def test_sloth_checkpointing_applies_it(cuda_build):
 @pytest.mark.cuda
 def test_segments_are_expandable_afterwards():
     env = {k: v for k, v in os.environ.items() if k not in (*_allocator._KEYS, "SLOTH_EXPANDABLE_SEGMENTS")}
-    code = ("import torch, sloth; from sloth._allocator import use_expandable_segments as u; "
+    code = ("import torch, sloth; from sloth.runtime.allocator import use_expandable_segments as u; "
             "a = torch.empty(1 << 20, device='cuda'); assert u(); b = torch.empty(1 << 26, device='cuda'); "
             "s = torch.cuda.memory_snapshot(); print(sum(g['is_expandable'] for g in s), len(s))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)

@@ -11,7 +11,7 @@ bnb = pytest.importorskip("bitsandbytes")
 
 import sloth  # noqa: E402
 from sloth.integrations.checkpointing import gradient_checkpointing_mode  # noqa: E402
-from sloth.nn.offload_checkpoint import offloaded_checkpoint  # noqa: E402
+from sloth.runtime.offload_checkpoint import offloaded_checkpoint  # noqa: E402
 
 from tiny_checkpoints import FAMILIES, TARGETS, batch  # noqa: E402
 

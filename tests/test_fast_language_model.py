@@ -12,7 +12,7 @@ bnb = pytest.importorskip("bitsandbytes")
 
 from sloth import FastLanguageModel  # noqa: E402
 from sloth.integrations.checkpointing import gradient_checkpointing_mode  # noqa: E402
-from sloth.nn.offload_checkpoint import offloaded_checkpoint  # noqa: E402
+from sloth.runtime.offload_checkpoint import offloaded_checkpoint  # noqa: E402
 
 from tiny_checkpoints import TARGETS, batch, save_checkpoint  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""CUDA graphs of checkpointed layers' no-grad forwards (sloth.nn.layer_graphs): what a capture depends on is seen
+"""CUDA graphs of checkpointed layers' no-grad forwards (sloth.runtime.layer_graphs): what a capture depends on is seen
 on the CPU (one signature for every decoder layer, a state that changes with adapters, weights, hooks and dropout);
 on a GPU, training steps with graphs equal those without, and a changed adapter / weight / shape is followed."""
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import sloth
-from sloth.nn import layer_graphs as lg
-from sloth.nn import offload_checkpoint as oc
+from sloth.runtime import layer_graphs as lg
+from sloth.runtime import offload_checkpoint as oc
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")

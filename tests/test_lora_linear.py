@@ -120,7 +120,7 @@ def test_fp32_lora_params_with_bf16_activations():
 
 
 def test_workspace_reused():
-    from sloth.nn import Workspace
+    from sloth.runtime.workspace import Workspace
 
     W, qs = make_weight("nf4", 64, 128, torch.float32)
     x = torch.randn(32, 128)

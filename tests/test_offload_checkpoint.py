@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import sloth
-from sloth.nn import offload_checkpoint as oc
+from sloth.runtime import offload_checkpoint as oc
 
 transformers = pytest.importorskip("transformers")
 
@@ -280,7 +280,7 @@ def test_cuda_offload_grads_and_memory():
 def test_cuda_offload_into_the_pinned_arena(monkeypatch):
     """SLOTH_PINNED_ARENA=1: three steps give the same gradients as plain checkpointing, and the third step fits the
     region the first two sized (no overflow, no growth)."""
-    from sloth.nn import pinned_arena
+    from sloth.runtime import pinned_arena
 
     monkeypatch.setenv("SLOTH_PINNED_ARENA", "1")
     monkeypatch.setattr(pinned_arena, "_local", __import__("threading").local())  # a fresh arena

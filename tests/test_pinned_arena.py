@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sloth.nn.pinned_arena import ALIGN, PinnedArena
+from sloth.runtime.pinned_arena import ALIGN, PinnedArena
 
 
 def make_arena():
@@ -150,7 +150,7 @@ def test_double_free_and_release_while_alive_are_errors():
 
 
 def test_off_by_default(monkeypatch):
-    from sloth.nn import pinned_arena
+    from sloth.runtime import pinned_arena
 
     monkeypatch.delenv("SLOTH_PINNED_ARENA", raising=False)
     assert pinned_arena.arena() is None

@@ -1,4 +1,4 @@
-"""Attention outputs saved by offloaded checkpoints (sloth.nn.saved_attention, sloth.integrations.sdpa): what is
+"""Attention outputs saved by offloaded checkpoints (sloth.runtime.saved_attention, sloth.integrations.sdpa): what is
 accepted, the "sdpa" wrapper passing everything else through unchanged (CPU); on the GPU, the saved output and
 cuDNN's backward against an fp32 reference, and a checkpointed model's loss and gradients with and without saving."""
 
@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import sloth
-from sloth.nn import layer_graphs, saved_attention
-from sloth.nn import offload_checkpoint as oc
+from sloth.runtime import layer_graphs, saved_attention
+from sloth.runtime import offload_checkpoint as oc
 from test_layer_graphs import cpu_graphs  # noqa: F401  (fixture)
 from test_offload_checkpoint import HostStandIn
 

@@ -8,20 +8,18 @@ from __future__ import annotations
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # noqa: F401  (registers torch.ops.sloth.*)
-from . import nn, ops
+from . import nn, ops, runtime
 from .nn import causal_lm_loss, glu, linear_cross_entropy, linear_logprobs, lora_linear, lora_mlp
 from .nn.lora_mlp import LoraProj
 from .ops import MXFP4State, NF4State, mxfp4_dequantize, mxfp4_quantize, nf4_dequantize, nf4_quantize
 
-# ---- model integration (branch integrate): sloth.patch / sloth.unpatch, RMSNorm, RoPE ----
 from .integrations.transformers import patch, patched_modules, unpatch
 from .nn.norm_rope import rms_norm, rope
 
-# ---- model-level API (branch api): loading, LoRA, offloaded checkpointing, FastLanguageModel shim ----
 from .api import FastLanguageModel, from_pretrained, get_peft_model
 from .integrations.checkpointing import set_gradient_checkpointing
-from .nn.offload_checkpoint import offloaded_checkpoint
-# ---- training workflows (branch trl): TRL glue and export; transformers / trl / gguf are imported on use ----
+from .runtime.offload_checkpoint import offloaded_checkpoint
+# transformers / trl / gguf are imported on use
 from .nn.linear_logprobs import linear_logprobs_stats
 from .integrations.trl import train_on_responses_only
 from .export import save_gguf, save_merged

@@ -57,7 +57,7 @@ def get_peft_model(model, r: int = 16, lora_alpha: float = 16, lora_dropout: flo
         target_modules: module names to put LoRA on; None: every linear projection of attention and MLP
             (q, k, v, o, gate, up, down). ``"all-linear"`` and regexes work as in PEFT.
         use_gradient_checkpointing: ``"sloth"`` (each decoder layer keeps only its input, offloaded to pinned host
-            memory on CUDA, see :mod:`sloth.nn.offload_checkpoint`), True (Transformers' checkpointing) or False.
+            memory on CUDA, see :mod:`sloth.runtime.offload_checkpoint`), True (Transformers' checkpointing) or False.
             With checkpointing the embeddings' output requires grad and the KV cache is off.
         random_state: seed of the LoRA initialization (the global RNG state is left as it was).
         loftq_config: not supported (NotImplementedError unless None).

@@ -1,7 +1,7 @@
 """Gradient (activation) checkpointing of a Transformers model: ``"sloth"`` (offloaded), ``True`` (Transformers'
 own, non-reentrant) or ``False`` (none).
 
-``"sloth"`` puts :func:`sloth.nn.offload_checkpoint.offloaded_checkpoint` in every ``GradientCheckpointingLayer``
+``"sloth"`` puts :func:`sloth.runtime.offload_checkpoint.offloaded_checkpoint` in every ``GradientCheckpointingLayer``
 (``_gradient_checkpointing_func``, which the layer calls as ``func(partial(forward, layer, **kwargs), *args)``).
 The choice sticks: a later ``model.gradient_checkpointing_enable()`` / ``activation_checkpointing_enable()`` (as a
 Trainer with ``gradient_checkpointing=True`` makes) keeps the offloaded function, because the model's
@@ -15,8 +15,8 @@ import inspect
 import types
 from typing import Union
 
-from .._allocator import use_expandable_segments
-from ..nn.offload_checkpoint import offloaded_checkpoint
+from ..runtime.allocator import use_expandable_segments
+from ..runtime.offload_checkpoint import offloaded_checkpoint
 from ._models import peft_parts
 
 _MODE = "_sloth_gradient_checkpointing"  # on the Transformers model: the mode last set ("sloth", True, False)
@@ -78,7 +78,7 @@ def set_gradient_checkpointing(model, mode: Mode = "sloth") -> None:
     ``True`` uses Transformers' own non-reentrant checkpointing; ``False`` turns checkpointing off. With
     checkpointing the KV cache is turned off (``config.use_cache = False``) and the input embeddings' output
     requires grad, so frozen-base LoRA training gets gradients. ``"sloth"`` also turns on the CUDA allocator's
-    expandable segments unless you chose allocator settings (:mod:`sloth._allocator`)."""
+    expandable segments unless you chose allocator settings (:mod:`sloth.runtime.allocator`)."""
     mode = normalize_mode(mode)
     base = transformers_model(model)
     if not getattr(base, "supports_gradient_checkpointing", False):

@@ -29,7 +29,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from ..nn.lora_mlp import LoraProj, lora_mlp
-from ..nn.offload_checkpoint import recomputing
+from ..runtime.offload_checkpoint import recomputing
 from .peft import (_base_weight, _fast_adapter, _lora_classes, as_layer_output, autocast_off, lora_dropout_active,
                    run_dtype)
 

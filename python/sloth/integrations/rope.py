@@ -19,7 +19,7 @@ import weakref
 
 import torch
 
-from ..nn import saved_attention
+from ..runtime import saved_attention
 from ..nn.norm_rope import RopeFunction
 from .qkv import qkv_group
 

@@ -3,7 +3,7 @@ and a patched attention module's forward under such a checkpoint (:func:`checkpo
 
 Transformers looks an attention's computation up in its registry (``AttentionInterface``) by the configuration's
 ``_attn_implementation``. :func:`install` (called by :func:`sloth.patch`, once per process) registers, under
-``"sdpa"``, a function that hands the call to :func:`sloth.nn.saved_attention.causal_attention` while an
+``"sdpa"``, a function that hands the call to :func:`sloth.runtime.saved_attention.causal_attention` while an
 offloaded checkpoint collects or replays saved attentions on this thread (``use_gradient_checkpointing="sloth"``,
 on CUDA, see that module for which layers), and to the original ``"sdpa"`` function otherwise or whenever that returns
 None (a mask, dropout, an unsupported shape): models sloth did not patch, inference and every other case compute
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..nn import saved_attention
+from ..runtime import saved_attention
 from .mlp import _proj
 from .peft import _lora_classes, skip_output
 from .qkv import qkv_group
@@ -62,14 +62,14 @@ def _projections_read_back(attention: torch.nn.Module) -> bool:
 
 def checkpointed_attention_forward(attention: torch.nn.Module, args: tuple, kwargs: dict):
     """``attention``'s own forward (q, k, v projections grouped) inside an offloaded checkpoint that saves
-    attentions (:func:`sloth.nn.saved_attention.active`).
+    attentions (:func:`sloth.runtime.saved_attention.active`).
 
     Forward (collecting): the attention saved by the "sdpa" function also keeps q, k, v (after RoPE) when the
     projections were grouped and nothing else reads them back, and the module's output when ``o_proj`` is a PEFT LoRA
     layer on sloth's path. Recompute (replaying that item): the grouped q, k, v projections and ``o_proj`` compute no
     outputs (zeros stand for them, the backward graph is the same), the attention takes the saved q, k, v and O
-    (:class:`~sloth.nn.saved_attention.SavedAttentionFunction`) and the module returns the saved output under
-    ``o_proj``'s history (:class:`~sloth.nn.saved_attention.ValueOf`): the recompute is then RoPE on zeros and
+    (:class:`~sloth.runtime.saved_attention.SavedAttentionFunction`) and the module returns the saved output under
+    ``o_proj``'s history (:class:`~sloth.runtime.saved_attention.ValueOf`): the recompute is then RoPE on zeros and
     the LoRA A products, nothing else."""
     collect = saved_attention.collected()
     if collect is not None:

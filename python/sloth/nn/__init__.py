@@ -6,16 +6,12 @@ from .linear_logprobs import LinearLogprobsFunction, linear_logprobs, linear_log
 from .lora_group import LoraGroupFunction, lora_linear_group
 from .lora_linear import lora_linear
 from .lora_mlp import lora_mlp
-from .workspace import Workspace
-from .norm_rope import RMSNormFunction, RopeFunction, rms_norm, rope  # RMSNorm / RoPE (integrate)
-from .offload_checkpoint import OffloadedCheckpointFunction, offloaded_checkpoint  # (api)
+from .norm_rope import RMSNormFunction, RopeFunction, rms_norm, rope
 
 __all__ = [
     "LinearCrossEntropyFunction",
     "LinearLogprobsFunction",
     "LoraGroupFunction",
-    "OffloadedCheckpointFunction",
-    "Workspace",
     "causal_lm_loss",
     "glu",
     "linear_cross_entropy",
@@ -24,7 +20,6 @@ __all__ = [
     "lora_linear",
     "lora_linear_group",
     "lora_mlp",
-    "offloaded_checkpoint",
     "RMSNormFunction",
     "RopeFunction",
     "rms_norm",

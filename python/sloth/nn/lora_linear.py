@@ -23,7 +23,7 @@ import torch
 from ..ops._checks import FLOAT_DTYPES, check_device_supported, check_tensor
 from ..ops.mxfp4 import MX_BLOCK, MXFP4State, mxfp4_dequantize
 from ..ops.qlora import NF4Args, gemv_available, nf4_gemv_lora
-from .workspace import Workspace
+from ..runtime.workspace import Workspace
 
 
 class _Weight:

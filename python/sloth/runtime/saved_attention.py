@@ -8,15 +8,15 @@ sequences the attention forward is the costliest part of the recompute that does
 products a fifth of the layer's weight FLOPs. So, on NVIDIA GPUs (sm_80 or later), for layers of at most
 :data:`MAX_TOKENS` tokens, in their eager runs and in their CUDA-graph replays (unless :data:`UNDER_GRAPHS` is off):
 
-- forward (no grad, inside :class:`~sloth.nn.offload_checkpoint.OffloadedCheckpointFunction`): inside
+- forward (no grad, inside :class:`~sloth.runtime.offload_checkpoint.OffloadedCheckpointFunction`): inside
   :func:`collecting`, :func:`causal_attention` runs cuDNN's fused attention (the kernel SDPA picks on sm_90),
   asking it for the LSE as well, and hands a :class:`SavedAttention` to the checkpoint, which copies its tensors
   to pinned host memory with the layer's input (within a host-memory budget, see
-  :mod:`sloth.nn.offload_checkpoint`);
+  :mod:`sloth.runtime.offload_checkpoint`);
 - backward: the checkpoint brings them back with the layer's input; inside :func:`replaying`, the recompute's
   attention returns the saved O under an autograd node whose backward is cuDNN's attention backward with the
   saved O and LSE (:class:`SavedAttentionFunction`: what SDPA's own backward computes, with the same kernel).
-- layers replayed from CUDA graphs (:mod:`sloth.nn.layer_graphs`, up to 4,096 tokens) do the same inside
+- layers replayed from CUDA graphs (:mod:`sloth.runtime.layer_graphs`, up to 4,096 tokens) do the same inside
   their graphs (:data:`UNDER_GRAPHS`): the forward graph leaves the saved tensors in static buffers, copied out
   after each replay; the backward graph reads them back from those buffers.
 
@@ -54,7 +54,7 @@ ENABLED = os.environ.get("SLOTH_SAVE_ATTENTION", "1") != "0"
 MAX_TOKENS = 65536
 #: dtypes of the fused kernels (tests on the CPU add float32, with a plain-torch stand-in for the kernels)
 DTYPES = (torch.bfloat16, torch.float16)
-#: whether layers replayed from CUDA graphs (sloth.nn.layer_graphs, up to 4,096 tokens) save theirs too, inside
+#: whether layers replayed from CUDA graphs (sloth.runtime.layer_graphs, up to 4,096 tokens) save theirs too, inside
 #: their graphs (H100, Llama-3.1-8B QLoRA at 2048 x 2: 0.350 s / step and 7.48 GiB peak with it, 0.365 s and
 #: 7.23 GiB without); ``SLOTH_SAVE_ATTENTION_GRAPHED=0`` turns it off
 UNDER_GRAPHS = os.environ.get("SLOTH_SAVE_ATTENTION_GRAPHED", "1") != "0"

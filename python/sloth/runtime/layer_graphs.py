@@ -17,7 +17,7 @@ reach no trainable tensor but the layer's own parameters and inputs.
   pool (one layer's temporaries, since the layers run one after the other), one set of static input buffers and one
   of static outputs: a call copies its tensors into the static inputs, replays, and returns copies of the outputs
   (two copies of the hidden state per layer, ~20 us of GPU time at [4096, 4096] bf16).
-- A forward that saves attention outputs (:mod:`sloth.nn.saved_attention`) has static buffers for them too, shared
+- A forward that saves attention outputs (:mod:`sloth.runtime.saved_attention`) has static buffers for them too, shared
   with the backward graphs: the forward graph writes them (copies go to the checkpoint after each replay), the
   checkpoint's saved tensors are copied in before a backward replay. Whether the forward saves is part of the
   signature.
@@ -48,7 +48,7 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
-from . import saved_attention
+from . import saved_attention, streams
 
 logger = logging.getLogger("sloth")
 
@@ -198,7 +198,7 @@ def _load_saved(buffers: list, items: list) -> None:
 class _Signature:
     """The graphs of every layer called with one signature: static inputs / outputs and one shared memory pool.
 
-    A forward that collects saved attentions (:func:`sloth.nn.saved_attention.collecting`) leaves them in static
+    A forward that collects saved attentions (:func:`sloth.runtime.saved_attention.collecting`) leaves them in static
     buffers (``saved``, of ``saved_layouts``), copied out after each replay; the backward graphs read them back from
     the same buffers (the two never run at once)."""
 
@@ -231,7 +231,6 @@ _failed: set = set()  # forward / backward keys whose capture failed
 _warned = [False]
 _evictions = [0]  # signatures dropped for others
 _trim = [False]  # a backward graph was captured since the last forward replay: release unused cached memory
-_capture_streams: dict = {}
 
 
 def _out_meta(out):
@@ -248,9 +247,7 @@ def _record(sig: _Signature, work: Callable[[], None]):
     if sig.pool is None:
         torch.cuda.empty_cache()  # the first capture of a signature: the eager run's cached blocks go back first
         sig.pool = torch.cuda.graph_pool_handle()
-    stream = _capture_streams.get(device.index)
-    if stream is None:
-        stream = _capture_streams[device.index] = torch.cuda.Stream(device=device)
+    stream = streams.side_stream(streams.CAPTURE, device)
     graph = torch.cuda.CUDAGraph()
     current = torch.cuda.current_stream(device)
     stream.wait_stream(current)
@@ -496,7 +493,7 @@ def graphed_backward(function: Callable, args: list, needs: tuple, grad_outputs:
                      autocast: tuple, attention: list = (), collected: bool = False) -> Optional[list]:
     """The backward of a checkpointed layer from a CUDA graph: ``function(*args)`` recomputed under
     ``recompute()`` (grad mode, the forward's ``autocast``), taking the saved attentions ``attention`` (as
-    :func:`sloth.nn.saved_attention.replaying` does; ``collected``: whether the forward collected them, part of its
+    :func:`sloth.runtime.saved_attention.replaying` does; ``collected``: whether the forward collected them, part of its
     signature) and backpropagated from ``grad_outputs``, all in one graph replay; the parameters' gradients are
     accumulated into their ``.grad`` as AccumulateGrad does, and the gradients of ``args`` (those with ``needs``)
     are returned. None: the caller runs the backward eagerly (the first backward of a layer with a signature, a

@@ -5,7 +5,7 @@ host memory, and the layer is recomputed in the backward pass.
 Transformers uses it (``GradientCheckpointingLayer`` calls ``func(partial(forward, layer, **kwargs), *args)``):
 
 - forward: ``function(*args)`` runs without building a graph (on CUDA replayed from a CUDA graph of the layer once
-  it has run with the same argument shapes, :mod:`sloth.nn.layer_graphs`). The hidden state (the first tensor of
+  it has run with the same argument shapes, :mod:`sloth.runtime.layer_graphs`). The hidden state (the first tensor of
   ``args``) is copied to pinned host memory on a side CUDA stream, so the copy overlaps the layers that follow;
   its device memory is released as soon as the copy is done. The RNG states (CPU and the hidden state's GPU) and
   the autocast state are recorded, so the recompute draws the same dropout masks and runs in the same precision.
@@ -39,7 +39,7 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
-from . import saved_attention
+from . import saved_attention, streams
 from .layer_graphs import graphed_backward, graphed_call, output_grad_pairs
 from .pinned_arena import arena
 
@@ -47,7 +47,6 @@ logger = logging.getLogger("sloth")
 
 _local = threading.local()  # .last: weakref to the most recent _HostCopy of this thread (forward order);
 #                             .recomputing: inside a checkpoint's recompute (see recomputing())
-_streams: dict = {}         # cuda device index -> side stream for the offload copies
 _host = {"live": 0, "attention": 0}  # bytes of pinned host memory held by checkpoints (as allocated) / by saved
 #                                      attentions (exact)
 _host_lock = threading.RLock()  # (re-entrant: a _HostCopy may be collected, and release, inside the lock)
@@ -132,10 +131,7 @@ def _warn_host_full() -> None:
 
 
 def _side_stream(device: torch.device) -> "torch.cuda.Stream":
-    s = _streams.get(device.index)
-    if s is None:
-        s = _streams[device.index] = torch.cuda.Stream(device=device)
-    return s
+    return streams.side_stream(streams.OFFLOAD, device)
 
 
 class _HostCopy:

@@ -21,6 +21,8 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
+from . import streams
+
 #: Offsets are multiples of this (bytes): the DMA engines' preferred alignment, and any dtype's.
 ALIGN = 512
 
@@ -46,10 +48,7 @@ def _cuda_pin(buf: torch.Tensor) -> Callable[[], None]:
         raise RuntimeError(f"cudaHostRegister of {size} bytes failed with CUDA error {int(err)}")
 
     def unpin() -> None:
-        from .offload_checkpoint import _streams  # cuda device index -> side stream of the offload copies
-
-        for stream in list(_streams.values()):
-            stream.synchronize()
+        streams.synchronize(streams.OFFLOAD)  # the offload copies that may still read the region
         cudart.cudaHostUnregister(ptr)
 
     return unpin
