@@ -81,6 +81,19 @@ TORCH_LIBRARY(sloth, m) {
   // rot_dim dims (HF rotate_half), cos / sin [tokens, rot_dim]; inverse applies the transposed rotation (backward).
   m.def("rope_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, bool inverse) -> ()");
   // ---- end RMSNorm and RoPE ----
+  // ---- attention with sinks, sliding window, softcap, GQA, packed documents (python/sloth/ops/attention.py) ----
+  // q [B, Sq, Hq, D], k / v [B, Sk, Hkv, D]; or packed q [Tq, Hq, D], k / v [Tk, Hkv, D] with cu_seqlens_q /
+  // cu_seqlens_k [docs + 1] int32 and max_seqlen_q / max_seqlen_k (the longest document). Causal masking is
+  // bottom-right aligned; window: keys j > i + Sk - Sq - window (-1: none); softcap <= 0: none; sinks [Hq] fp32.
+  // out: q's shape and dtype; lse fp32 (sink included): [B, Hq, Sq], packed [Hq, Tq].
+  m.def("attention_forward(Tensor q, Tensor k, Tensor v, Tensor? sinks, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, "
+        "int max_seqlen_q, int max_seqlen_k, float scale, bool causal, int window, float softcap) "
+        "-> (Tensor out, Tensor lse)");
+  // dq / dk / dv shaped as q / k / v; dsinks [Hq] fp32 ([0] without sinks).
+  m.def("attention_backward(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? sinks, "
+        "Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, bool causal, "
+        "int window, float softcap) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dsinks)");
+  // ---- end attention ----
 }
 
 // `import sloth._C` loads the registrations above; the module itself is empty, which keeps the

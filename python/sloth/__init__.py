@@ -9,7 +9,7 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # noqa: F401  (registers torch.ops.sloth.*)
 from . import nn, ops, runtime
-from .nn import causal_lm_loss, glu, linear_cross_entropy, linear_logprobs, lora_linear, lora_mlp
+from .nn import attention, causal_lm_loss, glu, linear_cross_entropy, linear_logprobs, lora_linear, lora_mlp
 from .nn.lora_mlp import LoraProj
 from .ops import MXFP4State, NF4State, mxfp4_dequantize, mxfp4_quantize, nf4_dequantize, nf4_quantize
 
@@ -32,6 +32,7 @@ __all__ = [
     "MXFP4State",
     "NF4State",
     "__version__",
+    "attention",
     "causal_lm_loss",
     "from_pretrained",
     "get_peft_model",

@@ -1,5 +1,6 @@
 """Modules and autograd Functions built on torch.ops.sloth."""
 
+from .attention import AttentionFunction, attention
 from .glu import glu
 from .linear_cross_entropy import LinearCrossEntropyFunction, causal_lm_loss, linear_cross_entropy
 from .linear_logprobs import LinearLogprobsFunction, linear_logprobs, linear_logprobs_stats
@@ -9,6 +10,8 @@ from .lora_mlp import lora_mlp
 from .norm_rope import RMSNormFunction, RopeFunction, rms_norm, rope
 
 __all__ = [
+    "AttentionFunction",
+    "attention",
     "LinearCrossEntropyFunction",
     "LinearLogprobsFunction",
     "LoraGroupFunction",

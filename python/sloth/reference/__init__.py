@@ -2,5 +2,6 @@
 
 from . import cross_entropy, glu, lora_linear, mxfp4, nf4
 from . import norm_rope  # RMSNorm / RoPE (integrate)
+from . import attention
 
-__all__ = ["cross_entropy", "glu", "lora_linear", "mxfp4", "nf4", "norm_rope"]
+__all__ = ["attention", "cross_entropy", "glu", "lora_linear", "mxfp4", "nf4", "norm_rope"]
