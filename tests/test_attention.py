@@ -246,3 +246,102 @@ def test_attention_cuda_long(dtype, d, window):
     q, k, v = make((1, 4097, 8, d), (1, 4097, 1, d), dtype, "cuda", gen)
     check_against_reference(q, k, v, sinks=sink_values("random", 8, gen), causal=True, window=window, softcap=None,
                             gen=gen)
+
+
+# ---- Transformers: attn_implementation="sloth" on a tiny gpt-oss (sinks on every layer, window on every other) ----
+
+def _tiny_gpt_oss(attn, seed=0):
+    transformers = pytest.importorskip("transformers")
+    from sloth.integrations.attention import register
+
+    assert register()
+    cfg = transformers.GptOssConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16, sliding_window=6, num_local_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=256, attn_implementation=attn)
+    torch.manual_seed(seed)
+    model = transformers.GptOssForCausalLM(cfg).float()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_(0.0, 2.0)  # initialized to zero-ish otherwise: make the sinks matter
+    return model
+
+
+def _loss_and_grads(model, **batch):
+    model.zero_grad()
+    loss = model(**batch, use_cache=False).loss  # with a cache, Transformers ignores packing (eager)
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _compare(batch, one_thread, eager_batch=None):
+    eager, ours = _tiny_gpt_oss("eager"), _tiny_gpt_oss("sloth")
+    ours.load_state_dict(eager.state_dict())
+    l1, g1 = _loss_and_grads(eager, **(eager_batch or batch))
+    l2, g2 = _loss_and_grads(ours, **batch)
+    # fp32 everywhere: the two differ by summation order only (1e-5 of the largest gradient entry)
+    assert torch.allclose(l1, l2, rtol=1e-5, atol=1e-6), (l1, l2)
+    assert g1.keys() == g2.keys()
+    for n in g1:
+        assert rel_err(g2[n], g1[n]) <= 1e-4, (n, rel_err(g2[n], g1[n]))
+    sinks_grad = [g for n, g in g2.items() if n.endswith("sinks")]
+    assert len(sinks_grad) == 2 and all(g.abs().max() > 0 for g in sinks_grad)
+
+
+def test_gpt_oss_sloth_matches_eager(one_thread):
+    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(0))
+    _compare(dict(input_ids=ids, labels=ids), one_thread)
+
+
+def test_gpt_oss_sloth_matches_eager_packed(one_thread):
+    """One row holding three documents (position_ids restart). Transformers' gpt-oss does not mask packed rows
+    itself (its mask ignores position_ids), so the eager side gets the block-diagonal masks explicitly (causal and
+    sliding-window per layer type); sloth finds the documents from position_ids."""
+    lens = [9, 4, 11]
+    ids = torch.randint(0, 128, (1, sum(lens)), generator=torch.Generator().manual_seed(1))
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    doc = torch.cat([torch.full((n,), d) for d, n in enumerate(lens)])
+    i, j = pos[0][:, None], pos[0][None, :]
+    same = doc[:, None] == doc[None, :]
+    masks = {}
+    for kind, keep in (("full_attention", same & (j <= i)), ("sliding_attention", same & (j <= i) & (j > i - 6))):
+        masks[kind] = torch.zeros(1, 1, len(doc), len(doc)).masked_fill(~keep, torch.finfo(torch.float32).min)
+    batch = dict(input_ids=ids, labels=ids, position_ids=pos)
+    _compare(batch, one_thread, eager_batch=dict(batch, attention_mask=masks))
+
+
+def test_gpt_oss_sloth_matches_eager_padded(one_thread):
+    """Right-padded rows (2-D attention mask): padding tokens are left out of the documents."""
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(2, 16, dtype=torch.long)
+    mask[1, 11:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    _compare(dict(input_ids=ids, labels=labels, attention_mask=mask), one_thread)
+
+
+def test_sloth_attention_fallback_matches_kernel(caplog):
+    """The SDPA fallback (sink as an extra key) computes what the kernel does, and says so once."""
+    import logging
+
+    from sloth.integrations import attention as integ
+
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(2, 4, 12, 16, generator=gen)
+    k, v = torch.randn(2, 2, 12, 16, generator=gen), torch.randn(2, 2, 12, 16, generator=gen)
+    sinks = torch.randn(4, generator=gen)
+    mod = torch.nn.Module()
+    mod.is_causal = True
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[0, :3] = False  # left padding
+    for m in (None, mask):
+        for softcap in (None, 4.0):
+            want, _ = integ.sloth_attention_forward(mod, q, k, v, m, scaling=0.3, sliding_window=5, s_aux=sinks,
+                                                    softcap=softcap)
+            got = integ._fallback(q, k, v, m, 0.0, 0.3, True, 5, sinks, softcap, None)
+            assert rel_err(got, want) <= 1e-5
+    integ._logged.clear()
+    with caplog.at_level(logging.INFO, logger="sloth"):
+        mod.training = True
+        for _ in range(2):
+            integ.sloth_attention_forward(mod, q, k, v, None, dropout=0.1, s_aux=sinks)
+    assert sum("falls back" in r.message for r in caplog.records) == 1
