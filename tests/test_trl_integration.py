@@ -15,6 +15,7 @@ datasets = pytest.importorskip("datasets")
 
 import sloth  # noqa: E402
 from sloth.finetune.model import build_tiny_llama  # noqa: E402
+from sloth.integrations import fused_head  # noqa: E402
 from sloth.integrations import trl as strl  # noqa: E402
 from trl.trainer.utils import add_fused_lm_head as trl_add_fused_lm_head  # noqa: E402
 
@@ -73,12 +74,12 @@ def chat_rows(k=1):
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_fused_head_matches_trl(tok, temperature):
     """sloth's head vs TRL's on the same PeftModel: every per-token output, the loss and the LoRA gradients."""
-    outputs = strl.HEAD_OUTPUTS
+    outputs = fused_head.HEAD_OUTPUTS
     ref = lora_model(tok, patch=False)
     ours = copy.deepcopy(ref)
     trl_add_fused_lm_head(ref.get_base_model(), temperature=temperature, outputs=outputs)
     sloth.patch(ours)
-    strl.add_fused_lm_head(ours.get_base_model(), temperature=temperature, outputs=outputs)
+    fused_head.add_fused_lm_head(ours.get_base_model(), temperature=temperature, outputs=outputs)
     ids, mask, labels = batch(tok)
     res = []
     for m in (ref, ours):
@@ -138,7 +139,7 @@ def test_padding_free_rows_do_not_attend_across_examples(tok):
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     model = lora_model(tok)
-    strl.add_fused_lm_head(model.get_base_model(), outputs=("log_probs", "entropy"))
+    fused_head.add_fused_lm_head(model.get_base_model(), outputs=("log_probs", "entropy"))
     g = torch.Generator().manual_seed(3)
     examples = [{"input_ids": torch.randint(10, len(tok), (n,), generator=g).tolist()} for n in (9, 5, 12)]
     packed = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=True)(examples)
@@ -271,23 +272,23 @@ def test_train_on_responses_only(tok, tmp_path):
 def test_patch_trainer_on_a_built_trainer(tok, tmp_path):
     """A trainer that wrapped the model itself (peft_config=): patch_trainer swaps TRL's head for sloth's with the
     settings TRL chose; sloth.unpatch gives TRL's head back."""
-    strl.uninstall()
+    fused_head.uninstall()
     try:
         cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, task_type="CAUSAL_LM")
         trainer = trl.SFTTrainer(model=build_tiny_llama(tok, seed=1), peft_config=cfg,
                                  args=sft_args(tmp_path, max_steps=2, per_device_train_batch_size=4),
                                  train_dataset=datasets.Dataset.from_list(chat_rows(1)), processing_class=tok)
         lm = trainer.model.get_base_model()
-        assert strl._trl_head_settings(lm) is not None and "_sloth_fused_head" not in lm.__dict__
+        assert fused_head.trl_head_settings(lm) is not None and "_sloth_fused_head" not in lm.__dict__
         strl.patch_trainer(trainer)
         assert lm.__dict__["_sloth_fused_head"].outputs == ("log_probs", "entropy", "is_top1")
         assert sloth.integrations.transformers.patched_modules(trainer.model)
         trainer.train()
         assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
         sloth.unpatch(trainer.model)
-        assert "_sloth_fused_head" not in lm.__dict__ and strl._trl_head_settings(lm) is not None
+        assert "_sloth_fused_head" not in lm.__dict__ and fused_head.trl_head_settings(lm) is not None
     finally:
-        strl.install()
+        fused_head.install()
 
 
 def test_hook_and_unpatch(tok):
@@ -295,10 +296,10 @@ def test_hook_and_unpatch(tok):
     TRL's; sloth.unpatch then leaves TRL's head with the same settings, so a built trainer keeps working."""
     import trl.trainer.utils as tu
 
-    assert strl.install() and tu.add_fused_lm_head is strl._hooked_add_fused_lm_head
+    assert fused_head.install() and tu.add_fused_lm_head is fused_head._hooked_add_fused_lm_head
     plain = lora_model(tok, patch=False)
     tu.add_fused_lm_head(plain.get_base_model(), temperature=0.5)
-    assert strl._trl_head_settings(plain.get_base_model())["temperature"] == 0.5
+    assert fused_head.trl_head_settings(plain.get_base_model())["temperature"] == 0.5
     model = lora_model(tok)
     lm = model.get_base_model()
     tu.add_fused_lm_head(lm, temperature=0.5, outputs=("log_probs", "entropy"))
@@ -307,7 +308,7 @@ def test_hook_and_unpatch(tok):
     with torch.no_grad():
         ours = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True).log_probs
         sloth.unpatch(model)
-        trl_head = strl._trl_head_settings(lm)
+        trl_head = fused_head.trl_head_settings(lm)
         assert "_sloth_fused_head" not in lm.__dict__ and trl_head["temperature"] == 0.5
         assert trl_head["outputs"] == ("log_probs", "entropy")
         theirs = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True).log_probs

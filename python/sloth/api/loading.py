@@ -9,20 +9,13 @@ from typing import Optional, Tuple
 
 import torch
 
+from .. import models
 from .precision import dtype_name, resolve_dtype
 
 logger = logging.getLogger("sloth")
 
-#: Transformers ``model_type`` -> family; the families whose models :func:`sloth.patch` knows
-FAMILIES = {"llama": "Llama", "qwen3": "Qwen3", "mistral": "Mistral", "gemma3_text": "Gemma 3 (text)"}
-
 #: from_pretrained keyword arguments that also locate the config and the tokenizer
 _HUB_KWARGS = ("token", "revision", "cache_dir", "trust_remote_code", "local_files_only", "force_download", "proxies")
-
-
-def supported_families() -> str:
-    """``Llama (llama), Qwen3 (qwen3), ...``: the supported families and their ``model_type``."""
-    return ", ".join(f"{name} ({mt})" for mt, name in FAMILIES.items())
 
 
 def _first_line(e: Exception) -> str:
@@ -56,13 +49,11 @@ def _load_config(name_or_path: str, hub_kwargs: dict):
 
 def _check_family(config, name_or_path: str) -> None:
     model_type = getattr(config, "model_type", None)
-    if model_type in FAMILIES:
+    if models.for_model_type(model_type) is not None:
         return
-    hint = ""
-    if model_type == "gemma3":
-        hint = " (multimodal Gemma 3 checkpoints are not supported yet; text-only ones such as gemma-3-1b are)"
+    hint = models.unsupported_hint(model_type)
     raise ValueError(f"sloth.from_pretrained: {name_or_path!r} is a {model_type!r} model, which sloth does not "
-                     f"support{hint}; supported families: {supported_families()}")
+                     f"support{f' ({hint})' if hint else ''}; supported families: {models.supported()}")
 
 
 def _prequantized(config) -> Optional[dict]:
@@ -177,6 +168,6 @@ def from_pretrained(name_or_path: str, max_seq_length: int = 2048, load_in_4bit:
         model.requires_grad_(True)
     patch(model)
     logger.info("sloth.from_pretrained: %s (%s, %s, %s on %s); %d sloth replacements", name_or_path,
-                FAMILIES[config.model_type], quant or ("full fine-tuning" if full_finetuning else "16-bit"),
+                models.for_config(config).name, quant or ("full fine-tuning" if full_finetuning else "16-bit"),
                 dtype_name(compute_dtype), device_type, len(patched_modules(model)))
     return model, tokenizer

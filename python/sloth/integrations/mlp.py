@@ -1,6 +1,6 @@
 """A decoder layer's MLP ``down(act(gate(x)) * up(x))`` on sloth's fused path (:func:`sloth.lora_mlp`).
 
-The MLP modules of the supported families (``LlamaMLP``, ``Qwen3MLP``, ``MistralMLP``, ``Gemma3MLP``) get a
+The MLP modules of the supported families (``FamilySpec.mlp`` in :mod:`sloth.models`) get a
 forward that runs the three projections through :func:`sloth.lora_linear` (NF4 or 16-bit base, the LoRA term of
 a PEFT layer on the fast path, see :mod:`sloth.integrations.peft`) and the activation through the fused GLU
 kernel, whose backward reuses the gate / up buffers in place. Whenever a projection or the activation is not
@@ -8,8 +8,8 @@ on the fast path (LoRA dropout in training, several adapters, DoRA, an Accelerat
 the model's own forward runs, so the answer never differs.
 
 Recompute: under ``use_gradient_checkpointing="sloth"`` the backward recomputes each decoder layer. In the
-decoder layers whose MLP output only feeds the residual sum that is the layer's output (Llama, Qwen3, Mistral; not
-Gemma 3, whose post-MLP norm reads it), that output is never read during the recompute, so the down projection's
+decoder layers whose MLP output only feeds the residual sum that is the layer's output
+(``FamilySpec.mlp_output_feeds_residual``: Llama, Qwen3, Mistral; not Gemma 3, whose post-MLP norm reads it), that output is never read during the recompute, so the down projection's
 GEMM is skipped there (``lora_mlp(need_output=False)``): the backward is the same, one of the layer's largest
 GEMMs less per step. :func:`sloth.integrations.transformers.patch` marks those MLPs (``OUTPUT_FEEDS_RESIDUAL``).
 
@@ -28,17 +28,12 @@ from typing import Optional
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from ..nn.lora_mlp import LoraProj, lora_mlp
+from ..nn.lora_mlp import lora_mlp
 from ..runtime.offload_checkpoint import recomputing
-from .peft import (_base_weight, _fast_adapter, _lora_classes, as_layer_output, autocast_off, lora_dropout_active,
-                   run_dtype)
+from .projections import as_layer_output, autocast_off, fast_projection, run_dtype
 
-#: MLP classes whose forward is replaced
-MLPS = ("LlamaMLP", "Qwen3MLP", "MistralMLP", "Gemma3MLP")
 #: Transformers activation name -> sloth GLU kind
 ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu_tanh", "gelu": "geglu"}
-#: Decoder layer classes whose forward ends ``residual + self.mlp(...)``: the MLP output is read by nothing else
-RESIDUAL_MLP_LAYERS = ("LlamaDecoderLayer", "Qwen3DecoderLayer", "MistralDecoderLayer")
 #: Attribute set on such an MLP by sloth.patch: its recompute may skip the down projection's product
 OUTPUT_FEEDS_RESIDUAL = "_sloth_output_feeds_residual"
 #: Smallest chunk (tokens) the automatic policy uses: below it the GEMMs lose efficiency
@@ -50,27 +45,6 @@ def glu_kind_of(mlp) -> Optional[str]:
     cfg = getattr(mlp, "config", None)
     act = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None)
     return ACTIVATIONS.get(act) if isinstance(act, str) else None
-
-
-def _proj(layer) -> Optional[tuple]:
-    """(LoraProj, compute dtype or None) for one projection, or None when it is not on the fast path."""
-    if getattr(layer, "_hf_hook", None) is not None or layer._forward_hooks or layer._forward_pre_hooks:
-        return None
-    if isinstance(layer, _lora_classes()):
-        adapter = _fast_adapter(layer, (), {})
-        base = _base_weight(layer) if adapter is not None else None
-        if base is None or lora_dropout_active(layer, adapter):
-            return None
-        weight, qs, bias, compute_dtype = base
-        return LoraProj(weight, layer.lora_A[adapter].weight, layer.lora_B[adapter].weight,
-                        float(layer.scaling[adapter]), bias, qs), compute_dtype
-    weight = getattr(layer, "weight", None)
-    qs = getattr(weight, "quant_state", None)
-    if qs is not None and getattr(qs, "quant_type", None) == "nf4" and not getattr(qs, "packing_format_for_cpu", False):
-        return LoraProj(weight, None, None, 1.0, layer.bias, qs), getattr(layer, "compute_dtype", None)
-    if type(layer) is torch.nn.Linear and weight.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        return LoraProj(weight, None, None, 1.0, layer.bias, None), None
-    return None
 
 
 def chunk_tokens(tokens: int, intermediate: int, dtype: torch.dtype, device: torch.device) -> int:
@@ -100,7 +74,7 @@ def _total_memory(device: torch.device) -> int:
 def sloth_mlp_forward(self, x):
     """``down(act(gate(x)) * up(x))`` through :func:`sloth.lora_mlp` (see the module docstring)."""
     kind = glu_kind_of(self)
-    projs = [_proj(p) for p in (self.gate_proj, self.up_proj, self.down_proj)] if kind else []
+    projs = [fast_projection(p) for p in (self.gate_proj, self.up_proj, self.down_proj)] if kind else []
     if not projs or any(p is None for p in projs) or x.device.type not in ("cpu", "cuda") or x.numel() == 0:
         return self._sloth_orig_forward(x)
     (gate, dt), (up, _), (down, _) = projs

@@ -18,6 +18,9 @@ import types
 import torch
 
 from ..nn.lora_linear import _lora_linear, lora_linear
+from .projections import (as_layer_output, autocast_off, base_weight, fast_adapter, lora_classes,
+                          lora_dropout_active, run_dtype)
+from .qkv import grouped_forward
 
 logger = logging.getLogger("sloth.peft")
 
@@ -46,92 +49,13 @@ def skip_output(layer):
         _skip.reset(token)
 
 
-def _lora_classes():
-    from peft.tuners import lora
-
-    classes = [lora.Linear]
-    try:
-        from peft.tuners.lora.bnb import Linear4bit
-
-        classes.append(Linear4bit)
-    except (ImportError, AttributeError):  # peft without bitsandbytes support
-        pass
-    return tuple(classes)
-
-
-def _base_weight(layer):
-    """(weight, quant_state, bias, compute_dtype) of the base layer, or None if it is not a supported linear."""
-    base = layer.get_base_layer()
-    if getattr(layer, "fan_in_fan_out", False):
-        return None
-    w = base.weight
-    qs = getattr(w, "quant_state", None)
-    if qs is not None:  # bitsandbytes Linear4bit (quantized); not its AVX512 CPU repacking
-        if getattr(qs, "quant_type", None) != "nf4" or getattr(qs, "packing_format_for_cpu", False):
-            return None
-        return w, qs, base.bias, getattr(base, "compute_dtype", None)
-    if type(base) is torch.nn.Linear and w.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        return w, None, base.bias, None
-    return None
-
-
-def _fast_adapter(layer, args, kwargs):
-    """The one active adapter name if the layer can take the sloth path for this call, else None."""
-    if args or any(k != "adapter_names" for k in kwargs) or kwargs.get("adapter_names") is not None:
-        return None
-    if layer.disable_adapters or layer.merged:
-        return None
-    active = [a for a in layer.active_adapters if a in layer.lora_A.keys()]
-    if len(active) != 1:
-        if len(active) > 1 and not getattr(layer, "_sloth_noted", False):
-            layer._sloth_noted = True
-            logger.info("sloth: %s has %d active adapters; using PEFT's forward for it", type(layer).__name__,
-                        len(active))
-        return None
-    a = active[0]
-    if a in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(a, False):
-        return None
-    if getattr(layer.lora_B[a], "bias", None) is not None or not isinstance(layer.lora_A[a], torch.nn.Linear):
-        return None
-    return a
-
-
-def lora_dropout_active(layer, adapter: str) -> bool:
-    """Whether the adapter's LoRA dropout changes x in this call (p > 0, training)."""
-    dropout = layer.lora_dropout[adapter]
-    return isinstance(dropout, torch.nn.Dropout) and dropout.p > 0 and dropout.training
-
-
-def run_dtype(x: torch.Tensor, compute_dtype) -> torch.dtype:
-    """The dtype the layer's matmuls run in: autocast's when it is on (as it would run the linears), else the
-    base layer's compute dtype (bitsandbytes), else x's."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return compute_dtype or x.dtype
-
-
-def autocast_off(device_type: str):
-    """A context with autocast off on ``device_type``: ``torch.autocast(..., enabled=False)`` when autocast is on,
-    else nothing (entering an autocast context costs a few microseconds, on every projection of every layer)."""
-    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) \
-        else contextlib.nullcontext()
-
-
-def as_layer_output(y: torch.Tensor, in_dtype: torch.dtype, quant_state) -> torch.Tensor:
-    """y in the dtype the layer's own forward returns: x's for a bitsandbytes 4-bit layer (quant_state given),
-    the compute dtype (y's) for a 16-bit one."""
-    return y.to(in_dtype) if quant_state is not None else y
-
-
 def _sloth_forward(self, x, *args, **kwargs):
     if not args and not kwargs:
-        from .qkv import grouped_forward  # (import cycle: qkv uses this module)
-
         y = grouped_forward(self, x)
         if y is not None:
             return y
-    adapter = _fast_adapter(self, args, kwargs)
-    base = _base_weight(self) if adapter is not None else None
+    adapter = fast_adapter(self, args, kwargs)
+    base = base_weight(self) if adapter is not None else None
     if base is None:
         return getattr(self, _ORIG)(x, *args, **kwargs)
     weight, qs, bias, compute_dtype = base
@@ -162,7 +86,7 @@ def patch_peft_model(model) -> int:
     """
     n = 0
     for module in model.modules():
-        if isinstance(module, _lora_classes()) and not hasattr(module, _ORIG):
+        if isinstance(module, lora_classes()) and not hasattr(module, _ORIG):
             setattr(module, _SAVED, module.__dict__.get("forward"))
             setattr(module, _ORIG, module.forward)
             module.forward = types.MethodType(_sloth_forward, module)
@@ -172,14 +96,14 @@ def patch_peft_model(model) -> int:
 
 def patched_lora_layers(model) -> list:
     """``(name, layer)`` of every LoRA layer of ``model`` whose forward :func:`patch_peft_model` replaced."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, _lora_classes()) and _ORIG in m.__dict__]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, lora_classes()) and _ORIG in m.__dict__]
 
 
 def unpatch_peft_model(model) -> int:
     """Restore the forwards that :func:`patch_peft_model` replaced; returns the number of layers restored."""
     n = 0
     for module in model.modules():
-        if isinstance(module, _lora_classes()) and hasattr(module, _ORIG):
+        if isinstance(module, lora_classes()) and hasattr(module, _ORIG):
             saved = module.__dict__.get(_SAVED)
             if saved is None:
                 module.__dict__.pop("forward", None)

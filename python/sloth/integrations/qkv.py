@@ -18,8 +18,7 @@ from typing import Optional
 import torch
 
 from ..nn.lora_group import lora_linear_group
-from .mlp import _proj
-from .peft import as_layer_output, autocast_off, run_dtype
+from .projections import as_layer_output, autocast_off, fast_projection, run_dtype
 
 NAMES = ("q_proj", "k_proj", "v_proj")
 ENABLED = os.environ.get("SLOTH_QKV_GROUP", "1") != "0"
@@ -62,7 +61,7 @@ def grouped_forward(layer: torch.nn.Module, x: torch.Tensor) -> Optional[torch.T
         return hit[2] if hit[0] is x and hit[1] == x._version else None
     if layer is not grp.modules[0]:
         return None
-    projs = [_proj(m) for m in grp.modules]  # (LoraProj, compute dtype) or None
+    projs = [fast_projection(m) for m in grp.modules]  # (LoraProj, compute dtype) or None
     if any(p is None or p[0].lora_A is None for p in projs):
         return None
     dts = {run_dtype(x, cd) for _, cd in projs}

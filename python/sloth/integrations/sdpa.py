@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 
 from ..runtime import saved_attention
-from .mlp import _proj
-from .peft import _lora_classes, skip_output
+from .peft import skip_output
+from .projections import fast_projection, lora_classes
 from .qkv import qkv_group
 
 _ORIGINAL = "_sloth_original"  # attribute of the registered function: the "sdpa" function it wraps
@@ -82,8 +82,8 @@ def checkpointed_attention_forward(attention: torch.nn.Module, args: tuple, kwar
                     not _projections_read_back(attention):
                 item.qkv = item.inputs
             o_proj = getattr(attention, "o_proj", None)
-            if saved_attention.PROJECTIONS and isinstance(out, tuple) and isinstance(o_proj, _lora_classes()) and \
-                    _proj(o_proj) is not None:
+            if saved_attention.PROJECTIONS and isinstance(out, tuple) and isinstance(o_proj, lora_classes()) and \
+                    fast_projection(o_proj) is not None:
                 item.o_out = out[0]
         return out
     item = saved_attention.next_replayed()

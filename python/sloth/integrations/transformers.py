@@ -37,6 +37,7 @@ patched model compute their per-token log-probs with sloth's kernel (see :mod:`s
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import types
@@ -44,39 +45,28 @@ import warnings
 
 import torch
 
+from .. import models
 from ..nn.linear_cross_entropy import causal_lm_loss
-from ._models import peft_parts
-from .mlp import MLPS, OUTPUT_FEEDS_RESIDUAL, RESIDUAL_MLP_LAYERS, glu_kind_of, sloth_mlp_forward
-from .rope import ATTENTIONS, install_dispatcher, sloth_attention_forward
 from ..nn.norm_rope import rms_norm
+from ._models import peft_parts
+from .mlp import OUTPUT_FEEDS_RESIDUAL, glu_kind_of, sloth_mlp_forward
+from .rope import install_dispatcher, sloth_attention_forward
 
 logger = logging.getLogger("sloth")
 
 _RECORD = "_sloth_patches"  # on the patched (top-level) model: ([(module, had_own, old, what)], is_peft, [LoRA lines])
 
-#: RMSNorm class name -> (offset, cast_before_weight, eps attribute)
-RMS_NORMS = {
-    "LlamaRMSNorm": (0.0, True, "variance_epsilon"),
-    "Qwen3RMSNorm": (0.0, True, "variance_epsilon"),
-    "MistralRMSNorm": (0.0, True, "variance_epsilon"),
-    "Gemma3RMSNorm": (1.0, False, "eps"),
-}
-
-#: ForCausalLM classes whose loss is computed by sloth's chunked linear cross-entropy
-CAUSAL_LMS = ("LlamaForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM", "Gemma3ForCausalLM")
-
 _LOSS_ONLY_KWARGS = ("num_items_in_batch", "shift_labels", "ignore_index")
 _FUSED_HEAD = "_sloth_fused_head"  # sloth.integrations.trl's fused LM head on a causal LM
 
 
-def _rms_norm_forward(self, x):
-    offset, cast_before_weight, eps_attr = RMS_NORMS[type(self).__name__]
+def _rms_norm_forward(self, x, norm: models.NormSpec):
     w = self.weight
-    if w.dtype != x.dtype and not cast_before_weight and x.dtype == torch.float32:
+    if w.dtype != x.dtype and not norm.cast_before_weight and x.dtype == torch.float32:
         w = w.float()  # Gemma computes (1 + w.float()) anyway: exact
     if w.dtype != x.dtype or x.device.type not in ("cpu", "cuda") or x.shape[-1] != w.shape[0] or x.numel() == 0:
         return self._sloth_orig_forward(x)  # mixed dtypes promote in Llama's order: keep the model's own code
-    return rms_norm(x, w, getattr(self, eps_attr), offset, cast_before_weight)
+    return rms_norm(x, w, getattr(self, norm.eps_attr), norm.offset, norm.cast_before_weight)
 
 
 def _slice_to_keep(hidden, logits_to_keep):
@@ -180,37 +170,45 @@ def patch(model, verbose: bool = False):
     base, is_peft = _peft_base(model)
     record: list = []
     names = {m: n for n, m in base.named_modules()}
-    residual_mlps = {m.mlp for m in base.modules()
-                     if type(m).__name__ in RESIDUAL_MLP_LAYERS and isinstance(getattr(m, "mlp", None), torch.nn.Module)}
+    norms, mlps, attentions, causal_lms = models.norms(), models.mlps(), models.attentions(), models.causal_lms()
+    layers = models.decoder_layers()
+    residual_mlps = {m.mlp for m in base.modules() if type(m).__name__ in layers and
+                     layers[type(m).__name__].mlp_output_feeds_residual and
+                     isinstance(getattr(m, "mlp", None), torch.nn.Module)}
+    has_attention = False
     for module in base.modules():
         cls = type(module).__name__
-        if cls in RMS_NORMS and "_sloth_orig_forward" not in module.__dict__:
-            offset, cast, _ = RMS_NORMS[cls]
-            order = "round(x*rstd)*w" if cast else "round(x*rstd*(1+w))"
-            _replace_method(record, module, _rms_norm_forward,
-                             f"{names[module] or '<root>'}: {cls}.forward -> sloth.rms_norm (offset={offset:g}, {order})")
-        elif cls in MLPS and glu_kind_of(module) and "_sloth_orig_forward" not in module.__dict__:
+        if "_sloth_orig_forward" in module.__dict__:
+            continue
+        if cls in norms:
+            norm = norms[cls]
+            order = "round(x*rstd)*w" if norm.cast_before_weight else "round(x*rstd*(1+w))"
+            _replace_method(record, module, functools.partial(_rms_norm_forward, norm=norm),
+                            f"{names[module] or '<root>'}: {cls}.forward -> sloth.rms_norm (offset={norm.offset:g}, "
+                            f"{order})")
+        elif cls in mlps and glu_kind_of(module):
             skip = module in residual_mlps
             _replace_method(record, module, sloth_mlp_forward,
-                             f"{names[module] or '<root>'}: {cls}.forward -> sloth.lora_mlp (fused {glu_kind_of(module)};"
-                             f" the model's forward where a projection is off the fast path"
-                             f"{'; no down projection product in the recompute' if skip else ''})")
+                            f"{names[module] or '<root>'}: {cls}.forward -> sloth.lora_mlp (fused {glu_kind_of(module)};"
+                            f" the model's forward where a projection is off the fast path"
+                            f"{'; no down projection product in the recompute' if skip else ''})")
             if skip:
                 _set_flag(record, module, OUTPUT_FEEDS_RESIDUAL)
-        elif cls in ATTENTIONS and "_sloth_orig_forward" not in module.__dict__ and install_dispatcher(module):
+        elif cls in attentions and install_dispatcher(module):
+            has_attention = True
             _replace_method(record, module, sloth_attention_forward,
-                             f"{names[module] or '<root>'}: {cls}.forward -> RoPE of q, k by sloth.rope (in place; "
-                             f"q, k, v LoRA A products in one GEMM when all three are LoRA layers on the fast "
-                             f"path; the attention itself is the model's)")
-        elif cls in CAUSAL_LMS and "_sloth_orig_forward" not in module.__dict__:
+                            f"{names[module] or '<root>'}: {cls}.forward -> RoPE of q, k by sloth.rope (in place; "
+                            f"q, k, v LoRA A products in one GEMM when all three are LoRA layers on the fast "
+                            f"path; the attention itself is the model's)")
+        elif cls in causal_lms:
             softcap = getattr(module.config, "final_logit_softcapping", None)
             _replace_method(record, module, _causal_lm_forward,
-                             f"{names[module] or '<root>'}: {cls}.forward -> loss by sloth.causal_lm_loss "
-                             f"(chunked linear cross-entropy, softcap={softcap}; logits=None when labels are given)")
+                            f"{names[module] or '<root>'}: {cls}.forward -> loss by sloth.causal_lm_loss "
+                            f"(chunked linear cross-entropy, softcap={softcap}; logits=None when labels are given)")
             _replace_method(record, module, _generate,
-                             f"{names[module] or '<root>'}: {cls}.generate -> CUDA-graph decoding on a static cache "
-                             f"(sloth.integrations.generation; the model's generate where unsupported)",
-                             attr="generate")
+                            f"{names[module] or '<root>'}: {cls}.generate -> CUDA-graph decoding on a static cache "
+                            f"(sloth.integrations.generation; the model's generate where unsupported)",
+                            attr="generate")
     lora: list = []
     if is_peft:
         from .peft import patch_peft_model
@@ -218,17 +216,18 @@ def patch(model, verbose: bool = False):
         patch_peft_model(model)
         lora = _lora_descriptions(model)
     model.__dict__[_RECORD] = (record, is_peft, lora)
-    if any(cls in ATTENTIONS for cls in (type(m).__name__ for m in base.modules())):
+    if has_attention:
         from .sdpa import install as install_sdpa
 
         install_sdpa()  # "sdpa" saves its output in offloaded checkpoints (sloth.integrations.sdpa)
     if "trl" in sys.modules:  # trainers built from now on give this model sloth's fused LM head
-        from .trl import install
+        from .fused_head import install
 
         install()
-    if not record and not lora:
-        warnings.warn(f"sloth.patch: nothing to patch in {type(model).__name__}; supported: "
-                      f"{', '.join(CAUSAL_LMS)} (norms: {', '.join(RMS_NORMS)})", stacklevel=2)
+    if models.family_of(base) is None:
+        done = f"patched its {len(lora)} PEFT LoRA layers only" if lora else "nothing patched"
+        warnings.warn(f"sloth.patch: {type(base).__name__} (model_type {getattr(base.config, 'model_type', None)!r}) "
+                      f"is not a family sloth knows ({done}); supported: {models.supported()}", stacklevel=2)
     whats = patched_modules(model)
     summary = f"sloth.patch: {len(whats) - len(lora)} replacements in {type(base).__name__}" + \
         (f", {len(lora)} LoRA layers" if is_peft else "")
@@ -259,7 +258,7 @@ def unpatch(model) -> int:
         on_top = None  # sloth's fused LM head added on top of sloth's forward (a TRL trainer built after patch)
         if _FUSED_HEAD in module.__dict__ and getattr(module.__dict__.get("forward"), "__func__", None) \
                 is not _causal_lm_forward:
-            from .trl import remove_fused_lm_head
+            from .fused_head import remove_fused_lm_head
 
             on_top = remove_fused_lm_head(module)
         if had_own:
@@ -268,11 +267,11 @@ def unpatch(model) -> int:
             module.__dict__.pop("forward", None)
         module.__dict__.pop("_sloth_orig_forward", None)
         if _FUSED_HEAD in module.__dict__:  # sloth's head under sloth's forward (patch_trainer): back to TRL's
-            from .trl import remove_fused_lm_head
+            from .fused_head import remove_fused_lm_head
 
             remove_fused_lm_head(module)
         if on_top is not None:  # keep the trainer working: TRL's own head with the same settings
-            from .trl import reattach_trl_head
+            from .fused_head import reattach_trl_head
 
             reattach_trl_head(module, on_top)
     n = sum(what is not None for *_, what in record)

@@ -20,6 +20,9 @@ ROW_MULTIPLE = 128
 #: a vocabulary block): 1024 rows keep both block GEMMs at tensor-core speed (M = 1024) for 16 + 16 MiB at
 #: H = 4096 in bf16.
 ONLINE_ROWS = 1024
+#: Vocabulary columns per block of the online path (its block GEMMs are [rows, H] x [H, VOCAB_BLOCK] and
+#: [rows, V_b] x [V_b, H]): the fastest of 2048 / 4096 / 8192 on an H200 (benchmarks/NOTES.md).
+VOCAB_BLOCK = 8192
 #: Fewest rows per chunk on a GPU, whatever the vocabulary (V = 262144 with 64 MiB would give 128 rows,
 #: which runs the GEMMs at a third of their speed), unless free memory says otherwise.
 MIN_GPU_ROWS = 256
@@ -37,8 +40,6 @@ def chunk_rows(n: int, v: int, dtype: torch.dtype, device: torch.device, *, need
         return max(1, min(int(chunk_size), max(n, 1)))
     itemsize = dtype.itemsize
     if online_hidden is not None:
-        from ._online_head import VOCAB_BLOCK
-
         row_bytes = online_hidden * 4 + min(v, VOCAB_BLOCK) * itemsize
         rows = ONLINE_ROWS
     else:

@@ -14,12 +14,8 @@ from typing import Optional
 
 import torch
 
-from ._chunking import chunk_logits
+from ._chunking import VOCAB_BLOCK, chunk_logits
 
-#: Vocabulary columns per block (the block GEMMs are [rows, H] x [H, VOCAB_BLOCK] and [rows, V_b] x [V_b, H]).
-#: Measured on an H200 (N = 8192, V = 128256, H = 4096, bf16, 1024 rows): 2048 columns 33.6 ms, 4096 30.0 ms,
-#: 8192 27.3 ms (+0.094 GiB with dh); 2048 rows x 8192 28.0 ms but +0.125 GiB.
-VOCAB_BLOCK = 8192
 #: How far a block's max may exceed the reference max before it moves (p' <= e^margin): 8 for bf16 / fp32 (whose
 #: range reaches 3e38; most rows then need no acc rescale after their first block), 0 for fp16 (range ends at 65504).
 MARGIN = {torch.float32: 8.0, torch.bfloat16: 8.0, torch.float16: 0.0}
