@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch  # noqa: F401  (loads libtorch before the extension)
 
 from . import _C  # noqa: F401  (registers torch.ops.sloth.*)
-from . import nn, ops, runtime
+from . import models, nn, ops, runtime
 from .nn import attention, causal_lm_loss, glu, linear_cross_entropy, linear_logprobs, lora_linear, lora_mlp
 from .nn.lora_mlp import LoraProj
 from .ops import MXFP4State, NF4State, mxfp4_dequantize, mxfp4_quantize, nf4_dequantize, nf4_quantize
@@ -46,6 +46,7 @@ __all__ = [
     "mxfp4_quantize",
     "nf4_dequantize",
     "nf4_quantize",
+    "models",
     "nn",
     "offloaded_checkpoint",
     "ops",
@@ -53,6 +54,7 @@ __all__ = [
     "patched_modules",
     "rms_norm",
     "rope",
+    "runtime",
     "save_gguf",
     "save_merged",
     "set_gradient_checkpointing",
