@@ -68,6 +68,32 @@ TORCH_LIBRARY(sloth, m) {
   m.def("glu_forward(Tensor gate, Tensor up, int kind) -> Tensor");
   // In place: gate <- d_gate = grad * up * act'(gate), up <- d_up = grad * act(gate) (same shape and dtype).
   m.def("glu_backward(Tensor grad, Tensor(a!) gate, Tensor(b!) up, int kind) -> ()");
+  // ---- MoE experts (python/sloth/ops/moe.py, python/sloth/reference/moe.py) ----
+  // logits [T, E] -> weights [T, k] fp32, ids [T, k] int64; kind 0 softmax then top-k (Qwen3-MoE, optional
+  // renormalization), kind 1 top-k then softmax (gpt-oss); ties go to the lower expert index.
+  m.def("moe_route(Tensor logits, int top_k, int kind, bool renormalize) -> (Tensor weights, Tensor ids)");
+  // ids [T, k] -> stable counting sort of the T * k slots by expert: sorted_slots [R], slot_pos [R] (its
+  // inverse), offsets [E + 1], all int32.
+  m.def("moe_permute(Tensor ids, int num_experts) -> (Tensor sorted_slots, Tensor slot_pos, Tensor offsets)");
+  // Grouped GEMM over an expert stack stored [E, A, B]: fmt 0 dense (w [E, A, B]), 1 NF4 (w packed uint8,
+  // scale = absmax, optional code2 / absmax2 / dq_offset [] or [E]), 2 MXFP4 (w blocks [E, A, B / 32, 16],
+  // scale = scales [E, A, B / 32]). Row r (x[rows[r]] when rows is given) of expert e's offset range:
+  //   pre = x_r W_e^T (trans: x_r W_e) + bias[e] + scaling * lora_t[r] lora_B[e]^T, out = glu(pre)
+  // glu 0 none, 1 SwiGLU [gate; up], 2 SwiGLU interleaved, 3 gpt-oss clamped interleaved, 4 clamped [gate; up].
+  // Returns out [R, out or out / 2] (x's dtype) and pre [R, out] when glu and return_pre, else [0, out].
+  m.def(
+      "moe_grouped_gemm(Tensor x, Tensor? rows, Tensor offsets, int fmt, Tensor w, Tensor? scale, Tensor? code2, "
+      "Tensor? absmax2, Tensor? dq_offset, int[] wshape, int blocksize, int blocksize2, bool trans, Tensor? bias, "
+      "Tensor? lora_t, Tensor? lora_B, float scaling, int glu, float alpha, float limit, bool return_pre) "
+      "-> (Tensor out, Tensor pre)");
+  // dpre [R, 2I] (pre's dtype) of out = glu(pre) given dout [R, I].
+  m.def("moe_glu_backward(Tensor dout, Tensor pre, int glu, float alpha, float limit) -> Tensor");
+  // out [T, H] = sum_j weights[t, j] * y[slot_pos[t * k + j]] (weights None: plain sum), y's dtype.
+  m.def("moe_combine(Tensor y, Tensor slot_pos, Tensor? weights, int top_k) -> Tensor");
+  // dy [R, H] = weights[s] * dout[s / k] for s = sorted_slots[r]; dweights [T, k] fp32 = <dout[t], y[slot_pos]>.
+  m.def("moe_combine_backward(Tensor dout, Tensor y, Tensor sorted_slots, Tensor slot_pos, Tensor weights) "
+        "-> (Tensor dy, Tensor dweights)");
+  // ---- end MoE ----
   // ---- RMSNorm and RoPE (branch integrate; python/sloth/ops/norm_rope.py) ----
   // x [rows, H], weight [H] (same dtype, fp32/fp16/bf16) -> y [rows, H] (x's dtype), rstd [rows] fp32; fp32 math:
   //   rstd = 1 / sqrt(mean(x^2) + eps), y = x * rstd * (offset + w); cast_before_weight rounds x * rstd to

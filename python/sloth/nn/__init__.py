@@ -7,9 +7,11 @@ from .linear_logprobs import LinearLogprobsFunction, linear_logprobs, linear_log
 from .lora_group import LoraGroupFunction, lora_linear_group
 from .lora_linear import lora_linear
 from .lora_mlp import lora_mlp
+from .moe import MoEExpertsFunction, MoEExpertsSpec, MoERouteFunction, moe_experts, moe_route  # MoE
 from .norm_rope import RMSNormFunction, RopeFunction, rms_norm, rope
 
 __all__ = [
+    "MoEExpertsFunction", "MoEExpertsSpec", "MoERouteFunction", "moe_experts", "moe_route",
     "AttentionFunction",
     "attention",
     "LinearCrossEntropyFunction",

@@ -2,6 +2,7 @@
 
 from . import cross_entropy, glu, lora_linear, mxfp4, nf4
 from . import norm_rope  # RMSNorm / RoPE (integrate)
+from . import moe  # MoE experts
 from . import attention
 
-__all__ = ["attention", "cross_entropy", "glu", "lora_linear", "mxfp4", "nf4", "norm_rope"]
+__all__ = ["attention", "cross_entropy", "glu", "lora_linear", "moe", "mxfp4", "nf4", "norm_rope"]
