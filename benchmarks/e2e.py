@@ -124,26 +124,24 @@ def build_qlora(name, device: str, dtype: torch.dtype, rank: int, alpha: int, **
     return pm
 
 
-_SAVE_ATTENTION_DEFAULT = []  # (saved_attention.ENABLED, .UNDER_GRAPHS) as the environment set them
+_SAVE_ATTENTION_DEFAULT = []  # [saved_attention.ENABLED as the environment set it]
 
 
 def apply_side(pm, side: str) -> None:
     """Put ``pm`` on ``side``: ``hf`` (unpatched, Transformers' checkpointing), ``sloth`` (``sloth.patch``,
     Transformers' checkpointing), ``sloth-offload`` (``sloth.patch``, offloaded checkpointing),
     ``sloth-offload-eager`` (the same without the layers' CUDA graphs or saved attention, for A/B),
-    ``sloth-offload-graphs`` (graphs without saved attention), ``sloth-offload-save`` (saved attention,
-    :mod:`sloth.runtime.saved_attention`, without graphs) or ``sloth-offload-graphs-save`` (both, saved inside the
-    graphs)."""
+    ``sloth-offload-graphs`` (graphs without saved attention) or ``sloth-offload-save`` (saved attention,
+    :mod:`sloth.runtime.saved_attention`, without graphs)."""
     import sloth
     from sloth.runtime import layer_graphs, saved_attention
 
     if not _SAVE_ATTENTION_DEFAULT:
-        _SAVE_ATTENTION_DEFAULT.extend((saved_attention.ENABLED, saved_attention.UNDER_GRAPHS))
+        _SAVE_ATTENTION_DEFAULT.append(saved_attention.ENABLED)
     layer_graphs.clear()
     layer_graphs.ENABLED = side not in ("sloth-offload-eager", "sloth-offload-save")
-    saved_attention.ENABLED = side in ("sloth-offload-save", "sloth-offload-graphs-save") or (
+    saved_attention.ENABLED = side == "sloth-offload-save" or (
         _SAVE_ATTENTION_DEFAULT[0] and side not in ("sloth-offload-eager", "sloth-offload-graphs"))
-    saved_attention.UNDER_GRAPHS = side == "sloth-offload-graphs-save" or _SAVE_ATTENTION_DEFAULT[1]
     if side.startswith("sloth"):
         sloth.patch(pm)
     else:
@@ -249,7 +247,7 @@ def main(argv=None):
                     help="comma-separated: hf (unpatched), sloth (patched, Transformers' checkpointing), "
                          "sloth-offload (patched, use_gradient_checkpointing='sloth'), sloth-offload-eager (the same "
                          "without the layers' CUDA graphs or saved attention), sloth-offload-graphs (graphs only), "
-                         "sloth-offload-save (saved attention only), sloth-offload-graphs-save (both)")
+                         "sloth-offload-save (saved attention only)")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
                     help="after each side's timed steps, profile one more step and print its ROWS costliest ops")

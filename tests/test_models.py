@@ -93,3 +93,34 @@ def test_from_pretrained_names_the_supported_families(tmp_path):
     transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"'gpt2' model, which sloth does not support; supported families: Llama"):
         sloth.from_pretrained(str(tmp_path))
+
+
+def test_config_switches_match_the_readme_table(monkeypatch):
+    import pathlib
+    import re
+
+    from sloth import config
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Runtime switches", 1)[1].split("\n## ", 1)[0]
+    in_table = set(re.findall(r"^\| `(SLOTH_[A-Z0-9_]+)` \|", section, flags=re.M))
+    assert in_table == {s.env for s in config.SWITCHES.values()}
+    monkeypatch.setenv("SLOTH_CUDA_GRAPHS", "off")
+    assert config.CUDA_GRAPHS is False
+    monkeypatch.setenv("SLOTH_OFFLOAD_HOST_GB", "1.5")
+    assert config.OFFLOAD_HOST_GB == int(1.5 * 2**30)
+    monkeypatch.setenv("SLOTH_MLP_CHUNK_TOKENS", "many")
+    with pytest.raises(ValueError, match="SLOTH_MLP_CHUNK_TOKENS='many' is not an integer"):
+        config.MLP_CHUNK_TOKENS
+    monkeypatch.delenv("SLOTH_MLP_CHUNK_TOKENS")
+    assert config.MLP_CHUNK_TOKENS is None
+
+
+def test_no_module_reads_sloth_switches_outside_config():
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "python" / "sloth"
+    offenders = [str(p) for p in root.rglob("*.py") if p.name != "config.py" and
+                 re.search(r"environ(\.get)?\(?\[?[\"']SLOTH_|getenv\([\"']SLOTH_", p.read_text())]
+    assert offenders == []

@@ -182,16 +182,15 @@ def test_bookkeeping_with_stand_ins(family, backward, stand_ins, monkeypatch):
                                       check_run)
 
 
-@pytest.mark.parametrize("family,under_graphs", [("llama", True), ("qwen3", True), ("llama", False)])
+@pytest.mark.parametrize("family,under_graphs", [("llama", True), ("qwen3", True)])
 def test_graphed_bookkeeping_with_stand_ins(family, under_graphs, stand_ins, cpu_graphs, monkeypatch):
     """Saved attention with the layers' CUDA graphs (each graph replaced by a re-run of its captured work, see
-    test_layer_graphs.cpu_graphs). UNDER_GRAPHS: the forward graph leaves the saved attentions in static buffers
+    test_layer_graphs.cpu_graphs): the forward graph leaves the saved attentions in static buffers
     whose copies the checkpoint offloads, the backward graph takes them back from the same buffers; otherwise only
     the layers' eager runs (the first step) save theirs. Four steps on the same batch: layers captured (forward at
     the second step, backward at the second or third), the recomputes took the saved attentions (and in Llama q /
     k / v), and losses and LoRA gradients are those of the same saving run without graphs (exactly, when both
     save at every step; test_bookkeeping_with_stand_ins compares saving with recomputing)."""
-    monkeypatch.setattr(saved_attention, "UNDER_GRAPHS", under_graphs)
     model = _tiny_lora_model(family)
     ids = torch.randint(0, 128, (2, 24))
     runs = []
@@ -216,7 +215,7 @@ def test_graphed_bookkeeping_with_stand_ins(family, under_graphs, stand_ins, cpu
         runs.append((torch.stack(losses), grads))
         assert oc._host == {"live": 0, "attention": 0}
     assert cpu_graphs["captures"] == 2 * 2
-    # per layer and step one recompute took the saved attention without graphs; with them, UNDER_GRAPHS: the same
+    # per layer and step one recompute took the saved attention without graphs; with them: the same
     # and once more in each backward capture (its work ran once more on the CPU); else only the first step's
     n = 2 * 4 + (2 * 4 + 2 if under_graphs else 2)
     assert stand_ins == {"attention": n, "o": n, "qkv": n if family == "llama" else 0}
@@ -402,12 +401,11 @@ def test_backward_falls_back_when_the_kernel_rejects(monkeypatch):
 @pytest.mark.cuda
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_cuda_saved_attention_inside_layer_graphs(monkeypatch, family):
-    """Saved attention inside the layers' CUDA graphs (UNDER_GRAPHS): from the second step every layer's forward
+    """Saved attention inside the layers' CUDA graphs: from the second step every layer's forward
     and recompute + backward are graph replays whose saved attentions go through the static buffers; loss and
     gradients of the fourth step are those of the same saving run without graphs, within the run-to-run spread
     of cuDNN's attention backward (its dq accumulation order may differ: 2.5 bf16 ulp)."""
     monkeypatch.setattr(saved_attention, "ENABLED", True)
-    monkeypatch.setattr(saved_attention, "UNDER_GRAPHS", True)
     base = _model(family, lora=True)
     ids = torch.randint(0, 256, (2, 600), device="cuda")
     results = []

@@ -31,11 +31,12 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-import os
 import warnings
 from typing import Optional
 
 import torch
+
+from .. import config
 
 logger = logging.getLogger("sloth")
 
@@ -118,7 +119,7 @@ def _attention_layout(lm, total: int):
 def plan(lm, args, kwargs, require_cuda: bool = True) -> Optional[_Plan]:
     """A :class:`_Plan` for ``lm.generate(*args, **kwargs)`` when the graphed path computes the same thing, else
     None (the caller runs the model's own generate). ``require_cuda=False`` plans CPU calls too (tests)."""
-    if os.environ.get("SLOTH_GRAPHED_GENERATE", "1") == "0":
+    if not config.GRAPHED_GENERATE:
         return _fallback("SLOTH_GRAPHED_GENERATE=0")
     if getattr(lm, "_sloth_generate_broken", False):
         return _fallback("an earlier capture failed")

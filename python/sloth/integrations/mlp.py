@@ -22,12 +22,12 @@ chunk's activations are alive through the layer's backward (one more MLP forward
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .. import config
 from ..nn.lora_mlp import lora_mlp
 from ..runtime.offload_checkpoint import recomputing
 from .projections import as_layer_output, autocast_off, fast_projection, run_dtype
@@ -51,9 +51,8 @@ def chunk_tokens(tokens: int, intermediate: int, dtype: torch.dtype, device: tor
     """Tokens per MLP chunk (``tokens``: no chunking): SLOTH_MLP_CHUNK_TOKENS when set, else on a GPU the largest
     multiple of 1024 (at least MIN_CHUNK_TOKENS) whose gate / up / hidden activations fit a quarter of the free
     memory (no chunks, without asking, when they take at most 1/128 of the GPU's total memory)."""
-    env = os.environ.get("SLOTH_MLP_CHUNK_TOKENS")
-    if env is not None:
-        n = int(env)
+    n = config.MLP_CHUNK_TOKENS
+    if n is not None:
         return tokens if n <= 0 else min(n, tokens)
     if device.type != "cuda":
         return tokens

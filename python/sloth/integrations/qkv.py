@@ -4,15 +4,13 @@ While a patched attention's forward runs (:func:`qkv_group`), the first call of 
 and v at once (the three LoRA A products in one GEMM, forward and backward) and keeps k and v for the
 ``k_proj`` / ``v_proj`` calls that follow with the same, unmodified input tensor; any other call runs the
 layer's own sloth path. Grouping needs all three to be PEFT LoRA layers on the fast path (one adapter, no
-dropout in training, one compute dtype); otherwise nothing changes. ``SLOTH_QKV_GROUP=0`` (read at import)
-turns grouping off, for A/B timing.
+dropout in training, one compute dtype); otherwise nothing changes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import os
 from typing import Optional
 
 import torch
@@ -21,7 +19,6 @@ from ..nn.lora_group import lora_linear_group
 from .projections import as_layer_output, autocast_off, fast_projection, run_dtype
 
 NAMES = ("q_proj", "k_proj", "v_proj")
-ENABLED = os.environ.get("SLOTH_QKV_GROUP", "1") != "0"
 
 _group = contextvars.ContextVar("sloth_qkv_group", default=None)
 
@@ -41,7 +38,7 @@ def qkv_group(attention: torch.nn.Module, need_output: bool = True):
     call computes only what the backward needs and returns zeros for q, k, v (an offloaded checkpoint's recompute
     that takes their values from the forward, see :mod:`sloth.integrations.sdpa`)."""
     modules = [getattr(attention, n, None) for n in NAMES]
-    ok = ENABLED and all(isinstance(m, torch.nn.Module) for m in modules)
+    ok = all(isinstance(m, torch.nn.Module) for m in modules)
     group = _Group(modules, need_output) if ok else None
     token = _group.set(group)
     try:

@@ -78,11 +78,11 @@ def checkpointed_attention_forward(attention: torch.nn.Module, args: tuple, kwar
             out = attention._sloth_orig_forward(*args, **kwargs)
         if len(collect) == n + 1:
             item = collect[-1]
-            if saved_attention.PROJECTIONS and group is not None and group.computed and \
+            if group is not None and group.computed and \
                     not _projections_read_back(attention):
                 item.qkv = item.inputs
             o_proj = getattr(attention, "o_proj", None)
-            if saved_attention.PROJECTIONS and isinstance(out, tuple) and isinstance(o_proj, lora_classes()) and \
+            if isinstance(out, tuple) and isinstance(o_proj, lora_classes()) and \
                     fast_projection(o_proj) is not None:
                 item.o_out = out[0]
         return out

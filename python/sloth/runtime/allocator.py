@@ -22,6 +22,8 @@ import warnings
 
 import torch
 
+from .. import config
+
 logger = logging.getLogger("sloth")
 
 _KEYS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
@@ -40,8 +42,7 @@ def use_expandable_segments() -> bool:
     sloth's doing (applied now or earlier in this process)."""
     if _applied:
         return True
-    if os.environ.get("SLOTH_EXPANDABLE_SEGMENTS", "1").lower() in ("0", "false", "no", "off") or \
-            any(os.environ.get(k) for k in _KEYS):
+    if not config.EXPANDABLE_SEGMENTS or any(os.environ.get(k) for k in _KEYS):
         return False
     if torch.version.cuda is None or getattr(torch.version, "hip", None):
         return False

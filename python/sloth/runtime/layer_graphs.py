@@ -42,17 +42,17 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import weakref
 from typing import Any, Callable, List, Optional
 
 import torch
 
+from .. import config
 from . import saved_attention, streams
 
 logger = logging.getLogger("sloth")
 
-ENABLED = os.environ.get("SLOTH_CUDA_GRAPHS", "1") != "0"
+ENABLED = config.CUDA_GRAPHS
 #: largest number of tokens (hidden-state rows) graphed. At 4096 (Llama-3.1-8B, 2048 x 2) a layer's ~100 launches
 #: cost about as much host time as its GPU time, and the graphs saved up to 6% of the step on an H100; beyond it the
 #: GPU time grows with the tokens, the launches do not, and the static buffers and pool only hold memory (8192 x 1
@@ -329,7 +329,7 @@ def graphed_call(function: Callable, args: tuple):
     possible (see the module docstring)."""
     if not args or not may_graph(args[0]) or _capturing_now(args[0]):
         return function(*args)
-    collect = saved_attention.graph_collected()  # (the checkpoint's list of saved attentions, or None)
+    collect = saved_attention.collected()  # (the checkpoint's list of saved attentions, or None)
     try:
         layer, call, tensors, sig_key = _layer_call(function, args)
         sig_key = (sig_key, collect is not None)

@@ -39,6 +39,7 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
+from .. import config
 from . import saved_attention, streams
 from .layer_graphs import graphed_backward, graphed_call, output_grad_pairs
 from .pinned_arena import arena
@@ -70,16 +71,11 @@ def _phys_bytes() -> int:
     return phys
 
 
-def _gib_env(name: str) -> Optional[int]:
-    env = os.environ.get(name)
-    return int(float(env) * 2**30) if env is not None else None
-
-
 def _host_limit() -> int:
     """Bytes of pinned host memory all checkpoints may hold: SLOTH_OFFLOAD_HOST_GB (GiB), else the host memory
     (:func:`_phys_bytes`) less what everything else needs: an eighth of it, or a quarter up to 16 GiB if more
     (12 GiB of a 16 GiB host, 112 GiB of a 128 GiB one)."""
-    limit = _gib_env("SLOTH_OFFLOAD_HOST_GB")
+    limit = config.OFFLOAD_HOST_GB
     if limit is None:
         phys = _phys_bytes()
         limit = phys - max(phys // 8, min(16 * 2**30, phys // 4))
@@ -90,7 +86,7 @@ def _attention_budget() -> int:
     """Bytes of pinned host memory saved attentions may hold at once: SLOTH_SAVE_ATTENTION_HOST_GB (GiB), else an
     eighth of the machine's physical memory (so that at long context, where the layers' inputs alone fill the
     host, most layers recompute their attention rather than the host running out)."""
-    budget = _gib_env("SLOTH_SAVE_ATTENTION_HOST_GB")
+    budget = config.SAVE_ATTENTION_HOST_GB
     return budget if budget is not None else _phys_bytes() // 8
 
 
@@ -303,7 +299,7 @@ class OffloadedCheckpointFunction(torch.autograd.Function):
         collect = [] if _offloads(hidden) and saved_attention.enabled() and \
             hidden.numel() <= saved_attention.MAX_TOKENS * hidden.shape[-1] else None  # saved attentions
         with torch.no_grad(), saved_attention.collecting(collect):
-            ctx.collected = saved_attention.graph_collected() is not None  # (part of the layer graphs' signature)
+            ctx.collected = saved_attention.collected() is not None  # (part of the layer graphs' signature)
             outputs = graphed_call(run, args)
         ctx.layout = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]  # positions of tensor args
         ctx.others = [None if isinstance(a, torch.Tensor) else a for a in args]

@@ -15,12 +15,12 @@ memory): :func:`arena` returns None otherwise.
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import Callable, List, Optional, Tuple
 
 import torch
 
+from .. import config
 from . import streams
 
 #: Offsets are multiples of this (bytes): the DMA engines' preferred alignment, and any dtype's.
@@ -140,7 +140,7 @@ class PinnedArena:
 
 def arena() -> Optional[PinnedArena]:
     """This thread's arena when ``SLOTH_PINNED_ARENA=1`` and CUDA is available, else None."""
-    if os.environ.get("SLOTH_PINNED_ARENA", "0") != "1" or not torch.cuda.is_available():
+    if not config.PINNED_ARENA or not torch.cuda.is_available():
         return None
     a = getattr(_local, "arena", None)
     if a is None:

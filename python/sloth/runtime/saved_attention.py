@@ -6,7 +6,7 @@ backward needs q, k, v, O and the softmax's log-sum-exp (LSE): all of them are w
 sequences the attention forward is the costliest part of the recompute that does not scale with the weights
 (about 1.2 ms per layer at 8192 tokens, 37 ms of a Llama-3.1-8B step), and the q / k / v and o projections'
 products a fifth of the layer's weight FLOPs. So, on NVIDIA GPUs (sm_80 or later), for layers of at most
-:data:`MAX_TOKENS` tokens, in their eager runs and in their CUDA-graph replays (unless :data:`UNDER_GRAPHS` is off):
+:data:`MAX_TOKENS` tokens, in their eager runs and in their CUDA-graph replays:
 
 - forward (no grad, inside :class:`~sloth.runtime.offload_checkpoint.OffloadedCheckpointFunction`): inside
   :func:`collecting`, :func:`causal_attention` runs cuDNN's fused attention (the kernel SDPA picks on sm_90),
@@ -17,7 +17,7 @@ products a fifth of the layer's weight FLOPs. So, on NVIDIA GPUs (sm_80 or later
   attention returns the saved O under an autograd node whose backward is cuDNN's attention backward with the
   saved O and LSE (:class:`SavedAttentionFunction`: what SDPA's own backward computes, with the same kernel).
 - layers replayed from CUDA graphs (:mod:`sloth.runtime.layer_graphs`, up to 4,096 tokens) do the same inside
-  their graphs (:data:`UNDER_GRAPHS`): the forward graph leaves the saved tensors in static buffers, copied out
+  their graphs: the forward graph leaves the saved tensors in static buffers, copied out
   after each replay; the backward graph reads them back from those buffers.
 
 :mod:`sloth.integrations.sdpa` routes Transformers' "sdpa" attention here and, for PEFT LoRA projections, also
@@ -30,8 +30,7 @@ the key heads, cuDNN's SDPA kernels allowed (``torch.backends.cuda.enable_cudnn_
 algorithms asked for; anything else returns None and the caller runs the model's own attention. The path uses
 torch's private ``aten::_scaled_dot_product_cudnn_attention`` (and its backward): if the installed torch rejects
 it, one warning is logged, SDPA's own backward serves the attentions already saved, and nothing more is saved.
-On by default; ``SLOTH_SAVE_ATTENTION=0`` (read at import) turns it off. Llama-3.1-8B QLoRA at 8192 x 1 on an H100:
-0.742 s / step with it, 0.800 s without.
+On by default; ``SLOTH_SAVE_ATTENTION=0`` (read at import) turns it off (its measured gain: benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
@@ -39,27 +38,22 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import threading
 from typing import List, Optional
 
 import torch
 
+from .. import config
+
 logger = logging.getLogger("sloth")
 
-ENABLED = os.environ.get("SLOTH_SAVE_ATTENTION", "1") != "0"
+ENABLED = config.SAVE_ATTENTION
 #: most tokens (hidden-state rows) of a layer whose attention is saved: beyond, the layers' inputs alone take tens of
 #: GiB of host memory (409,600 tokens x 32 layers: 100 GiB), which saved attentions (up to 3.5x an input each)
 #: must not crowd out
 MAX_TOKENS = 65536
 #: dtypes of the fused kernels (tests on the CPU add float32, with a plain-torch stand-in for the kernels)
 DTYPES = (torch.bfloat16, torch.float16)
-#: whether layers replayed from CUDA graphs (sloth.runtime.layer_graphs, up to 4,096 tokens) save theirs too, inside
-#: their graphs (H100, Llama-3.1-8B QLoRA at 2048 x 2: 0.350 s / step and 7.48 GiB peak with it, 0.365 s and
-#: 7.23 GiB without); ``SLOTH_SAVE_ATTENTION_GRAPHED=0`` turns it off
-UNDER_GRAPHS = os.environ.get("SLOTH_SAVE_ATTENTION_GRAPHED", "1") != "0"
-#: whether the attention's q / k / v and the attention module's output are saved too (for A/B timing)
-PROJECTIONS = os.environ.get("SLOTH_SAVE_PROJECTIONS", "1") != "0"
 _TORCH = tuple(int(x) for x in torch.__version__.split(".")[:2])
 _capability: dict = {}  # CUDA device index -> major compute capability
 _broken: List[str] = []  # the first failure of the private ops (the path is then off)
@@ -154,12 +148,6 @@ def replaying(items: Optional[list]):
 def collected() -> Optional[list]:
     """The list a checkpoint's no-grad forward collects saved attentions into on this thread (None: none)."""
     return getattr(_local, "collect", None) if not torch.is_grad_enabled() else None
-
-
-def graph_collected() -> Optional[list]:
-    """The list a layer replayed from a CUDA graph collects saved attentions into: :func:`collected` if
-    :data:`UNDER_GRAPHS`, else None (the layer's eager runs still collect)."""
-    return collected() if UNDER_GRAPHS else None
 
 
 def next_replayed() -> Optional[SavedAttention]:
