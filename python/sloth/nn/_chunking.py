@@ -7,9 +7,8 @@ from typing import Optional
 import torch
 
 MIB = 1 << 20
-#: Logits chunk when only dh is needed. Measured on an H100 (N = 8192, V = 128256, H = 4096, bf16):
-#: 128 rows 53 ms / +0.09 GiB, 256 rows 32 ms / +0.12 GiB, 512 rows 29 ms / +0.19 GiB, 1024 rows 28 ms /
-#: +0.31 GiB: the dh GEMM (M = rows, K = V) needs >= 256 rows to fill the GPU. 64 MiB is 256 rows at 128k.
+#: Logits chunk when only dh is needed: the dh GEMM (M = rows, K = V) needs >= 256 rows to fill the GPU, and more
+#: rows only add memory (benchmarks/NOTES.md). 64 MiB is 256 rows at V = 128k.
 FROZEN_TARGET_BYTES = 64 * MIB
 #: Logits chunk when dW is needed too: dW += grad_c^T h_c reads and writes all of dW [V, H] once per chunk,
 #: so a few large chunks beat many small ones (dW itself already costs V * H * itemsize bytes).

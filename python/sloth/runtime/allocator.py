@@ -3,9 +3,8 @@ chose a setting.
 
 Training with offloaded checkpoints allocates and frees blocks of many sizes (each layer's prefetched input and
 saved attention, the chunks of the cross-entropy and of the MLP recompute): with fixed-size segments the cache
-fragments, and the cudaMalloc / cudaFree churn cost 19 ms per step at 2048 x 2 on an H100 (0.378 s vs 0.359 s without
-layer graphs). Expandable segments grow one mapping per stream instead. (They do not lower the reserved peak at 8192
-x 1: 12.3 GiB before, 12.7 GiB with them, for 8.1 GiB allocated.)
+fragments, and the cudaMalloc / cudaFree churn costs step time (benchmarks/NOTES.md). Expandable segments grow one
+mapping per stream instead.
 
 :func:`use_expandable_segments` is called when ``use_gradient_checkpointing="sloth"`` is set on a model. It applies
 the setting to the running allocator (segments allocated from then on; nothing already allocated moves) and leaves

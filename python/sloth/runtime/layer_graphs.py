@@ -53,11 +53,9 @@ from . import saved_attention, streams
 logger = logging.getLogger("sloth")
 
 ENABLED = config.CUDA_GRAPHS
-#: largest number of tokens (hidden-state rows) graphed. At 4096 (Llama-3.1-8B, 2048 x 2) a layer's ~100 launches
-#: cost about as much host time as its GPU time, and the graphs saved up to 6% of the step on an H100; beyond it the
-#: GPU time grows with the tokens, the launches do not, and the static buffers and pool only hold memory (8192 x 1
-#: on an H200: 0.794 s, 8.14 GiB allocated / 10.6 GiB reserved graphed, 0.770-0.783 s, 7.81 GiB eager on
-#: other H200s)
+#: largest number of tokens (hidden-state rows) graphed. Up to about 4096 (Llama-3.1-8B, 2048 x 2) a layer's ~100
+#: launches cost about as much host time as its GPU time; beyond it the GPU time grows with the tokens, the launches
+#: do not, and the static buffers and pool only hold memory (measurements: benchmarks/NOTES.md)
 MAX_TOKENS = 4096
 #: signatures whose graphs are kept at once (each holds one pool of one layer's temporaries + static buffers)
 MAX_SIGNATURES = 2
