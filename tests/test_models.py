@@ -19,7 +19,7 @@ def test_every_spec_names_real_transformers_classes():
         assert mod[spec.model_type] == spec.causal_lm, spec.name
         # the module of the causal LM class holds the family's other classes too
         modeling = __import__(getattr(transformers, spec.causal_lm).__module__, fromlist=["x"])
-        for name in (spec.decoder_layer, spec.attention, spec.mlp, spec.norm.cls):
+        for name in filter(None, (spec.decoder_layer, spec.attention, spec.mlp, spec.experts, spec.norm.cls)):
             assert hasattr(modeling, name), f"{spec.name}: {name} not in {modeling.__name__}"
 
 
@@ -28,7 +28,8 @@ def test_lookups():
     assert models.for_model_type("gemma3_text").norm.offset == 1.0
     assert models.for_model_type("gpt2") is None and models.for_model_type(None) is None
     assert set(models.causal_lms()) == {"LlamaForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
-                                        "Gemma3ForCausalLM"}
+                                        "Gemma3ForCausalLM", "GptOssForCausalLM", "Qwen3MoeForCausalLM"}
+    assert "GptOssAttention" in models.attentions() and "GptOssAttention" not in models.rope_attentions()
     assert "Gemma3RMSNorm" in models.norms() and not models.norms()["Gemma3RMSNorm"].cast_before_weight
     assert not models.for_model_type("gemma3_text").mlp_output_feeds_residual
     assert "multimodal" in models.unsupported_hint("gemma3")

@@ -57,6 +57,7 @@ logger = logging.getLogger("sloth")
 _RECORD = "_sloth_patches"  # on the patched (top-level) model: ([(module, had_own, old, what)], is_peft, [LoRA lines])
 
 _LOSS_ONLY_KWARGS = ("num_items_in_batch", "shift_labels", "ignore_index")
+_IMPL = "_sloth_impl:"  # record entries that switched an implementation ("attn" / "experts"), not a method
 _FUSED_HEAD = "_sloth_fused_head"  # sloth.integrations.trl's fused LM head on a causal LM
 
 
@@ -97,8 +98,17 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
         return self._sloth_orig_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                         inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
                                         logits_to_keep=logits_to_keep, **kwargs)
-    from transformers.modeling_outputs import CausalLMOutputWithPast
+    from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
+    router = kwargs.get("output_router_logits")
+    router = getattr(self.config, "output_router_logits", False) if router is None else router
+    aux_loss_fn = getattr(sys.modules.get(type(self).__module__), "load_balancing_loss_func", None)
+    if router and aux_loss_fn is None:  # an MoE model whose router loss sloth cannot find: the model's own forward
+        return self._sloth_orig_forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                        inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                                        logits_to_keep=logits_to_keep, **kwargs)
+    if router:
+        kwargs["output_router_logits"] = True
     return_dict = kwargs.pop("return_dict", None)
     loss_kwargs = {k: kwargs.pop(k) for k in _LOSS_ONLY_KWARGS if k in kwargs}
     base = getattr(self, self.base_model_prefix)
@@ -109,8 +119,16 @@ def _causal_lm_forward(self, input_ids=None, attention_mask=None, position_ids=N
         hidden, lm_head.weight, labels, num_items_in_batch=loss_kwargs.get("num_items_in_batch"),
         ignore_index=loss_kwargs.get("ignore_index", -100), shift_labels=loss_kwargs.get("shift_labels"),
         bias=lm_head.bias, final_logit_softcapping=getattr(self.config, "final_logit_softcapping", None))
-    out = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=outputs.past_key_values,
-                                 hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+    fields = dict(loss=loss, logits=None, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+    cls = CausalLMOutputWithPast
+    if router:  # the family's load-balancing loss, as its own forward adds it
+        aux = aux_loss_fn(outputs.router_logits, self.num_experts, self.num_experts_per_tok, attention_mask)
+        fields.update(loss=loss + self.router_aux_loss_coef * aux.to(loss.device), aux_loss=aux,
+                      router_logits=outputs.router_logits)
+        cls = MoeCausalLMOutputWithPast
+    cache_field = "cache" if "cache" in cls.__dataclass_fields__ else "past_key_values"  # (renamed in Transformers 5)
+    fields[cache_field] = getattr(outputs, cache_field, None)
+    out = cls(**fields)
     if return_dict is False or (return_dict is None and not getattr(self.config, "return_dict", True)):
         return out.to_tuple()
     return out
@@ -170,7 +188,7 @@ def patch(model, verbose: bool = False):
     base, is_peft = _peft_base(model)
     record: list = []
     names = {m: n for n, m in base.named_modules()}
-    norms, mlps, attentions, causal_lms = models.norms(), models.mlps(), models.attentions(), models.causal_lms()
+    norms, mlps, attentions, causal_lms = models.norms(), models.mlps(), models.rope_attentions(), models.causal_lms()
     layers = models.decoder_layers()
     residual_mlps = {m.mlp for m in base.modules() if type(m).__name__ in layers and
                      layers[type(m).__name__].mlp_output_feeds_residual and
@@ -209,6 +227,9 @@ def patch(model, verbose: bool = False):
                             f"{names[module] or '<root>'}: {cls}.generate -> CUDA-graph decoding on a static cache "
                             f"(sloth.integrations.generation; the model's generate where unsupported)",
                             attr="generate")
+    spec = models.family_of(base)
+    if spec is not None:
+        _select_implementations(record, base, spec)
     lora: list = []
     if is_peft:
         from .peft import patch_peft_model
@@ -241,6 +262,36 @@ def patch(model, verbose: bool = False):
     return model
 
 
+def _select_implementations(record, base, spec) -> None:
+    """Switch ``base`` to sloth's attention function (families whose ``attention_kernel`` is "sloth") and to sloth's
+    experts (MoE families), recording the previous choices for :func:`unpatch`."""
+    if spec.attention_kernel == "sloth" and base.config._attn_implementation != "sloth":
+        from .attention import register
+
+        if register():
+            old = base.config._attn_implementation
+            base.set_attn_implementation("sloth")
+            record.append((base, _IMPL + "attn", True, old, f"<root>: attention {old!r} -> 'sloth' (sloth.attention: "
+                                                             f"sinks, sliding window, packed documents)"))
+    experts_classes = models.experts()
+    if any(type(m).__name__ in experts_classes for m in base.modules()) and \
+            getattr(base.config, "_experts_implementation", None) != "sloth":
+        from .moe import register
+
+        if register():
+            old = getattr(base.config, "_experts_implementation", None)
+            base.set_experts_implementation("sloth")
+            record.append((base, _IMPL + "experts", True, old, f"<root>: experts {old!r} -> 'sloth' (sloth's MoE "
+                                                                f"kernels: grouped GEMM, 16-bit / NF4 / MXFP4 experts)"))
+
+
+def _restore_implementation(module, which: str, old) -> None:
+    if which == "attn":
+        module.set_attn_implementation(old or "eager")
+    else:
+        module.set_experts_implementation(old or "eager")
+
+
 def unpatch(model) -> int:
     """Restore everything :func:`patch` replaced on ``model``; returns the number of restored replacements."""
     entry = model.__dict__.pop(_RECORD, None)
@@ -248,6 +299,9 @@ def unpatch(model) -> int:
         return 0
     record, is_peft, _ = entry
     for module, attr, had_own, old, _ in reversed(record):
+        if attr.startswith(_IMPL):
+            _restore_implementation(module, attr[len(_IMPL):], old)
+            continue
         if attr != "forward":
             if had_own:
                 setattr(module, attr, old)

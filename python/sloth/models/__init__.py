@@ -12,7 +12,7 @@ from typing import Dict, Iterable, Optional
 
 from .spec import AttentionFeatures, FamilySpec, NormSpec
 
-_FAMILY_MODULES = ("llama", "qwen3", "mistral", "gemma3")
+_FAMILY_MODULES = ("llama", "qwen3", "mistral", "gemma3", "gpt_oss", "qwen3_moe")
 
 FAMILIES: Dict[str, FamilySpec] = {}  # model_type (aliases included) -> spec
 
@@ -82,6 +82,11 @@ def attentions() -> Dict[str, FamilySpec]:
     return _classes("attention")
 
 
+def rope_attentions() -> Dict[str, FamilySpec]:
+    """Attention class name -> spec, for the families whose RoPE sloth's kernel computes (``rope="rotate_half"``)."""
+    return {k: s for k, s in attentions().items() if s.rope == "rotate_half"}
+
+
 def decoder_layers() -> Dict[str, FamilySpec]:
     """Decoder layer class name -> spec."""
     return _classes("decoder_layer")
@@ -101,6 +106,6 @@ def family_of(model) -> Optional[FamilySpec]:
     return spec
 
 
-__all__ = ["AttentionFeatures", "FAMILIES", "FamilySpec", "NormSpec", "attentions", "causal_lms",
+__all__ = ["AttentionFeatures", "FAMILIES", "FamilySpec", "NormSpec", "attentions", "rope_attentions", "causal_lms",
            "decoder_layers", "experts", "family_of", "for_config", "for_model_type", "mlps", "norms", "register",
            "specs", "supported", "unsupported_hint"]

@@ -45,7 +45,12 @@ class FamilySpec:
     #: the decoder layer ends ``residual + mlp(...)`` and nothing else reads the MLP output, so the recompute of a
     #: checkpointed layer may skip the down projection's product (False for Gemma 3: its post-MLP norm reads it)
     mlp_output_feeds_residual: bool = True
-    rope: str = "rotate_half"           # q / k rotation layout ("rotate_half": HF's halves; none other yet)
+    #: q / k rotation: "rotate_half" (HF's rotate_half with cos / sin [.., head_dim], on sloth's RoPE kernel) or
+    #: "half_split" (gpt-oss: cos / sin [.., head_dim / 2] on the two halves; the model's own code runs it)
+    rope: str = "rotate_half"
+    #: the attention function :func:`sloth.patch` selects: "model" (the model's own choice, e.g. SDPA) or "sloth"
+    #: (:func:`sloth.attention`, Transformers' attention "sloth"; families whose attention SDPA cannot express)
+    attention_kernel: str = "model"
     attention_features: AttentionFeatures = AttentionFeatures()
     gguf_arch: Optional[str] = None     # llama.cpp architecture the GGUF exporter writes (None: no GGUF export)
     aliases: Tuple[str, ...] = ()       # other model_types served by this spec
