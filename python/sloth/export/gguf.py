@@ -1,35 +1,66 @@
-"""GGUF export for llama.cpp / Ollama: :func:`save_gguf` writes a fine-tuned (merged) Llama-architecture model
-with the ``gguf`` package, in f16, bf16 or q8_0, with its tokenizer and chat template, and an Ollama Modelfile.
+"""GGUF export for llama.cpp / Ollama: :func:`save_gguf` writes a fine-tuned (merged) model with the ``gguf``
+package (its tensor-name map, writer and quantizers; the k-quants it lacks come from :mod:`sloth.export.kquants`),
+with its tokenizer and chat template, and an Ollama Modelfile.
 
-What llama.cpp's ``llama`` architecture expects (names from ``gguf.TENSOR_NAMES`` / ``gguf.Keys``):
+Quantizations: ``f32``, ``f16``, ``bf16``, ``q8_0``, ``q4_0`` and the k-quant mixes ``q4_k_m``, ``q5_k_m``,
+``q6_k``, with llama.cpp's per-tensor choices (``llama-quantize``): norms and other 1-D tensors f32; the output
+head (or a tied embedding) Q6_K; in ``q4_k_m`` / ``q5_k_m`` the ``attn_v`` and ``ffn_down`` weights of the first
+and last eighth of the layers and of every third layer between them Q6_K; rows whose length is not a multiple of
+256 fall back to Q5_0 / Q5_1 / Q8_0 (and to f16 when not a multiple of 32).
 
-- tensors ``token_embd``, ``output_norm``, ``output`` (left out when tied to the embedding), and per block
-  ``attn_norm``, ``attn_q``, ``attn_k``, ``attn_v``, ``attn_output``, ``ffn_norm``, ``ffn_gate``, ``ffn_up``,
-  ``ffn_down``; ``rope_freqs`` for Llama 3.1-style rope scaling;
-- ``attn_q`` / ``attn_k`` rows reordered per head from Transformers' rotate-half RoPE layout (dimension i pairs
-  with i + d/2) to GGML's adjacent pairs (2i, 2i + 1);
-- 1-D tensors (norms, rope factors) in f32; 2-D weights in the chosen type (q8_0 needs rows of a multiple of 32
-  values; others fall back to f16);
-- ``llama.*`` hyper-parameters (context length, embedding length, blocks, feed-forward length, heads, KV heads,
-  RMS epsilon, rope base and dimension count, vocabulary size) and ``general.file_type``.
+What each family's llama.cpp architecture expects (``EXPORT_FAMILIES``, the one place holding it):
 
-Supported: ``LlamaForCausalLM`` and ``MistralForCausalLM`` without sliding window (the ``llama`` architecture of
-llama.cpp), with byte-level BPE tokenizers. Other families raise a ValueError that says what to do.
+- Llama, Mistral (no sliding window) -> ``llama``: q / k rows reordered per head from Transformers' rotate-half
+  RoPE layout to GGML's adjacent pairs; ``rope_freqs`` for Llama 3.1-style rope scaling; linear scaling.
+- Qwen3 -> ``qwen3``: NeoX RoPE (no reordering), ``attn_q_norm`` / ``attn_k_norm``, head dimension written.
+- Gemma 3 (text) -> ``gemma3``: every ``*norm.weight`` stored as ``1 + w`` (GGML multiplies by the weight), four
+  norms per block (``attn_norm``, ``post_attention_norm``, ``ffn_norm``, ``post_ffw_norm``), the global layers'
+  rope base, the sliding window; llama.cpp fixes the rest (every sixth layer global, local rope base 10000,
+  attention scale 1 / sqrt(head_dim)), so checkpoints that differ are refused.
+
+Not exported (refused before anything is written, by :func:`check_exportable`): attention / MLP biases, other rope
+scalings, Qwen3 sliding windows, logit softcapping, and tokenizers other than byte-level BPE (Llama 3, Qwen, GPT-2
+style); for those, :func:`sloth.save_merged` and llama.cpp's ``convert_hf_to_gguf.py``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
-from typing import Dict, Optional, Tuple, Union
+import re
+import tempfile
+from typing import Dict, Iterator, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
 from .merge import checkpoint_files, iter_merged_tensors, unwrap
 
-QUANTS = ("f16", "bf16", "q8_0", "f32")
+QUANTS = ("f16", "bf16", "q8_0", "f32", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportFamily:
+    """What the GGUF exporter needs to know about a model family."""
+
+    arch: str  # llama.cpp architecture (gguf.MODEL_ARCH_NAMES)
+    permute_qk: bool = False  # q / k rows to GGML's adjacent-pair RoPE layout (the llama architecture)
+    norm_shift: float = 0.0  # added to every *norm.weight (Gemma's 1 + w)
+    name: str = ""
+
+
+#: Transformers model_type -> its GGUF export (the one table of family facts; ``sloth.models`` specs carry the
+#: same ``gguf_arch``, see :func:`export_family`)
+EXPORT_FAMILIES: Dict[str, ExportFamily] = {
+    "llama": ExportFamily("llama", permute_qk=True, name="Llama"),
+    "mistral": ExportFamily("llama", permute_qk=True, name="Mistral"),
+    "qwen3": ExportFamily("qwen3", name="Qwen3"),
+    "gemma3_text": ExportFamily("gemma3", norm_shift=1.0, name="Gemma 3 (text)"),
+}
+#: llama.cpp's Gemma 3: every sixth layer global, local layers' rope base 10000
+GEMMA3_GLOBAL_EVERY, GEMMA3_LOCAL_ROPE_BASE = 6, 10000.0
 
 
 def _require_gguf():
@@ -41,36 +72,94 @@ def _require_gguf():
     return gguf
 
 
-def check_exportable(config) -> None:
-    """Raise ValueError unless ``config`` is a model llama.cpp runs as the ``llama`` architecture."""
-    mt = getattr(config, "model_type", None)
-    if mt not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"GGUF export supports the llama architecture (Llama, Mistral), not {mt!r}; save the merged "
-                         f"model (sloth.save_merged / --export merged) and convert it with llama.cpp's "
-                         f"convert_hf_to_gguf.py")
-    if mt == "mistral" and getattr(config, "sliding_window", None):
-        raise ValueError("GGUF export: a Mistral model with a sliding window is not the llama architecture; save the "
-                         "merged model and convert it with llama.cpp's convert_hf_to_gguf.py")
-    _rope(config)
+def export_family(config) -> Optional[ExportFamily]:
+    """The GGUF export of ``config``'s family, or None when it has none."""
+    return EXPORT_FAMILIES.get(getattr(config, "model_type", None))
+
+
+def _rope_params(config) -> Tuple[dict, Optional[dict]]:
+    """(global layers' rope parameters, sliding layers' or None) of a Transformers 4.x or 5.x config."""
+    params = getattr(config, "rope_parameters", None) or {}
+    if isinstance(params, dict) and "full_attention" in params:
+        return dict(params["full_attention"] or {}), params.get("sliding_attention")
+    scaling = getattr(config, "rope_scaling", None) or {}
+    out = dict(scaling) if isinstance(scaling, dict) else {}
+    out.update(params if isinstance(params, dict) else {})
+    if "rope_theta" not in out and getattr(config, "rope_theta", None) is not None:
+        out["rope_theta"] = config.rope_theta
+    local = None
+    if getattr(config, "rope_local_base_freq", None) is not None:
+        local = {"rope_theta": config.rope_local_base_freq}
+    return out, local
 
 
 def _rope(config) -> Tuple[float, Optional[dict]]:
-    """(rope theta, rope scaling parameters or None) of a Transformers 4.x or 5.x config."""
-    params = getattr(config, "rope_parameters", None) or {}
-    scaling = getattr(config, "rope_scaling", None) or params
-    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default")) if scaling else "default"
-    if kind in (None, "default"):
-        return float(theta), None
-    if kind not in ("llama3", "linear"):
-        raise ValueError(f"GGUF export: rope scaling {kind!r} is not supported; save the merged model and convert "
-                         f"it with llama.cpp's convert_hf_to_gguf.py")
-    return float(theta), dict(scaling, rope_type=kind)
+    """(rope theta of the global layers, rope scaling parameters or None); an unsupported scaling raises."""
+    p, _ = _rope_params(config)
+    theta = float(p.get("rope_theta", 10000.0))
+    kind = p.get("rope_type", p.get("type", "default")) or "default"
+    if kind == "default":
+        return theta, None
+    fam = export_family(config)
+    allowed = ("llama3", "linear") if fam is not None and fam.arch == "llama" else ("linear",)
+    if kind not in allowed:
+        raise ValueError(f"sloth.save_gguf: rope scaling {kind!r} is not exported for this family (only "
+                         f"{' / '.join(allowed)})")
+    return theta, dict(p, rope_type=kind)
 
 
 def head_dim(config) -> int:
     """Per-head dimension of the attention (``head_dim`` when the config sets it, else hidden / heads)."""
     return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
+def check_exportable(config, tokenizer=None) -> None:
+    """Raise ValueError (one line, what to do instead) unless ``config`` (and ``tokenizer`` when given) is
+    something :func:`save_gguf` writes correctly: every limit of the exporter is checked here, before any work."""
+    fam = export_family(config)
+    mt = getattr(config, "model_type", None)
+    if fam is None:
+        names = ", ".join(f.name for f in EXPORT_FAMILIES.values())
+        raise ValueError(f"sloth.save_gguf: GGUF export supports {names}, not {mt!r}; save the merged model "
+                         f"(sloth.save_merged / --export merged) and convert it with llama.cpp's convert_hf_to_gguf.py")
+    why = []
+    if getattr(config, "attention_bias", False):
+        why.append("attention biases (attention_bias=True)")
+    if getattr(config, "mlp_bias", False):
+        why.append("MLP biases (mlp_bias=True)")
+    if mt == "mistral" and getattr(config, "sliding_window", None):
+        why.append("a Mistral sliding window")
+    if mt == "qwen3" and getattr(config, "use_sliding_window", False):
+        why.append("a Qwen3 sliding window")
+    for attr in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(config, attr, None):
+            why.append(f"{attr}={getattr(config, attr)}")
+    if mt == "gemma3_text":
+        n = int(config.num_hidden_layers)
+        want = ["full_attention" if (i + 1) % GEMMA3_GLOBAL_EVERY == 0 else "sliding_attention" for i in range(n)]
+        types = list(getattr(config, "layer_types", None) or want)
+        if types != want:
+            why.append(f"layer types other than llama.cpp's (every {GEMMA3_GLOBAL_EVERY}th layer global)")
+        _, local = _rope_params(config)
+        if local is not None and float(local.get("rope_theta", GEMMA3_LOCAL_ROPE_BASE)) != GEMMA3_LOCAL_ROPE_BASE:
+            why.append(f"a local rope base other than {GEMMA3_LOCAL_ROPE_BASE:g}")
+        if local is not None and (local.get("rope_type") or "default") != "default":
+            why.append("rope scaling on the sliding layers")
+        qpas = getattr(config, "query_pre_attn_scalar", None)
+        if qpas is not None and int(qpas) != head_dim(config) and n != 62:
+            why.append(f"query_pre_attn_scalar={qpas} (llama.cpp scales by head_dim={head_dim(config)})")
+    try:
+        _rope(config)
+    except ValueError as e:
+        why.append(str(e).removeprefix("sloth.save_gguf: "))
+    if why:
+        raise ValueError(f"sloth.save_gguf: {fam.name} with {'; '.join(why)} is not exported to GGUF; save the merged "
+                         f"model (sloth.save_merged / --export merged) and convert it with llama.cpp's "
+                         f"convert_hf_to_gguf.py")
+    if tokenizer is not None:
+        from .gguf_vocab import check_tokenizer
+
+        check_tokenizer(tokenizer)
 
 
 def llama3_rope_factors(config) -> np.ndarray:
@@ -109,53 +198,110 @@ def interleaved_to_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, d // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def gguf_tensor_names(config) -> Dict[str, str]:
-    """Transformers parameter name -> GGUF tensor name for a llama-architecture model."""
+def gguf_name(hf_name: str, config) -> Optional[str]:
+    """The GGUF tensor name of a Transformers parameter name (``gguf``'s tensor-name map of the family's
+    architecture), or None when the architecture has no such tensor."""
     gguf = _require_gguf()
-    T, N = gguf.MODEL_TENSOR, gguf.TENSOR_NAMES
-    names = {"model.embed_tokens.weight": N[T.TOKEN_EMBD] + ".weight",
-             "model.norm.weight": N[T.OUTPUT_NORM] + ".weight", "lm_head.weight": N[T.OUTPUT] + ".weight"}
-    # in the modules' order (a model's merged tensors stream in it; a checkpoint's are read in it)
-    per_block = {"self_attn.q_proj": T.ATTN_Q, "self_attn.k_proj": T.ATTN_K, "self_attn.v_proj": T.ATTN_V,
-                 "self_attn.o_proj": T.ATTN_OUT, "mlp.gate_proj": T.FFN_GATE, "mlp.up_proj": T.FFN_UP,
-                 "mlp.down_proj": T.FFN_DOWN, "input_layernorm": T.ATTN_NORM, "post_attention_layernorm": T.FFN_NORM}
-    out = {"model.embed_tokens.weight": names["model.embed_tokens.weight"]}
-    for i in range(config.num_hidden_layers):
-        for hf, t in per_block.items():
-            out[f"model.layers.{i}.{hf}.weight"] = N[t].format(bid=i) + ".weight"
-    out["model.norm.weight"] = names["model.norm.weight"]
-    out["lm_head.weight"] = names["lm_head.weight"]
+    fam = export_family(config)
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == fam.arch)
+    return gguf.get_tensor_name_map(arch, int(config.num_hidden_layers)).get_name(
+        hf_name, try_suffixes=(".weight", ".bias"))
+
+
+def gguf_tensor_names(config) -> Dict[str, str]:
+    """Transformers parameter name -> GGUF tensor name of every weight of a model of ``config``'s family, in the
+    order the modules hold them."""
+    prefix = "model.layers.{i}."
+    per_block = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "self_attn.q_norm",
+                 "self_attn.k_norm", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj", "input_layernorm",
+                 "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"]
+    out = {}
+    for hf in ["model.embed_tokens.weight"] + [prefix.format(i=i) + p + ".weight"
+                                               for i in range(config.num_hidden_layers) for p in per_block] + \
+            ["model.norm.weight", "lm_head.weight"]:
+        name = gguf_name(hf, config)
+        if name is not None:
+            out[hf] = name
     return out
 
 
-def _encode(t: torch.Tensor, quant: str, gguf):
-    """(numpy data, raw GGML type or None) of one tensor for ``quant``."""
+# ------------------------------------------------------------------------------------------- tensor types
+
+_BASE = {"q4_0": "Q4_0", "q4_k_m": "Q4_K", "q5_k_m": "Q5_K", "q6_k": "Q6_K", "q8_0": "Q8_0"}
+_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+_FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
+               "q4_0": "MOSTLY_Q4_0", "q4_k_m": "MOSTLY_Q4_K_M", "q5_k_m": "MOSTLY_Q5_K_M", "q6_k": "MOSTLY_Q6_K"}
+
+
+def use_more_bits(layer: int, n_layers: int) -> bool:
+    """llama.cpp's choice of the layers that get more bits: the first and last eighth, and every third between."""
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
+def tensor_type(name: str, shape: Tuple[int, ...], quant: str, n_layers: int, tied: bool = False) -> str:
+    """The GGML type (a ``gguf.GGMLQuantizationType`` name) ``quant`` gives the tensor ``name`` of ``shape``."""
+    gguf = _require_gguf()
+    if len(shape) < 2 or quant == "f32":
+        return "F32"
+    if quant in ("f16", "bf16"):
+        return quant.upper()
+    cols = shape[-1]
+    base = _BASE[quant]
+
+    def block(t):
+        return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t]][0]
+
+    t = base
+    layer = re.match(r"blk\.(\d+)\.", name)
+    if name == "output.weight" or (tied and name == "token_embd.weight"):
+        t = "Q8_0" if cols % block(base) else ("Q6_K" if base != "Q8_0" else "Q8_0")
+    elif quant in ("q4_k_m", "q5_k_m") and layer and (".attn_v." in name or ".ffn_down." in name):
+        if use_more_bits(int(layer.group(1)), n_layers):
+            t = "Q6_K"
+    if cols % block(t):
+        t = _FALLBACK.get(t, "F16")
+        if cols % block(t):
+            t = "F16"
+    return t
+
+
+def encode(t: torch.Tensor, ggml_type: str):
+    """(numpy data, raw GGML type or None) of ``t`` in ``ggml_type``; the k-quants run where ``t`` is (a GPU
+    tensor is quantized on the GPU), the others through ``gguf.quants``."""
+    gguf = _require_gguf()
     Q = gguf.GGMLQuantizationType
-    t = t.detach().to("cpu", torch.float32)
-    if t.dim() == 1 or quant == "f32":
-        return t.numpy(), None
-    if quant == "q8_0" and t.shape[-1] % 32 == 0:
-        from .q8_0 import quantize_q8_0
+    if ggml_type in ("Q4_K", "Q5_K", "Q6_K"):
+        from .kquants import QUANTIZERS
 
-        return quantize_q8_0(t), Q.Q8_0
-    if quant == "bf16":
-        return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16), Q.BF16
-    return t.to(torch.float16).numpy(), None
+        return QUANTIZERS[ggml_type.lower()](t.float()), Q[ggml_type]
+    a = t.detach().to("cpu", torch.float32).numpy()
+    if ggml_type == "F32":
+        return a, None
+    if ggml_type == "F16":
+        return a.astype(np.float16), None
+    return gguf.quants.quantize(a, Q[ggml_type]), Q[ggml_type]
 
+
+# ---------------------------------------------------------------------------------------------- sources
 
 def _source(model_or_dir, tokenizer):
-    """(config, tokenizer, vocab rows, iterator of (Transformers name, tensor)) of a model (merged one tensor at a
-    time) or of a saved checkpoint directory (read one tensor at a time)."""
+    """(config, tokenizer, vocab rows, tied, iterator of (Transformers name, tensor)) of a model (merged one
+    tensor at a time) or of a saved checkpoint folder (read one tensor at a time)."""
     if isinstance(model_or_dir, (str, os.PathLike)):
         from safetensors import safe_open
         from transformers import AutoConfig
 
         path = os.fspath(model_or_dir)
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"sloth.save_gguf: {path!r} is not a directory; pass a model or a directory "
-                                    f"written by sloth.save_merged / save_pretrained")
+            raise FileNotFoundError(f"sloth.save_gguf: {path!r} is not a folder; pass a model or a folder written by "
+                                    f"sloth.save_merged / save_pretrained")
         config = AutoConfig.from_pretrained(path)
-        check_exportable(config)
+        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        check_exportable(config, tokenizer)
         where = {}
         for full in checkpoint_files(path):
             with safe_open(full, framework="pt") as f:
@@ -163,72 +309,42 @@ def _source(model_or_dir, tokenizer):
                     where[k] = full
         emb = "model.embed_tokens.weight"
         if emb not in where:
-            raise ValueError(f"sloth.save_gguf: {path} has no {emb}; is it a Llama checkpoint?")
+            raise ValueError(f"sloth.save_gguf: {path} has no {emb}")
         with safe_open(where[emb], framework="pt") as f:
             rows = f.get_slice(emb).get_shape()[0]
-        if tokenizer is None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(path)
         order = list(gguf_tensor_names(config))  # one order whatever the source (safetensors sorts by name)
         keys = [k for k in order if k in where] + [k for k in where if k not in order]
+        tied = "lm_head.weight" not in where
 
         def tensors():
             for k in keys:
                 with safe_open(where[k], framework="pt") as f:
                     yield k, f.get_tensor(k)
 
-        return config, tokenizer, rows, tensors()
+        return config, tokenizer, rows, tied, tensors()
     lm, _ = unwrap(model_or_dir)
-    check_exportable(lm.config)
+    config = lm.config
+    check_exportable(config, tokenizer)
     rows = lm.get_input_embeddings().weight.shape[0]
-    return lm.config, tokenizer, rows, iter_merged_tensors(model_or_dir, torch.float32)
+    head, emb = lm.get_output_embeddings(), lm.get_input_embeddings()
+    tied = head is not None and getattr(head, "weight", None) is getattr(emb, "weight", None)
+    return config, tokenizer, rows, tied, iter_merged_tensors(model_or_dir, torch.float32, device=True)
 
 
-def save_gguf(model_or_dir, out_path: str, quant: str = "f16", tokenizer=None, *, name: Optional[str] = None,
-              modelfile: Union[bool, str] = True) -> str:
-    """Write a GGUF file of a Llama-architecture model for llama.cpp / Ollama.
-
-    ``model_or_dir``: a PeftModel (its LoRA adapters are merged in fp32, NF4 base weights dequantized), a
-    Transformers model, or a directory written by :func:`sloth.save_merged` / ``save_pretrained``. ``quant``:
-    ``"f16"``, ``"bf16"``, ``"q8_0"`` (blocks of 32 with an fp16 scale, quantized as llama.cpp does) or ``"f32"``;
-    norms stay f32. ``tokenizer``: its vocabulary, merges, special tokens and chat template go into the file
-    (loaded from the directory when not given; required for a model). With ``modelfile`` an Ollama
-    ``Modelfile`` is written beside it (``ollama create NAME -f Modelfile``; a string names its path). Returns
-    ``out_path``.
-    """
-    gguf = _require_gguf()
-    if quant not in QUANTS:
-        raise ValueError(f"sloth.save_gguf: quant must be one of {', '.join(QUANTS)}, got {quant!r}")
-    config, tokenizer, rows, tensors = _source(model_or_dir, tokenizer)
-    if tokenizer is None:
-        raise ValueError("sloth.save_gguf: pass tokenizer= (its vocabulary and chat template go into the GGUF file)")
-    from .gguf_vocab import add_vocab, vocab_from_tokenizer
-    from .modelfile import write_modelfile
-
-    names = gguf_tensor_names(config)
-    n_head = config.num_attention_heads
-    n_kv = getattr(config, "num_key_value_heads", None) or n_head
-    vocab = vocab_from_tokenizer(tokenizer, rows)
-    if len(vocab.tokens) != rows:
-        raise ValueError(f"sloth.save_gguf: the tokenizer has {len(vocab.tokens)} tokens but the embedding has "
-                         f"{rows} rows")
+def _write_metadata(w, gguf, config, fam: ExportFamily, rows: int, quant: str, name: str) -> None:
+    n_head = int(config.num_attention_heads)
+    n_kv = int(getattr(config, "num_key_value_heads", None) or n_head)
+    d = head_dim(config)
     theta, scaling = _rope(config)
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant]
-
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    w = gguf.GGUFWriter(out_path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     w.add_type(gguf.GGUFType.MODEL)
-    w.add_name(name or os.path.splitext(os.path.basename(out_path))[0])
+    w.add_name(name)
     w.add_context_length(int(config.max_position_embeddings))
     w.add_embedding_length(int(config.hidden_size))
     w.add_block_count(int(config.num_hidden_layers))
     w.add_feed_forward_length(int(config.intermediate_size))
-    w.add_head_count(int(n_head))
-    w.add_head_count_kv(int(n_kv))
-    d = head_dim(config)
-    if d != config.hidden_size // n_head:
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    if d != config.hidden_size // n_head or fam.arch != "llama":
         w.add_key_length(d)
         w.add_value_length(d)
     w.add_rope_dimension_count(d)
@@ -237,35 +353,87 @@ def save_gguf(model_or_dir, out_path: str, quant: str = "f16", tokenizer=None, *
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(scaling["factor"]))
     w.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    if fam.arch == "gemma3" and getattr(config, "sliding_window", None):
+        w.add_sliding_window(int(config.sliding_window))
     w.add_vocab_size(int(rows))
-    w.add_file_type(int(file_type))
-    if quant == "q8_0":
+    w.add_file_type(int(getattr(gguf.LlamaFileType, _FILE_TYPES[quant])))
+    if quant not in ("f32", "f16", "bf16"):
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    add_vocab(w, vocab)
 
-    if scaling is not None and scaling["rope_type"] == "llama3":
-        w.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(config))
-    for hf, t in tensors:  # one tensor at a time: the file holds the encoded model, never an fp32 copy
-        if "rotary_emb" in hf:
-            continue
-        if hf not in names:
-            raise ValueError(f"sloth.save_gguf: tensor {hf!r} has no GGUF name in the llama architecture")
-        t = t.float()
-        if hf.endswith("self_attn.q_proj.weight"):
-            t = rope_to_interleaved(t, n_head)
-        elif hf.endswith("self_attn.k_proj.weight"):
-            t = rope_to_interleaved(t, n_kv)
-        data, raw = _encode(t, quant, gguf)
-        w.add_tensor(names[hf], data, raw_dtype=raw)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+
+def save_gguf(model_or_dir, out_path: str, quant: str = "f16", tokenizer=None, *, name: Optional[str] = None,
+              modelfile: Union[bool, str] = True) -> str:
+    """Write a GGUF file of a model for llama.cpp / Ollama (Llama, Mistral, Qwen3, Gemma 3 text).
+
+    ``model_or_dir``: a PeftModel (its LoRA adapters are merged in fp32, NF4 base weights dequantized), a
+    Transformers model, or a folder written by :func:`sloth.save_merged` / ``save_pretrained``. ``quant``:
+    ``"f16"``, ``"bf16"``, ``"f32"``, ``"q8_0"``, ``"q4_0"``, ``"q4_k_m"``, ``"q5_k_m"`` or ``"q6_k"`` (the mixes
+    llama.cpp's ``llama-quantize`` makes; see the module docstring). ``tokenizer``: its vocabulary, merges, special
+    tokens and chat template go into the file (loaded from the folder when not given; required for a model). With
+    ``modelfile`` an Ollama ``Modelfile`` is written beside it (``ollama create NAME -f Modelfile``; a string names
+    its path). The file is written to a temporary name and renamed at the end. Returns ``out_path``.
+    """
+    gguf = _require_gguf()
+    quant = str(quant).lower()
+    if quant not in QUANTS:
+        raise ValueError(f"sloth.save_gguf: quant must be one of {', '.join(QUANTS)}, got {quant!r}")
+    if tokenizer is None and not isinstance(model_or_dir, (str, os.PathLike)):
+        raise ValueError("sloth.save_gguf: pass tokenizer= (its vocabulary and chat template go into the GGUF file)")
+    config, tokenizer, rows, tied, tensors = _source(model_or_dir, tokenizer)
+    from .gguf_vocab import add_vocab, vocab_from_tokenizer
+    from .modelfile import write_modelfile
+
+    fam = export_family(config)
+    names = gguf_tensor_names(config)
+    n_head = config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_head
+    n_layers = int(config.num_hidden_layers)
+    vocab = vocab_from_tokenizer(tokenizer, rows)
+    if len(vocab.tokens) != rows:
+        raise ValueError(f"sloth.save_gguf: the tokenizer has {len(vocab.tokens)} tokens but the embedding has "
+                         f"{rows} rows")
+    _, scaling = _rope(config)
+    out_path = os.fspath(out_path)
+    folder = os.path.dirname(os.path.abspath(out_path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".gguf")
+    os.close(fd)
+    try:
+        w = gguf.GGUFWriter(tmp, fam.arch)
+        _write_metadata(w, gguf, config, fam, rows, quant, name or os.path.splitext(os.path.basename(out_path))[0])
+        add_vocab(w, vocab)
+        if scaling is not None and scaling["rope_type"] == "llama3":
+            w.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(config))
+        for hf, t in tensors:  # one tensor at a time: the file holds the encoded model, never an fp32 copy
+            if "rotary_emb" in hf:
+                continue
+            if hf not in names:
+                raise ValueError(f"sloth.save_gguf: tensor {hf!r} has no GGUF name in the {fam.arch} architecture")
+            t = t.float()
+            if fam.permute_qk and hf.endswith("self_attn.q_proj.weight"):
+                t = rope_to_interleaved(t, n_head)
+            elif fam.permute_qk and hf.endswith("self_attn.k_proj.weight"):
+                t = rope_to_interleaved(t, n_kv)
+            if fam.norm_shift and hf.endswith("norm.weight"):
+                t = t + fam.norm_shift
+            gname = names[hf]
+            data, raw = encode(t, tensor_type(gname, tuple(t.shape), quant, n_layers, tied))
+            w.add_tensor(gname, data, raw_dtype=raw)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, out_path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
     if modelfile:
         write_modelfile(out_path, tokenizer, add_bos=vocab.add_bos,
                         path=modelfile if isinstance(modelfile, str) else None)
     return out_path
 
 
-__all__ = ["QUANTS", "check_exportable", "gguf_tensor_names", "interleaved_to_rope", "llama3_rope_factors",
-           "rope_to_interleaved", "save_gguf"]
+__all__ = ["EXPORT_FAMILIES", "ExportFamily", "QUANTS", "check_exportable", "encode", "export_family", "gguf_name",
+           "gguf_tensor_names", "interleaved_to_rope", "llama3_rope_factors", "rope_to_interleaved", "save_gguf",
+           "tensor_type", "use_more_bits"]

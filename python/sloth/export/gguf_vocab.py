@@ -49,16 +49,13 @@ def _pre_type(tj: dict) -> str:
             pats.append(p.get("Regex") or p.get("String") or "")
     if any(all(part in p for part in _LLAMA3_REGEX_PARTS) for p in pats):
         return "llama-bpe"
+    if any(_LLAMA3_REGEX_PARTS[0] in p and "\\p{N}|" in p and "\\p{N}{1,3}" not in p for p in pats):
+        return "qwen2"  # Llama 3's regex with single digits (Qwen2 / Qwen3)
     return "default"
 
 
-def vocab_from_tokenizer(tokenizer, vocab_size: int) -> GGUFVocab:
-    """The GGUF tokenizer data of a Hugging Face fast tokenizer, padded with unused ``[PAD{i}]`` tokens up to
-    ``vocab_size`` (the rows of the embedding). Raises ValueError for a tokenizer that is not byte-level BPE
-    (SentencePiece / Unigram / WordPiece): convert those from :func:`sloth.save_merged`'s output with llama.cpp's
-    own converter."""
-    import gguf
-
+def check_tokenizer(tokenizer) -> None:
+    """Raise ValueError unless ``tokenizer`` is a fast byte-level BPE tokenizer (what the exporter writes)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise ValueError("sloth.save_gguf: the tokenizer is not a fast (tokenizers) tokenizer; load it with "
@@ -70,6 +67,18 @@ def vocab_from_tokenizer(tokenizer, vocab_size: int) -> GGUFVocab:
         raise ValueError(f"sloth.save_gguf: only byte-level BPE tokenizers (Llama 3, Qwen, GPT-2 style) are exported, "
                          f"this one is {model.get('type')} (byte-level: {byte_level}); save the merged model with "
                          f"sloth.save_merged and convert it with llama.cpp's convert_hf_to_gguf.py")
+
+
+def vocab_from_tokenizer(tokenizer, vocab_size: int) -> GGUFVocab:
+    """The GGUF tokenizer data of a Hugging Face fast tokenizer, padded with unused ``[PAD{i}]`` tokens up to
+    ``vocab_size`` (the rows of the embedding). Raises ValueError for a tokenizer that is not byte-level BPE
+    (SentencePiece / Unigram / WordPiece): convert those from :func:`sloth.save_merged`'s output with llama.cpp's
+    own converter."""
+    import gguf
+
+    check_tokenizer(tokenizer)
+    tj = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = tj.get("model", {})
     vocab = tokenizer.get_vocab()  # token -> id, added tokens included
     n = max(vocab_size, max(vocab.values()) + 1)
     tokens: List[Optional[str]] = [None] * n
@@ -115,4 +124,4 @@ def add_vocab(writer, v: GGUFVocab) -> None:
         writer.add_chat_template(v.chat_template)
 
 
-__all__ = ["GGUFVocab", "add_vocab", "vocab_from_tokenizer"]
+__all__ = ["GGUFVocab", "add_vocab", "check_tokenizer", "vocab_from_tokenizer"]

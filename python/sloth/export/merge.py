@@ -33,10 +33,18 @@ def unwrap(model):
     return peft_parts(getattr(model, "module", model))
 
 
+# FSDP2 (fully_shard): a sharded parameter is a DTensor; it is gathered here, where it is read (a collective: every
+# rank iterates over the merged tensors, and only rank 0 writes them, see save_merged)
+def _full(t: torch.Tensor) -> torch.Tensor:
+    from ..runtime.distributed import full_tensor
+
+    return full_tensor(t)
+
+
 def dense_weight(layer: torch.nn.Module) -> torch.Tensor:
     """The weight of a linear layer as a dense fp32 tensor ``[out, in]``: NF4 (bitsandbytes ``Linear4bit``)
     dequantized with :func:`sloth.nf4_dequantize` (bitsandbytes' own dequantizer for its CPU-repacked layout)."""
-    w = layer.weight
+    w = _full(layer.weight)
     qs = getattr(w, "quant_state", None)
     if qs is None:
         if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -61,14 +69,15 @@ def _lora_delta(layer, adapter: str) -> torch.Tensor:
     if not isinstance(a, torch.nn.Linear) or getattr(b, "bias", None) is not None:
         raise ValueError(f"sloth export: unsupported LoRA layer {type(layer).__name__} (only Linear LoRA without "
                          "bias can be merged)")
-    delta = b.weight.detach().float() @ a.weight.detach().float()  # [out, r] @ [r, in]
+    delta = _full(b.weight).detach().float() @ _full(a.weight).detach().float()  # [out, r] @ [r, in]
     if getattr(layer, "fan_in_fan_out", False):
         delta = delta.t()
     return delta * float(layer.scaling[adapter])
 
 
-def iter_merged_tensors(model, dtype: Union[str, torch.dtype] = torch.bfloat16) -> Iterator[Tuple[str, torch.Tensor]]:
-    """(name, CPU tensor) of every tensor of the merged checkpoint of ``model``, one at a time (so that an export
+def iter_merged_tensors(model, dtype: Union[str, torch.dtype] = torch.bfloat16,
+                        device: bool = False) -> Iterator[Tuple[str, torch.Tensor]]:
+    """(name, tensor; on the CPU unless ``device``, then where the weight is) of every tensor of the merged checkpoint of ``model``, one at a time (so that an export
     holds one fp32 weight at a time, not the model): a PeftModel with LoRA adapters, possibly over an NF4 base,
     or a plain Transformers model; every active LoRA adapter merged, plain Transformers names, each tensor cast
     once to ``dtype`` (the merge itself in fp32), in module order. The model is not modified. A tied output
@@ -89,6 +98,9 @@ def iter_merged_tensors(model, dtype: Union[str, torch.dtype] = torch.bfloat16) 
     skip = []  # prefixes of modules handled by their parent
 
     def cast(t):
+        t = _full(t)
+        if device:
+            return t.detach().to(dtype) if t.is_floating_point() else t.detach()
         return t.detach().to("cpu", dtype) if t.is_floating_point() else t.detach().to("cpu")
 
     for name, module in lm.named_modules():
@@ -152,61 +164,138 @@ def merged_config(model, dtype: torch.dtype):
     return cfg
 
 
+def _source_folders(model) -> list:
+    """Folders the model's weights were loaded from (its checkpoint, and a PEFT adapter's base model)."""
+    lm, peft_model = unwrap(model)
+    out = [getattr(lm.config, "_name_or_path", None), getattr(lm, "name_or_path", None)]
+    if peft_model is not None:
+        for cfg in getattr(peft_model, "peft_config", {}).values():
+            out.append(getattr(cfg, "base_model_name_or_path", None))
+    return [os.path.realpath(p) for p in out if p and os.path.isdir(p)]
+
+
+def check_output_folder(model, out_dir: str, overwrite: bool, what: str = "sloth.save_merged") -> None:
+    """Refuse ``out_dir`` when it is the folder a weight of ``model`` was loaded from (always: that would
+    replace the base model) or when it holds files and ``overwrite`` is False."""
+    real = os.path.realpath(out_dir)
+    if real in _source_folders(model):
+        raise ValueError(f"{what}: {out_dir!r} holds the checkpoint the model was loaded from; saving there would "
+                         f"replace the base weights; pick another folder")
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"{what}: {out_dir!r} exists and is not a folder")
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise ValueError(f"{what}: {out_dir!r} is not empty ({len(os.listdir(out_dir))} entries); pass "
+                         f"overwrite=True to replace a model saved there, or pick an empty folder")
+
+
+def save_via_temp(out_dir: str, save) -> list:
+    """Run ``save(tmp)`` into a temporary folder inside ``out_dir``, then move each file it wrote into
+    ``out_dir`` with ``os.replace`` (a symbolic link there is replaced, never followed); returns the names."""
+    import shutil
+    import tempfile
+
+    tmp = tempfile.mkdtemp(dir=out_dir, prefix=".tmp-save-")
+    try:
+        save(tmp)
+        names = []
+        for fn in sorted(os.listdir(tmp)):
+            src, dst = os.path.join(tmp, fn), os.path.join(out_dir, fn)
+            if os.path.isdir(src):
+                continue
+            if os.path.isdir(dst) and not os.path.islink(dst):
+                shutil.rmtree(dst)
+            os.replace(src, dst)
+            names.append(fn)
+        return names
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def save_merged(model, out_dir: str, tokenizer=None, dtype: Union[str, torch.dtype] = torch.bfloat16, *,
-                max_shard_size: int = 5 * 1024**3) -> str:
+                max_shard_size: int = 5 * 1024**3, overwrite: bool = False) -> str:
     """Save ``model`` (a PeftModel with LoRA / QLoRA adapters, or a fully fine-tuned Transformers model) as a
     plain Transformers checkpoint with the adapters merged: safetensors in ``dtype`` (default bf16; each base
     weight dequantized from NF4 when needed and added to ``s * B @ A`` in fp32, cast once), ``config.json``
     (without quantization config), ``generation_config.json``, and the ``tokenizer`` (with its chat template)
     when given. Shards above ``max_shard_size`` bytes get a ``model.safetensors.index.json``. The in-memory model
-    is not modified. Returns ``out_dir``; load it with ``AutoModelForCausalLM.from_pretrained(out_dir)``."""
+    is not modified. Returns ``out_dir``; load it with ``AutoModelForCausalLM.from_pretrained(out_dir)``.
+
+    ``out_dir`` must be new or empty unless ``overwrite=True`` (then an earlier save's shards are replaced); the
+    folder the model was loaded from is always refused (the base weights are never deleted). Every file is
+    written under a temporary name and renamed into place, so a failed save leaves the earlier files, and a
+    symbolic link in ``out_dir`` is replaced rather than written through."""
     from safetensors.torch import save_file
 
+    from ..runtime import distributed
+
     dtype = resolve_dtype(dtype)
+    check_output_folder(model, out_dir, overwrite)
+    if distributed.is_fsdp2(model) and not distributed.is_main_process():  # gathers every weight with rank 0
+        for _ in iter_merged_tensors(model, dtype):
+            pass
+        distributed.barrier()  # rank 0 has written everything
+        return out_dir
     os.makedirs(out_dir, exist_ok=True)
-    for old in os.listdir(out_dir):  # no stale shards of an earlier save
-        if old.startswith("model") and (old.endswith(".safetensors") or old.endswith(".safetensors.index.json")):
-            os.remove(os.path.join(out_dir, old))
     meta = {"format": "pt"}
     written = []  # (temporary file, {name: nbytes}) of each shard, written as soon as it is full
     shard, size = {}, 0
 
     def flush():
-        tmp = os.path.join(out_dir, f".model-shard-{len(written)}.safetensors.tmp")
+        tmp = os.path.join(out_dir, f".tmp-model-shard-{len(written)}.safetensors")
         save_file(shard, tmp, metadata=meta)
         written.append((tmp, {k: t.numel() * t.element_size() for k, t in shard.items()}))
 
-    for k, t in iter_merged_tensors(model, dtype):
-        n = t.numel() * t.element_size()
-        if shard and size + n > max_shard_size:
+    try:
+        for k, t in iter_merged_tensors(model, dtype):
+            n = t.numel() * t.element_size()
+            if shard and size + n > max_shard_size:
+                flush()
+                shard, size = {}, 0
+            shard[k] = t.contiguous()
+            size += n
+        if shard or not written:
             flush()
-            shard, size = {}, 0
-        shard[k] = t.contiguous()
-        size += n
-    if shard or not written:
-        flush()
+    except BaseException:
+        for tmp, _ in written:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        raise
+    new = set()
     if len(written) == 1:
         os.replace(written[0][0], os.path.join(out_dir, "model.safetensors"))
+        new.add("model.safetensors")
     else:
         weight_map, total = {}, 0
         for i, (tmp, sizes) in enumerate(written):
             fname = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
             os.replace(tmp, os.path.join(out_dir, fname))
+            new.add(fname)
             for k, nb in sizes.items():
                 weight_map[k] = fname
                 total += nb
-        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    merged_config(model, dtype).save_pretrained(out_dir)
+        index = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+        save_via_temp(out_dir, lambda d: open(os.path.join(d, "model.safetensors.index.json"), "w").write(index))
+        new.add("model.safetensors.index.json")
+    for old in os.listdir(out_dir):  # an earlier save's shards that the new one does not replace
+        if old not in new and old.startswith("model") and \
+                (old.endswith(".safetensors") or old.endswith(".safetensors.index.json")):
+            os.remove(os.path.join(out_dir, old))
     lm, _ = unwrap(model)
     gen = getattr(lm, "generation_config", None)
-    if gen is not None:
-        try:
-            gen.save_pretrained(out_dir)
-        except Exception:  # an invalid generation config must not lose the weights
-            pass
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+
+    def save_rest(d):
+        merged_config(model, dtype).save_pretrained(d)
+        if gen is not None:
+            try:
+                gen.save_pretrained(d)
+            except Exception:  # an invalid generation config must not lose the weights
+                pass
+        if tokenizer is not None:
+            tokenizer.save_pretrained(d)
+
+    save_via_temp(out_dir, save_rest)
+    if distributed.is_fsdp2(model):
+        distributed.barrier()
     return out_dir
 
 
@@ -242,5 +331,5 @@ def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
     return dict(iter_checkpoint_tensors(path))
 
 
-__all__ = ["checkpoint_files", "dense_weight", "iter_checkpoint_tensors", "iter_merged_tensors", "load_state_dict",
-           "merged_config", "merged_state_dict", "resolve_dtype", "save_merged", "unwrap"]
+__all__ = ["check_output_folder", "checkpoint_files", "dense_weight", "iter_checkpoint_tensors", "iter_merged_tensors", "load_state_dict",
+           "merged_config", "merged_state_dict", "resolve_dtype", "save_merged", "save_via_temp", "unwrap"]

@@ -92,8 +92,23 @@ def chat_wrappers(tokenizer) -> Optional[ChatWrappers]:
 
 
 def _go_text(s: str) -> str:
-    """Literal text for a Go template (a "{{" in it becomes a template action printing it)."""
-    return s.replace("{{", '{{ "{{" }}')
+    """Literal text for a Go template inside a Modelfile's triple quotes: a "{{" becomes a template action printing
+    it, and where the text holds three double quotes in a row (which would end the Modelfile's TEMPLATE string and
+    let the rest of the chat template inject Modelfile lines) each double quote becomes an action printing it."""
+    quotes = '"""' in s
+    out = []
+    i = 0
+    while i < len(s):
+        if s.startswith("{{", i):
+            out.append('{{ "{{" }}')
+            i += 2
+        elif quotes and s[i] == '"':
+            out.append('{{ "\\x22" }}')
+            i += 1
+        else:
+            out.append(s[i])
+            i += 1
+    return "".join(out)
 
 
 def go_template(w: ChatWrappers, bos_text: str = "") -> str:
@@ -137,12 +152,29 @@ def write_modelfile(gguf_path: str, tokenizer=None, add_bos: bool = False, path:
     w = chat_wrappers(tokenizer) if tokenizer is not None else None
     if w is not None:
         bos = getattr(tokenizer, "bos_token", None) if add_bos else None
-        lines += ['TEMPLATE """' + go_template(w, bos or "") + '"""', ""]
+        tpl = go_template(w, bos or "")
+        if '"""' in tpl or tpl.endswith('"'):  # cannot happen with _go_text; never write a TEMPLATE that breaks out
+            raise ValueError("sloth: the chat template's Go form contains triple quotes; not writing the Modelfile")
+        lines += ['TEMPLATE """' + tpl + '"""', ""]
     for s in stop_strings(w, tokenizer) if tokenizer is not None else []:
         lines.append('PARAMETER stop "' + s.replace("\\", "\\\\").replace('"', '\\"') + '"')
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines).rstrip() + "\n")
+    _atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
     return path
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    """Write through a temporary file and ``os.replace`` (a symbolic link at ``path`` is replaced, not followed)."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 __all__ = ["ChatWrappers", "chat_wrappers", "go_template", "stop_strings", "write_modelfile"]
