@@ -2,6 +2,7 @@
 
 from . import cross_entropy, glu, lora_linear, mxfp4, nf4
 from . import norm_rope  # RMSNorm / RoPE (integrate)
+from . import attention
 from . import moe  # MoE experts
 from . import attention
 
