@@ -106,6 +106,9 @@ TORCH_LIBRARY(sloth, m) {
   // In place on q [tokens, heads, D], k [tokens, kv_heads, D] (last dim contiguous): rotate the first
   // rot_dim dims (HF rotate_half), cos / sin [tokens, rot_dim]; inverse applies the transposed rotation (backward).
   m.def("rope_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, bool inverse) -> ()");
+  // The same rotation into new contiguous tensors (q, k only read; the dims past rot_dim copied): the functional
+  // form, which torch.compile traces without a mutation (and the backward uses: one read, one write).
+  m.def("rope(Tensor q, Tensor k, Tensor cos, Tensor sin, bool inverse) -> (Tensor, Tensor)");
   // ---- end RMSNorm and RoPE ----
   // ---- attention with sinks, sliding window, softcap, GQA, packed documents (python/sloth/ops/attention.py) ----
   // q [B, Sq, Hq, D], k / v [B, Sk, Hkv, D]; or packed q [Tq, Hq, D], k / v [Tk, Hkv, D] with cu_seqlens_q /

@@ -5,7 +5,7 @@ import torch
 
 import sloth
 from sloth import reference
-from sloth.ops import rms_norm_backward, rms_norm_forward, rope_
+from sloth.ops import rms_norm_backward, rms_norm_forward, rope, rope_
 
 from conftest import DEVICES
 
@@ -164,6 +164,9 @@ def test_norm_rope_opcheck(device):
     torch.library.opcheck(torch.ops.sloth.rope_.default,
                           (torch.randn(4, 2, 16, device=device), torch.randn(4, 1, 16, device=device),
                            cos.to(device), sin.to(device), False), test_utils=checks)
+    torch.library.opcheck(torch.ops.sloth.rope.default,
+                          (torch.randn(4, 2, 16, device=device), torch.randn(4, 1, 16, device=device),
+                           cos[:, :8].to(device), sin[:, :8].to(device), True), test_utils=checks)
 
 
 # ---- RoPE layouts: every way q / k reach the kernel, aligned (16-byte fast path) or not (fallback) ----
@@ -204,10 +207,10 @@ ROPE_LAYOUTS = ["contiguous", "separate", "projection", "head_major", "offset_pt
 
 
 def check_rope_layouts(device, dtypes=DTYPES, shapes=ROPE_LAYOUT_SHAPES, layouts=ROPE_LAYOUTS):
-    """rope_ on every (shape, layout, dtype, direction) against sloth.reference, with general cos / sin (halves
-    unequal, so that mixing up cos[j] and cos[j + half] shows); the pass-through dims and everything of the
-    buffer outside q / k must be bit-identical. Returns the failures (strings); also run in a subprocess with
-    SLOTH_ROPE_VARIANT=1 (test_rope_variant1_cuda)."""
+    """rope_ (in place) and rope (into new tensors) on every (shape, layout, dtype, direction) against
+    sloth.reference, with general cos / sin (halves unequal, so that mixing up cos[j] and cos[j + half] shows); the
+    pass-through dims and everything of the buffer outside q / k must be bit-identical (rope: the buffer untouched).
+    Returns the failures (strings)."""
     fails = []
     for (T, H, KV, D, rot) in shapes:
         for layout in layouts:
@@ -230,8 +233,12 @@ def check_rope_layouts(device, dtypes=DTYPES, shapes=ROPE_LAYOUT_SHAPES, layouts
                     out = buf.clone()
                     q, k = views(out)
                     rope_(q, k, cos, sin, inverse)
+                    q_new, k_new = rope(*views(buf), cos, sin, inverse)  # out of place: buf only read
                     name = f"{layout} T={T} H={H} KV={KV} D={D} rot={rot} {dtype} inverse={inverse}"
-                    for what, got, want, x0 in (("q", q, q_ref, q0), ("k", k, k_ref, k0)):
+                    if not (q_new.is_contiguous() and k_new.is_contiguous()):
+                        fails.append(f"{name}: rope's outputs are not contiguous")
+                    for what, got, want, x0 in (("q", q, q_ref, q0), ("k", k, k_ref, k0), ("rope q", q_new, q_ref, q0),
+                                                ("rope k", k_new, k_ref, k0)):
                         err = rel_err(got, want)
                         if not err <= TOL[dtype]:
                             fails.append(f"{name}: {what} rel err {err:.3g} > {TOL[dtype]}")
@@ -239,6 +246,8 @@ def check_rope_layouts(device, dtypes=DTYPES, shapes=ROPE_LAYOUT_SHAPES, layouts
                             fails.append(f"{name}: {what} pass-through dims changed")
                     if not torch.equal(out[~mask], buf[~mask]):
                         fails.append(f"{name}: memory outside q / k changed")
+                    if not torch.equal(views(buf)[0], q0):
+                        fails.append(f"{name}: rope wrote into its input")
     return fails
 
 
@@ -248,18 +257,22 @@ def test_rope_layouts(device, one_thread):
     assert not fails, f"{len(fails)} failures:\n" + "\n".join(fails[:20])
 
 
-@pytest.mark.cuda
-def test_rope_variant1_cuda():
-    """The scalar kernel that SLOTH_ROPE_VARIANT=1 selects for A/B timing (read once per process, so in a
-    subprocess) on every layout; by default it only serves the layouts the vectorized kernel does not take."""
-    import os
-    import pathlib
-    import subprocess
-    import sys
-
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import test_norm_rope as t; "
-            "fails = t.check_rope_layouts('cuda'); print('\\n'.join(fails[:50])); print(len(fails), 'failures'); "
-            "sys.exit(1 if fails else 0)")
-    r = subprocess.run([sys.executable, "-c", code, str(pathlib.Path(__file__).resolve().parent)],
-                       env={**os.environ, "SLOTH_ROPE_VARIANT": "1"}, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-6000:]
+def test_rope_aliasing_is_an_error():
+    """rope(q, q) would rotate the shared memory twice: an error from the op and from sloth.rope; views that
+    interleave without overlapping (q, k of one fused projection) are fine, and the functional op may alias."""
+    cos, sin = hf_cos_sin(5, 16)
+    q = torch.randn(5, 2, 16)
+    with pytest.raises(RuntimeError, match="share memory"):
+        torch.ops.sloth.rope_(q, q, cos, sin, False)
+    with pytest.raises(RuntimeError, match="share memory"):
+        torch.ops.sloth.rope_(q[:4], q[1:], cos[:4], sin[:4], False)  # dense, partly overlapping
+    with pytest.raises(ValueError, match="share memory"):
+        sloth.rope(q, q, cos, sin)
+    with pytest.raises(RuntimeError, match="overlap themselves"):
+        torch.ops.sloth.rope_(q[:1].expand(5, 2, 16), torch.randn(5, 1, 16), cos, sin, False)
+    buf = torch.randn(5, 3, 16)
+    ref_q, ref_k = reference.norm_rope.rope(buf[:, :2], cos, sin), reference.norm_rope.rope(buf[:, 2:], cos, sin)
+    q2, k2 = sloth.rope(buf[:, :2], buf[:, 2:], cos, sin)
+    assert rel_err(q2, ref_q) <= 1e-6 and rel_err(k2, ref_k) <= 1e-6
+    qa, qb = torch.ops.sloth.rope(q, q, cos, sin, False)
+    assert torch.equal(qa, qb) and rel_err(qa, reference.norm_rope.rope(q, cos, sin)) <= 1e-6

@@ -1,4 +1,4 @@
-// CPU kernels for RMSNorm (forward / backward) and in-place RoPE. Math: csrc/include/sloth/norm_rope.h.
+// CPU kernels for RMSNorm (forward / backward) and RoPE (in place or into new tensors). Math: csrc/include/sloth/norm_rope.h.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -94,26 +94,31 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& dy_, cons
   return {dx, dw};
 }
 
-void rope_apply(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool inverse) {
-  const int64_t tokens = x.size(0), heads = x.size(1), rot = cos.size(1), half = rot / 2;
-  const int64_t st = x.stride(0), sh = x.stride(1);
+// Rotates the first rot_dim dims of src [tokens, heads, D] into dst (same shape; dst may be src: each pair is
+// read before it is written).
+void rope_apply(const at::Tensor& src, const at::Tensor& dst, const at::Tensor& cos, const at::Tensor& sin,
+                bool inverse) {
+  const int64_t tokens = src.size(0), heads = src.size(1), rot = cos.size(1), half = rot / 2;
+  const int64_t st = src.stride(0), sh = src.stride(1), dt = dst.stride(0), dh = dst.stride(1);
   const float* c = cos.data_ptr<float>();
   const float* s = sin.data_ptr<float>();
-  dispatch_out_type(out_type_of(x.scalar_type()), [&](auto t) {
+  dispatch_out_type(out_type_of(src.scalar_type()), [&](auto t) {
     constexpr OutType T = decltype(t)::value;
     using raw = typename OutStorage<T>::type;
-    raw* xp = reinterpret_cast<raw*>(x.data_ptr());
+    const raw* xp = reinterpret_cast<const raw*>(src.data_ptr());
+    raw* yp = reinterpret_cast<raw*>(dst.data_ptr());
     at::parallel_for(0, tokens * heads, 64, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t tok = i / heads, h = i % heads;
-        raw* v = xp + tok * st + h * sh;
+        const raw* v = xp + tok * st + h * sh;
+        raw* o = yp + tok * dt + h * dh;
         const float* ct = c + tok * rot;
         const float* stt = s + tok * rot;
         for (int64_t j = 0; j < half; ++j) {
           const RopePair p = rope_pair(to_float<T>(v[j]), to_float<T>(v[j + half]), ct[j], ct[j + half], stt[j],
                                        stt[j + half], inverse);
-          v[j] = from_float<T>(p.a);
-          v[j + half] = from_float<T>(p.b);
+          o[j] = from_float<T>(p.a);
+          o[j + half] = from_float<T>(p.b);
         }
       }
     });
@@ -121,10 +126,20 @@ void rope_apply(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
 }
 
 void rope_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos_, const at::Tensor& sin_, bool inverse) {
-  check_rope_args(q, k, cos_, sin_);
+  check_rope_args(q, k, cos_, sin_, /*in_place=*/true);
   at::Tensor cos = cos_.to(at::kFloat).contiguous(), sin = sin_.to(at::kFloat).contiguous();
-  rope_apply(q, cos, sin, inverse);
-  rope_apply(k, cos, sin, inverse);
+  rope_apply(q, q, cos, sin, inverse);
+  rope_apply(k, k, cos, sin, inverse);
+}
+
+std::tuple<at::Tensor, at::Tensor> rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos_,
+                                        const at::Tensor& sin_, bool inverse) {
+  check_rope_args(q, k, cos_, sin_, /*in_place=*/false);
+  at::Tensor cos = cos_.to(at::kFloat).contiguous(), sin = sin_.to(at::kFloat).contiguous();
+  at::Tensor qo = rope_output(q, cos.size(1)), ko = rope_output(k, cos.size(1));
+  rope_apply(q, qo, cos, sin, inverse);
+  rope_apply(k, ko, cos, sin, inverse);
+  return {qo, ko};
 }
 
 }  // namespace
@@ -133,6 +148,7 @@ TORCH_LIBRARY_IMPL(sloth, CPU, m) {
   m.impl("rms_norm_forward", &rms_norm_forward);
   m.impl("rms_norm_backward", &rms_norm_backward);
   m.impl("rope_", &rope_);
+  m.impl("rope", &rope);
 }
 
 }  // namespace sloth::cpu

@@ -328,19 +328,37 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda(const at::Tensor& dy_,
   return {dx, dw};
 }
 
-void rope_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos_, const at::Tensor& sin_,
-               bool inverse) {
+// RoPE of src [tokens, heads, D] into dst (dst may be src) with cos / sin [tokens, rot_dim] fp32 contiguous.
+void rotate(const at::Tensor& src, const at::Tensor& dst, const at::Tensor& cos, const at::Tensor& sin,
+            bool inverse, const char* op) {
+  RopeLayout l;
+  l.src = src.data_ptr();
+  l.src_t = src.stride(0), l.src_h = src.stride(1);
+  l.dst = dst.data_ptr();
+  l.dst_t = dst.stride(0), l.dst_h = dst.stride(1);
+  l.cos = cos.data_ptr<float>();
+  l.sin = sin.data_ptr<float>();
+  l.tokens = src.size(0), l.heads = src.size(1), l.rot_dim = cos.size(1);
+  check_launch(launch_rope(l, out_type_of(src.scalar_type()), inverse, at::cuda::getCurrentCUDAStream()), op);
+}
+
+void rope_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos_, const at::Tensor& sin_, bool inverse) {
   c10::cuda::CUDAGuard guard(q.device());
-  check_rope_args(q, k, cos_, sin_);
-  at::Tensor cos = cos_.to(q.device(), at::kFloat).contiguous(), sin = sin_.to(q.device(), at::kFloat).contiguous();
-  const OutType type = out_type_of(q.scalar_type());
-  auto stream = at::cuda::getCurrentCUDAStream();
-  check_launch(sloth::cuda::rope_inplace(q.data_ptr(), cos.data_ptr<float>(), sin.data_ptr<float>(), q.size(0),
-                                         q.size(1), q.stride(0), q.stride(1), cos.size(1), type, inverse, stream),
-               "rope_");
-  check_launch(sloth::cuda::rope_inplace(k.data_ptr(), cos.data_ptr<float>(), sin.data_ptr<float>(), k.size(0),
-                                         k.size(1), k.stride(0), k.stride(1), cos.size(1), type, inverse, stream),
-               "rope_");
+  check_rope_args(q, k, cos_, sin_, /*in_place=*/true);
+  at::Tensor cos = cos_.to(at::kFloat).contiguous(), sin = sin_.to(at::kFloat).contiguous();
+  rotate(q, q, cos, sin, inverse, "rope_");
+  rotate(k, k, cos, sin, inverse, "rope_");
+}
+
+std::tuple<at::Tensor, at::Tensor> rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos_,
+                                        const at::Tensor& sin_, bool inverse) {
+  c10::cuda::CUDAGuard guard(q.device());
+  check_rope_args(q, k, cos_, sin_, /*in_place=*/false);
+  at::Tensor cos = cos_.to(at::kFloat).contiguous(), sin = sin_.to(at::kFloat).contiguous();
+  at::Tensor qo = rope_output(q, cos.size(1)), ko = rope_output(k, cos.size(1));
+  rotate(q, qo, cos, sin, inverse, "rope");
+  rotate(k, ko, cos, sin, inverse, "rope");
+  return {qo, ko};
 }
 
 }  // namespace
@@ -348,7 +366,8 @@ void rope_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos_,
 TORCH_LIBRARY_IMPL(sloth, CUDA, m) {
   m.impl("rms_norm_forward", &rms_norm_forward_cuda);
   m.impl("rms_norm_backward", &rms_norm_backward_cuda);
-  m.impl("rope_", &rope_cuda);
+  m.impl("rope_", &rope_);
+  m.impl("rope", &rope);
 }
 
 }  // namespace sloth::cuda

@@ -1,6 +1,5 @@
-// CUDA kernels for RMSNorm (forward / backward) and in-place RoPE. Math: csrc/include/sloth/norm_rope.h.
+// CUDA kernels for RMSNorm (forward / backward) and RoPE (in place or into a new tensor). Math: csrc/include/sloth/norm_rope.h.
 #include <stdint.h>
-#include <stdlib.h>
 
 #include <algorithm>
 
@@ -225,45 +224,43 @@ int elem_bytes(OutType t) { return t == OutType::kF32 ? 4 : 2; }
 
 unsigned row_grid(int64_t rows, int64_t cap) { return (unsigned)(rows < cap ? (rows > 0 ? rows : 1) : cap); }
 
-// RoPE: one thread per rotary pair (token, head, i < rot_dim / 2); adjacent threads take adjacent i, so the
-// loads of x[i], x[i + h], cos and sin are coalesced. Traffic: reads and writes rot_dim elements per
-// (token, head) of q and k; cos / sin (rot_dim fp32 per token) are read once per head from L2.
+// RoPE, generic layout: one thread per rotary pair (token, head, i < rot_dim / 2); adjacent threads take
+// adjacent i, so the loads of src[i], src[i + h], cos and sin are coalesced. dst may be src (in place); each
+// pair is read before it is written by the same thread. Traffic: reads and writes rot_dim elements per
+// (token, head); cos / sin (rot_dim fp32 per token) are read once per head from L2. Used where the layout does
+// not allow rope_vec_kernel's 16-byte accesses.
 template <OutType T>
-__global__ void rope_kernel(typename OutStorage<T>::type* __restrict__ x, const float* __restrict__ cos,
-                            const float* __restrict__ sin, int64_t tokens, int64_t heads, int64_t stride_t,
-                            int64_t stride_h, int64_t half, bool inverse) {
+__global__ void rope_kernel(const typename OutStorage<T>::type* src, int64_t src_t, int64_t src_h,
+                            typename OutStorage<T>::type* dst, int64_t dst_t, int64_t dst_h,
+                            const float* __restrict__ cos, const float* __restrict__ sin, int64_t tokens,
+                            int64_t heads, int64_t half, bool inverse) {
   const int64_t n = tokens * heads * half;
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x) {
     const int64_t j = i % half, th = i / half, h = th % heads, t = th / heads;
-    typename OutStorage<T>::type* v = x + t * stride_t + h * stride_h;
+    const typename OutStorage<T>::type* v = src + t * src_t + h * src_h;
+    typename OutStorage<T>::type* o = dst + t * dst_t + h * dst_h;
     const float* c = cos + t * 2 * half;
     const float* s = sin + t * 2 * half;
     const RopePair p = rope_pair(to_float<T>(v[j]), to_float<T>(v[j + half]), c[j], c[j + half], s[j], s[j + half],
                                  inverse);
-    v[j] = from_float<T>(p.a);
-    v[j + half] = from_float<T>(p.b);
+    o[j] = from_float<T>(p.a);
+    o[j + half] = from_float<T>(p.b);
   }
 }
 
-// RoPE, vectorized (the default; SLOTH_ROPE_VARIANT=1 selects rope_kernel above for A/B). Measured on an H200,
-// q [4096, 32, 128] + k [4096, 8, 128] bf16 on a fused-projection view, CUDA-graph median per call
-// (benchmarks/bench_rope.py): this kernel 25.3 us (3.3 TB/s of the ~4.5 TB/s copy ceiling), rope_kernel 86.0 us
-// (0.97 TB/s: one thread per pair, 64-bit % and / per element, 2-byte loads), Transformers'
-// apply_rotary_pos_emb 289 us. Correctness: tests/test_norm_rope.py (both kernels, every layout).
-//
-// Layout: block (x: nchunk = half / VEC chunks of the first half, y: hs head slots, z: tpb tokens); the thread
-// of chunk c rotates pairs (j, j + half), j in [c VEC, c VEC + VEC), of token t for heads y, y + hs, ...,
-// HPT heads per step (all their loads issued before any store); cos / sin of its chunk (4 VEC fp32) stay in
-// registers for all its heads. 32-bit indices except the final 64-bit address products; no division.
-// Needs half % VEC == 0 and 16-byte aligned x, stride_t, stride_h (in bytes), cos and sin: rope_vec_plan.
-// ptxas, sm_90a bf16: 123 registers, no spills (2 CTAs of 256 per SM; 64 KB of loads in flight per SM); with
-// HPT = 2: 92, HPT = 1: 72 (kRopeHpt is the knob to sweep when timing).
-//
-// RoPE in place, VEC pairs per access; traffic: reads + writes rot_dim elements per (token, head), cos / sin from L2.
+// RoPE, vectorized (used wherever its layout conditions hold). Layout: block (x: nchunk = half / VEC chunks of
+// the first half, y: hs head slots, z: tpb tokens); the thread of chunk c rotates pairs (j, j + half),
+// j in [c VEC, c VEC + VEC), of token t for heads y, y + hs, ..., HPT heads per step (all their loads issued
+// before any store, so dst may be src); cos / sin of its chunk (4 VEC fp32) stay in registers for all its
+// heads. 32-bit indices except the final 64-bit address products; no division. Needs half % VEC == 0 and
+// 16-byte aligned src, dst, their token / head strides (in bytes), cos and sin: rope_vec_plan.
+// Traffic: reads + writes rot_dim elements per (token, head), cos / sin from L2 (about 3.3 TB/s on an H200,
+// benchmarks/NOTES.md).
 template <OutType T, int VEC, int HPT>
-__global__ void rope_vec_kernel(typename OutStorage<T>::type* __restrict__ x, const float* __restrict__ cos,
-                                const float* __restrict__ sin, int tokens, int heads, int64_t stride_t,
-                                int64_t stride_h, int half, bool inverse) {
+__global__ void rope_vec_kernel(const typename OutStorage<T>::type* src, int64_t src_t, int64_t src_h,
+                                typename OutStorage<T>::type* dst, int64_t dst_t, int64_t dst_h,
+                                const float* __restrict__ cos, const float* __restrict__ sin, int tokens, int heads,
+                                int half, bool inverse) {
   using raw = typename OutStorage<T>::type;
   const int t = blockIdx.x * blockDim.z + threadIdx.z;
   if (t >= tokens) return;
@@ -282,14 +279,15 @@ __global__ void rope_vec_kernel(typename OutStorage<T>::type* __restrict__ x, co
       s2[i] = e.x, s2[i + 1] = e.y, s2[i + 2] = e.z, s2[i + 3] = e.w;
     }
   }
-  raw* row = x + (int64_t)t * stride_t + j;
+  const raw* in = src + (int64_t)t * src_t + j;
+  raw* out = dst + (int64_t)t * dst_t + j;
   for (int h0 = threadIdx.y; h0 < heads; h0 += HPT * hs) {
     uint4 w1[HPT], w2[HPT];  // raw words until the math: 4 registers per VEC elements
 #pragma unroll
     for (int k = 0; k < HPT; ++k) {
       const int h = h0 + k * hs;
       if (h < heads) {
-        const raw* v = row + (int64_t)h * stride_h;
+        const raw* v = in + (int64_t)h * src_h;
         w1[k] = *reinterpret_cast<const uint4*>(v);
         w2[k] = *reinterpret_cast<const uint4*>(v + half);
       }
@@ -306,7 +304,7 @@ __global__ void rope_vec_kernel(typename OutStorage<T>::type* __restrict__ x, co
           const RopePair p = rope_pair(a[i], b[i], c1[i], c2[i], s1[i], s2[i], inverse);
           a[i] = p.a, b[i] = p.b;
         }
-        raw* v = row + (int64_t)h * stride_h;
+        raw* v = out + (int64_t)h * dst_h;
         *reinterpret_cast<uint4*>(v) = packv<T, VEC>(a);
         *reinterpret_cast<uint4*>(v + half) = packv<T, VEC>(b);
       }
@@ -323,19 +321,22 @@ struct RopeVecPlan {
 
 // Launch shape of rope_vec_kernel, or ok = false (use rope_kernel) when the layout does not allow 16-byte
 // accesses or the sizes do not fit its 32-bit indices. ~256 threads: nchunk x hs x tpb.
-RopeVecPlan rope_vec_plan(const void* x, const float* cos, const float* sin, int64_t tokens, int64_t heads,
-                          int64_t stride_t, int64_t stride_h, int64_t half, int elem) {
+RopeVecPlan rope_vec_plan(const RopeLayout& l, int elem) {
   RopeVecPlan p;
-  const int64_t vec = 16 / elem;
-  const bool strides_ok = (tokens == 1 || stride_t % vec == 0) && (heads == 1 || stride_h % vec == 0);
-  if (half % vec != 0 || !strides_ok || !aligned16(x) || !aligned16(cos) || !aligned16(sin)) return p;
+  const int64_t vec = 16 / elem, half = l.rot_dim / 2;
+  auto stride_ok = [&](int64_t st, int64_t sh) {
+    return (l.tokens == 1 || st % vec == 0) && (l.heads == 1 || sh % vec == 0);
+  };
+  if (half % vec != 0 || !stride_ok(l.src_t, l.src_h) || !stride_ok(l.dst_t, l.dst_h) || !aligned16(l.src) ||
+      !aligned16(l.dst) || !aligned16(l.cos) || !aligned16(l.sin))
+    return p;
   const int64_t nchunk = half / vec;
-  if (nchunk > 256 || tokens > (int64_t)INT32_MAX - 64 || heads > (int64_t)INT32_MAX - kRopeHpt * 256) return p;
+  if (nchunk > 256 || l.tokens > (int64_t)INT32_MAX - 64 || l.heads > (int64_t)INT32_MAX - kRopeHpt * 256) return p;
   const int64_t slots_cap = 256 / nchunk;
-  const int64_t hs = std::min<int64_t>((heads + kRopeHpt - 1) / kRopeHpt, slots_cap);
-  const int64_t tpb = std::max<int64_t>(1, std::min<int64_t>({64, 256 / (nchunk * hs), tokens}));
+  const int64_t hs = std::min<int64_t>((l.heads + kRopeHpt - 1) / kRopeHpt, slots_cap);
+  const int64_t tpb = std::max<int64_t>(1, std::min<int64_t>({64, 256 / (nchunk * hs), l.tokens}));
   p.block = dim3((unsigned)nchunk, (unsigned)hs, (unsigned)tpb);
-  p.grid = dim3((unsigned)((tokens + tpb - 1) / tpb));
+  p.grid = dim3((unsigned)((l.tokens + tpb - 1) / tpb));
   p.ok = true;
   return p;
 }
@@ -398,32 +399,24 @@ cudaError_t rms_norm_backward(const void* dy, const void* x, const void* w, cons
   return cudaGetLastError();
 }
 
-cudaError_t rope_inplace(void* x, const float* cos, const float* sin, int64_t tokens, int64_t heads,
-                         int64_t stride_t, int64_t stride_h, int64_t rot_dim, OutType type, bool inverse,
-                         cudaStream_t stream) {
-  const int64_t half = rot_dim / 2, n = tokens * heads * half;
-  if (n == 0) return cudaSuccess;
-  // rope_vec_kernel where its layout conditions hold, rope_kernel elsewhere or with SLOTH_ROPE_VARIANT=1 (read
-  // once; for A/B timing).
-  static const int variant = getenv("SLOTH_ROPE_VARIANT") ? atoi(getenv("SLOTH_ROPE_VARIANT")) : 2;
-  if (variant == 2) {
-    const RopeVecPlan p = rope_vec_plan(x, cos, sin, tokens, heads, stride_t, stride_h, half, elem_bytes(type));
-    if (p.ok) {
-      dispatch_out_type(type, [&](auto t) {
-        constexpr OutType T = decltype(t)::value;
-        using raw = typename OutStorage<T>::type;
-        rope_vec_kernel<T, 16 / sizeof(raw), kRopeHpt><<<p.grid, p.block, 0, stream>>>(
-            static_cast<raw*>(x), cos, sin, (int)tokens, (int)heads, stride_t, stride_h, (int)half, inverse);
-      });
-      return cudaGetLastError();
-    }
-  }
-  const unsigned grid = row_grid((n + 255) / 256, 65535 * 8);  // grid-stride loop covers the rest
+cudaError_t launch_rope(const RopeLayout& l, OutType type, bool inverse, cudaStream_t stream) {
+  const int64_t half = l.rot_dim / 2;
+  if (l.tokens * l.heads * half == 0) return cudaSuccess;
+  const RopeVecPlan p = rope_vec_plan(l, elem_bytes(type));
   dispatch_out_type(type, [&](auto t) {
     constexpr OutType T = decltype(t)::value;
     using raw = typename OutStorage<T>::type;
-    rope_kernel<T><<<grid, 256, 0, stream>>>(
-        static_cast<raw*>(x), cos, sin, tokens, heads, stride_t, stride_h, half, inverse);
+    const raw* src = static_cast<const raw*>(l.src);
+    raw* dst = static_cast<raw*>(l.dst);
+    if (p.ok) {
+      rope_vec_kernel<T, 16 / sizeof(raw), kRopeHpt><<<p.grid, p.block, 0, stream>>>(
+          src, l.src_t, l.src_h, dst, l.dst_t, l.dst_h, l.cos, l.sin, (int)l.tokens, (int)l.heads, (int)half,
+          inverse);
+    } else {
+      const unsigned grid = row_grid((l.tokens * l.heads * half + 255) / 256, 65535 * 8);  // grid-stride loop
+      rope_kernel<T><<<grid, 256, 0, stream>>>(src, l.src_t, l.src_h, dst, l.dst_t, l.dst_h, l.cos, l.sin,
+                                              l.tokens, l.heads, half, inverse);
+    }
   });
   return cudaGetLastError();
 }

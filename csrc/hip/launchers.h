@@ -100,11 +100,19 @@ int rms_norm_backward_parts(int64_t rows);
 hipError_t rms_norm_backward(const void* dy, const void* x, const void* w, const float* rstd, void* dx,
                               float* dw, float* partial, int nparts, int64_t rows, int64_t H, OutType type,
                               float offset, bool cast_before_weight, hipStream_t stream);
-// In place on x [tokens, heads, D] with strides (stride_t, stride_h, 1): rotates the first rot_dim dims;
-// cos / sin [tokens, rot_dim] fp32 contiguous.
-hipError_t rope_inplace(void* x, const float* cos, const float* sin, int64_t tokens, int64_t heads,
-                         int64_t stride_t, int64_t stride_h, int64_t rot_dim, OutType type, bool inverse,
-                         hipStream_t stream);
+// RoPE of src [tokens, heads, D] (strides (src_t, src_h, 1)) into dst (strides (dst_t, dst_h, 1); dst == src
+// with equal strides rotates in place): the first rot_dim dims, cos / sin [tokens, rot_dim] fp32 contiguous.
+// Dims past rot_dim are not touched (the caller copies them for an out-of-place rotation).
+struct RopeLayout {
+  const void* src = nullptr;
+  int64_t src_t = 0, src_h = 0;
+  void* dst = nullptr;
+  int64_t dst_t = 0, dst_h = 0;
+  const float* cos = nullptr;
+  const float* sin = nullptr;
+  int64_t tokens = 0, heads = 0, rot_dim = 0;
+};
+hipError_t launch_rope(const RopeLayout& layout, OutType type, bool inverse, hipStream_t stream);
 
 }  // namespace sloth::cuda
 

@@ -5,7 +5,8 @@ Transformers has no registry for rotary embeddings: each family's attention call
 original function unless told otherwise) and wraps the ``forward`` of each patched attention instance so that,
 for the duration of that call only, the dispatcher rotates q and k in place with sloth's kernel (fp32 math, one
 rounding; cos / sin as the model's rotary embedding computed them, so every scaling - default, llama3, linear,
-dynamic - is covered). Unpatched models in the same process keep the original function: the switch is a context
+dynamic - is covered); under torch.compile it rotates into new tensors instead (a traced graph must not write into
+views of its intermediates). Unpatched models in the same process keep the original function: the switch is a context
 variable, per thread. Anything unusual (a layout whose q / k are not views of a [tokens, heads, head_dim]
 buffer, partial rotary, another unsqueeze_dim, a device without the op) runs the original function.
 """
@@ -20,13 +21,15 @@ import weakref
 import torch
 
 from ..runtime import saved_attention
-from ..nn.norm_rope import RopeFunction
+from ..nn.norm_rope import RopeFunction, RopeOutFunction
 from .qkv import qkv_group
 
 #: Attention classes whose forward switches sloth's RoPE on
 ATTENTIONS = ("LlamaAttention", "Qwen3Attention", "MistralAttention", "Gemma3Attention")
 
 _active = contextvars.ContextVar("sloth_rope_active", default=False)
+#: the same switch while torch.compile traces (a one-element list: Dynamo traces its reads and writes)
+_compiled_active = [False]
 _ORIGINAL = "_sloth_original"  # attribute of the dispatcher: the module's own apply_rotary_pos_emb
 #: .entry: (weakref cos, weakref sin, cos._version, sin._version, fp32 cos, fp32 sin, memo for _pieces)
 _fp32_cache = threading.local()
@@ -85,6 +88,8 @@ def _sloth_rotary(q, k, cos, sin):
         return None
     if k.shape[0] != b or k.shape[2] != t or k.shape[3] != q.shape[3]:
         return None
+    if torch.compiler.is_compiling():
+        return _rotary_functional(q, k, cos, sin)
     cos, sin, memo = _fp32_cos_sin(cos, sin)  # once for q and k, and for every layer of this forward
     pieces = [_pieces(q, cos, sin, memo), _pieces(k, cos, sin, memo)]
     if pieces[0] is None or pieces[1] is None:
@@ -94,9 +99,24 @@ def _sloth_rotary(q, k, cos, sin):
     return q, k
 
 
+def _rotary_functional(q, k, cos, sin):
+    """(q, k) rotated into new tensors (under torch.compile: a traced graph must see no in-place write into a
+    view; the in-place form gave wrong gradients compiled). q / k [B, heads, T, D] of any layout, cos / sin
+    [B or 1, T, D]; the results are [B, T, heads, D]-contiguous seen as [B, heads, T, D] (the projections' layout)."""
+    b, t = q.shape[0], q.shape[2]
+    c = cos.float().expand(b, -1, -1).reshape(b * t, -1)  # [B * T, D]
+    s = sin.float().expand(b, -1, -1).reshape(b * t, -1)
+    out = []
+    for x in (q, k):
+        x3 = x.transpose(1, 2).reshape(b * t, x.shape[1], x.shape[3])  # [B * T, heads, D] (a view when it can be)
+        out.append(RopeOutFunction.apply(x3, c, s).view(b, t, x.shape[1], x.shape[3]).transpose(1, 2))
+    return out[0], out[1]
+
+
 def _dispatcher(original):
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
-        if _active.get() and not args and set(kwargs) <= {"unsqueeze_dim"} and kwargs.get("unsqueeze_dim", 1) == 1:
+        active = _compiled_active[0] if torch.compiler.is_compiling() else _active.get()
+        if active and not args and set(kwargs) <= {"unsqueeze_dim"} and kwargs.get("unsqueeze_dim", 1) == 1:
             out = _sloth_rotary(q, k, cos, sin)
             if out is not None:
                 return out
@@ -123,9 +143,17 @@ def sloth_attention_forward(self, *args, **kwargs):
     """The attention's own forward, with the RoPE dispatcher switched to sloth's kernel during the call and its
     q, k, v LoRA projections grouped (sloth.integrations.qkv); under an offloaded checkpoint that saves
     attentions, :func:`sloth.integrations.sdpa.checkpointed_attention_forward`."""
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace a ContextVar (each use was a graph break): a plain flag it can, and the q, k, v
+        # grouping (a run-time cache of eager calls) is left to the compiler
+        prev, _compiled_active[0] = _compiled_active[0], True
+        try:
+            return self._sloth_orig_forward(*args, **kwargs)
+        finally:
+            _compiled_active[0] = prev
     token = _active.set(True)
     try:
-        if not torch.compiler.is_compiling() and saved_attention.active():
+        if saved_attention.active():
             from .sdpa import checkpointed_attention_forward  # (import cycle: sdpa uses qkv / peft)
 
             return checkpointed_attention_forward(self, args, kwargs)

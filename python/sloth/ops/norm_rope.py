@@ -1,4 +1,5 @@
-"""RMSNorm (``torch.ops.sloth.rms_norm_forward`` / ``rms_norm_backward``) and in-place RoPE (``rope_``)."""
+"""RMSNorm (``torch.ops.sloth.rms_norm_forward`` / ``rms_norm_backward``) and RoPE, in place (``rope_``) or into
+new tensors (``rope``)."""
 
 from __future__ import annotations
 
@@ -44,12 +45,7 @@ def rms_norm_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, r
                                              bool(compute_dw))
 
 
-def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> None:
-    """Rotate, in place, the first ``rot_dim`` dims of ``q [tokens, heads, D]`` and ``k [tokens, kv_heads, D]``
-    (HF "rotate_half": x1 = first half, x2 = second half of the rotary dims) by ``cos / sin [tokens, rot_dim]``
-    (as the model's rotary embedding computes them, any scaling). ``inverse`` applies the transposed rotation
-    (the backward; equal to the forward with -sin). The last dim must be contiguous; fp32 math.
-    Traffic: reads and writes the rotary part of q and k once; cos / sin once per token (fp32)."""
+def _check_rope(q, k, cos, sin, op):
     check_tensor("q", q, dtypes=FLOAT_DTYPES, dim=3)
     check_tensor("k", k, dtypes=(q.dtype,), dim=3, device=q.device)
     check_tensor("cos", cos, dtypes=FLOAT_DTYPES, dim=2, device=q.device)
@@ -61,9 +57,26 @@ def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     if cos.shape[1] % 2 or cos.shape[1] > q.shape[2]:
         raise ValueError(f"sloth: rot_dim {cos.shape[1]} must be even and at most head_dim {q.shape[2]}")
     if q.stride(-1) != 1 or k.stride(-1) != 1:
-        raise ValueError("sloth: rope_ needs the last dim of q and k contiguous")
-    check_device_supported(q, "rope_")
+        raise ValueError(f"sloth: {op} needs the last dim of q and k contiguous")
+    check_device_supported(q, op)
+
+
+def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> None:
+    """Rotate, in place, the first ``rot_dim`` dims of ``q [tokens, heads, D]`` and ``k [tokens, kv_heads, D]``
+    (HF "rotate_half": x1 = first half, x2 = second half of the rotary dims) by ``cos / sin [tokens, rot_dim]``
+    (as the model's rotary embedding computes them, any scaling). ``inverse`` applies the transposed rotation
+    (the backward; equal to the forward with -sin). The last dim must be contiguous; q and k must not share
+    memory; fp32 math. Traffic: reads and writes the rotary part of q and k once; cos / sin once per token (fp32)."""
+    _check_rope(q, k, cos, sin, "rope_")
     torch.ops.sloth.rope_(q, k, cos, sin, bool(inverse))
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False):
+    """:func:`rope_` into new tensors: returns (q', k'), contiguous ``[tokens, heads, D]`` / ``[tokens, kv_heads,
+    D]``, with the dims past ``rot_dim`` copied; q and k are only read (they may alias). The functional form that
+    torch.compile traces without a mutation. Traffic: reads q and k once, writes q' and k' once."""
+    _check_rope(q, k, cos, sin, "rope")
+    return torch.ops.sloth.rope(q, k, cos, sin, bool(inverse))
 
 
 @torch.library.register_fake("sloth::rms_norm_forward")
@@ -79,3 +92,8 @@ def _(dy, x, weight, rstd, offset, cast_before_weight, compute_dw):
 @torch.library.register_fake("sloth::rope_")
 def _(q, k, cos, sin, inverse):
     return None
+
+
+@torch.library.register_fake("sloth::rope")
+def _(q, k, cos, sin, inverse):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device)
