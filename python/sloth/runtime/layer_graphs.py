@@ -9,9 +9,10 @@ thousand tokens: the GPU waits on the host. So once a layer has run with one arg
 the same signature is captured into a CUDA graph, and every later call replays it: a few launches instead of ~100.
 The backward pass likewise: the layer's recompute (grad mode on) and its backward from the output gradients are one
 graph, whose replay leaves the gradients of the inputs and of the parameters in static buffers; the parameter
-gradients are then accumulated into ``.grad`` the way AccumulateGrad does (so not under ``torch.distributed``, whose
-reducer hooks on AccumulateGrad, nor for parameters with gradient hooks). The autograd graph of the capture must
-reach no trainable tensor but the layer's own parameters and inputs.
+gradients are then accumulated into ``.grad`` the way AccumulateGrad does, so not where AccumulateGrad itself must
+run: under a process group (:func:`sloth.runtime.distributed.grad_hooks_must_fire`: DDP's reducer hooks it to start
+the all-reduce; the forward graphs stay on), nor for parameters with gradient hooks. The autograd graph of the
+capture must reach no trainable tensor but the layer's own parameters and inputs.
 
 - The graphs of all layers with one signature (tensor shapes / dtypes, the non-tensor arguments) share one memory
   pool (one layer's temporaries, since the layers run one after the other), one set of static input buffers and one
@@ -48,7 +49,7 @@ from typing import Any, Callable, List, Optional
 import torch
 
 from .. import config
-from . import saved_attention, streams
+from . import distributed, saved_attention, streams
 
 logger = logging.getLogger("sloth")
 
@@ -498,8 +499,11 @@ def graphed_backward(function: Callable, args: list, needs: tuple, grad_outputs:
     layer that cannot be graphed, a distributed run whose gradient hooks must fire). The layer's forward graph must
     exist (its static buffers and pool are shared)."""
     if not args or not may_graph(args[0]) or _capturing_now(args[0]) or (attention and not collected) or \
-            (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return None  # (saved attentions of an eager forward whose graphs do not save: recomputed eagerly)
+            distributed.grad_hooks_must_fire():
+        # (saved attentions of an eager forward whose graphs do not save: recomputed eagerly). Under a process group
+        # the gradients must go through AccumulateGrad, where DDP's reducer hooks (in C++, unseen by _layer_state)
+        # mark them ready for the all-reduce; a replay writes .grad itself (see sloth.runtime.distributed)
+        return None
     try:
         layer, call, tensors, sig_key = _layer_call(function, tuple(args))
         state = _layer_state(layer)

@@ -11,9 +11,11 @@ Transformers uses it (``GradientCheckpointingLayer`` calls ``func(partial(forwar
   the autocast state are recorded, so the recompute draws the same dropout masks and runs in the same precision.
 - backward: the hidden state comes back to the GPU (its copy was started by the backward of the next layer, see
   below), the layer is recomputed with autograd on, and backpropagated (on CUDA both from one CUDA graph of the
-  layer once it has been through a backward with the same shapes); before recomputing, the host-to-device copy
-  of the input of the layer before it (the previous offloaded checkpoint in forward order) is started on the side
-  stream, so it hides behind this layer's recompute and backward. At most two hidden states are on the GPU at a time.
+  layer once it has been through a backward with the same shapes, except under a process group, where the
+  parameters' gradients must pass DDP's hooks: :mod:`sloth.runtime.distributed`); before recomputing, the
+  host-to-device copy of the input of the layer before it (the previous offloaded checkpoint in forward order) is
+  started on the side stream, so it hides behind this layer's recompute and backward. At most two hidden states are
+  on the GPU at a time.
 - off CUDA (CPU, other devices) nothing is copied: the hidden state is kept where it is (plain checkpointing).
   So on CUDA when the pinned copies of all checkpoints would exceed the host limit (:func:`_host_limit`: most of
   the host's memory, or ``SLOTH_OFFLOAD_HOST_GB``): the inputs of further layers stay on the GPU (one warning),
