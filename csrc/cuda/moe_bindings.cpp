@@ -1,0 +1,174 @@
+// CUDA registrations of the MoE ops: argument checks (csrc/cpu/moe_checks.h), outputs, workspaces, stream, launch.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "../cpu/dtype_dispatch.h"
+#include "../cpu/moe_checks.h"
+#include "moe.h"
+
+namespace sloth::cuda {
+namespace {
+
+void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, "sloth.", op, ": CUDA kernel launch failed: ", cudaGetErrorString(err),
+              ". If this says 'no kernel image is available', this build does not carry your GPU's "
+              "architecture: see `sloth info` and rebuild with SLOTH_CUDA_ARCHS set to include it.");
+}
+
+std::tuple<at::Tensor, at::Tensor> moe_route_cuda(const at::Tensor& logits_, int64_t top_k, int64_t kind,
+                                                  bool renormalize) {
+  TORCH_CHECK(logits_.dim() == 2, "sloth.moe_route: logits must be [tokens, experts], got ", logits_.sizes());
+  const int64_t T = logits_.size(0), E = logits_.size(1);
+  TORCH_CHECK(top_k >= 1 && top_k <= E, "sloth.moe_route: top_k must be in [1, num_experts = ", E, "], got ", top_k);
+  TORCH_CHECK(kind == 0 || kind == 1, "sloth.moe_route: kind must be 0 or 1, got ", kind);
+  TORCH_CHECK(E <= 1024, "sloth.moe_route: at most 1024 experts on CUDA, got ", E);
+  c10::cuda::CUDAGuard guard(logits_.device());
+  at::Tensor logits = logits_.to(at::kFloat).contiguous();
+  at::Tensor w = at::empty({T, top_k}, logits.options());
+  at::Tensor ids = at::empty({T, top_k}, logits.options().dtype(at::kLong));
+  check_launch(launch_moe_route(logits.data_ptr<float>(), T, (int)E, (int)top_k, (int)kind, renormalize,
+                                w.data_ptr<float>(), ids.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream()),
+               "moe_route");
+  return {w, ids};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute_cuda(const at::Tensor& ids_, int64_t num_experts) {
+  TORCH_CHECK(ids_.scalar_type() == at::kLong || ids_.scalar_type() == at::kInt,
+              "sloth.moe_permute: expert ids must be int64 or int32, got ", ids_.scalar_type());
+  TORCH_CHECK(num_experts >= 1 && num_experts <= 1024, "sloth.moe_permute: num_experts must be in [1, 1024] on CUDA, "
+              "got ", num_experts);
+  c10::cuda::CUDAGuard guard(ids_.device());
+  at::Tensor ids = ids_.contiguous();
+  const int64_t R = ids.numel();
+  TORCH_CHECK(R < (int64_t{1} << 31), "sloth.moe_permute: too many (token, expert) pairs: ", R);
+  auto opts = ids.options().dtype(at::kInt);
+  at::Tensor sorted = at::empty({R}, opts), pos = at::empty({R}, opts), offsets = at::empty({num_experts + 1}, opts);
+  at::Tensor ws = at::empty({moe_permute_workspace(R, (int)num_experts)}, opts);
+  check_launch(launch_moe_permute(ids.data_ptr(), ids.scalar_type() == at::kLong, R, (int)num_experts,
+                                  sorted.data_ptr<int32_t>(), pos.data_ptr<int32_t>(), offsets.data_ptr<int32_t>(),
+                                  ws.data_ptr<int32_t>(), c10::cuda::getCurrentCUDAStream()),
+               "moe_permute");
+  return {sorted, pos, offsets};
+}
+
+std::tuple<at::Tensor, at::Tensor> moe_grouped_gemm_cuda(
+    const at::Tensor& x_, const std::optional<at::Tensor>& rows_, const at::Tensor& offsets_, int64_t fmt,
+    const at::Tensor& w_, const std::optional<at::Tensor>& scale_, const std::optional<at::Tensor>& code2_,
+    const std::optional<at::Tensor>& absmax2_, const std::optional<at::Tensor>& dq_offset_, at::IntArrayRef wshape,
+    int64_t blocksize, int64_t blocksize2, bool trans, const std::optional<at::Tensor>& bias_,
+    const std::optional<at::Tensor>& lora_t_, const std::optional<at::Tensor>& lora_B_, double scaling, int64_t glu,
+    double alpha, double limit, bool return_pre) {
+  const char* op = "moe_grouped_gemm";
+  c10::cuda::CUDAGuard guard(x_.device());
+  auto cont = [](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
+    if (!t) return std::nullopt;
+    return t->contiguous();
+  };
+  at::Tensor x = x_.contiguous(), offsets = offsets_.contiguous();
+  at::Tensor w = fmt == kMoeDense ? w_ : w_.contiguous();
+  auto rows = cont(rows_), scale = cont(scale_), code2 = cont(code2_), absmax2 = cont(absmax2_),
+       dq_offset = cont(dq_offset_), lora_t = cont(lora_t_), lora_B = cont(lora_B_);
+  std::optional<at::Tensor> bias;
+  if (bias_) bias = bias_->to(at::kFloat).contiguous();
+  MoeWeight wv = moe_weight_view(fmt, w, scale, code2, absmax2, dq_offset, wshape, blocksize, blocksize2, op);
+  MoeGemmShape s = moe_check_gemm(x, rows, offsets, wv, trans, bias, lora_t, lora_B, glu, op);
+  if (fmt != kMoeDense) TORCH_CHECK(wv.B % 8 == 0, "sloth.", op, ": 4-bit expert weights need B % 8 == 0, got ", wv.B);
+  at::Tensor out = at::empty({s.R, s.Nout}, x.options());
+  at::Tensor pre = at::empty({(glu && return_pre) ? s.R : 0, s.N}, x.options());
+  at::Tensor tile_start = at::empty({wv.E + 1}, offsets.options());
+  MoeGemmArgs a;
+  a.x = x.data_ptr();
+  a.rows = rows ? rows->data_ptr<int32_t>() : nullptr;
+  a.offsets = offsets.data_ptr<int32_t>();
+  a.tile_start = tile_start.data_ptr<int32_t>();
+  a.w = wv;
+  a.trans = trans;
+  a.bias = bias ? bias->data_ptr<float>() : nullptr;
+  a.lora_t = lora_t ? lora_t->data_ptr() : nullptr;
+  a.lora_B = lora_B ? lora_B->data_ptr() : nullptr;
+  a.rank = lora_t ? (int)lora_t->size(1) : 0;
+  a.scaling = (float)scaling;
+  a.glu = (int)glu;
+  a.alpha = (float)alpha;
+  a.limit = (float)limit;
+  a.out = out.data_ptr();
+  a.pre = (glu && return_pre) ? pre.data_ptr() : nullptr;
+  a.R = s.R;
+  a.K = s.K;
+  a.N = s.N;
+  a.type = out_type_of(x.scalar_type());
+  check_launch(launch_moe_grouped_gemm(a, c10::cuda::getCurrentCUDAStream()), op);
+  return {out, pre};
+}
+
+at::Tensor moe_glu_backward_cuda(const at::Tensor& dh_, const at::Tensor& pre_, int64_t glu, double alpha,
+                                 double limit) {
+  TORCH_CHECK(glu >= 1 && glu <= 4, "sloth.moe_glu_backward: glu must be 1-4, got ", glu);
+  TORCH_CHECK(pre_.dim() == 2 && pre_.size(1) % 2 == 0 && dh_.dim() == 2 && dh_.size(0) == pre_.size(0) &&
+                  dh_.size(1) * 2 == pre_.size(1),
+              "sloth.moe_glu_backward: pre must be [R, 2I] and dh [R, I], got ", pre_.sizes(), " and ", dh_.sizes());
+  c10::cuda::CUDAGuard guard(pre_.device());
+  at::Tensor pre = pre_.contiguous(), dh = dh_.to(pre_.scalar_type()).contiguous();
+  at::Tensor dpre = at::empty_like(pre);
+  check_launch(launch_moe_glu_backward(dh.data_ptr(), pre.data_ptr(), dpre.data_ptr(), pre.size(0), dh.size(1),
+                                       (int)glu, (float)alpha, (float)limit, out_type_of(pre.scalar_type()),
+                                       c10::cuda::getCurrentCUDAStream()),
+               "moe_glu_backward");
+  return dpre;
+}
+
+at::Tensor moe_combine_cuda(const at::Tensor& y_, const at::Tensor& slot_pos_, const std::optional<at::Tensor>& w_,
+                            int64_t top_k) {
+  TORCH_CHECK(y_.dim() == 2, "sloth.moe_combine: y must be [R, H], got ", y_.sizes());
+  TORCH_CHECK(slot_pos_.scalar_type() == at::kInt && slot_pos_.dim() == 1 && top_k >= 1 &&
+                  slot_pos_.numel() % top_k == 0,
+              "sloth.moe_combine: slot_pos must be int32 [tokens * top_k]");
+  c10::cuda::CUDAGuard guard(y_.device());
+  at::Tensor y = y_.contiguous(), sp = slot_pos_.contiguous();
+  const int64_t T = sp.numel() / top_k, H = y.size(1);
+  std::optional<at::Tensor> w;
+  if (w_) {
+    TORCH_CHECK(w_->numel() == sp.numel(), "sloth.moe_combine: weights must be [tokens, top_k], got ", w_->sizes());
+    w = w_->to(at::kFloat).contiguous();
+  }
+  at::Tensor out = at::empty({T, H}, y.options());
+  check_launch(launch_moe_combine(y.data_ptr(), sp.data_ptr<int32_t>(), w ? w->data_ptr<float>() : nullptr,
+                                  out.data_ptr(), T, (int)top_k, H, out_type_of(y.scalar_type()),
+                                  c10::cuda::getCurrentCUDAStream()),
+               "moe_combine");
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> moe_combine_backward_cuda(const at::Tensor& dout_, const at::Tensor& y_,
+                                                             const at::Tensor& sorted_slots, const at::Tensor& slot_pos_,
+                                                             const at::Tensor& w_) {
+  const int64_t R = y_.size(0), H = y_.size(1), top_k = w_.size(-1);
+  TORCH_CHECK(dout_.dim() == 2 && dout_.size(1) == H && dout_.size(0) * top_k == R && slot_pos_.numel() == R &&
+                  w_.numel() == R,
+              "sloth.moe_combine_backward: shapes do not match: dout ", dout_.sizes(), ", y ", y_.sizes(),
+              ", weights ", w_.sizes());
+  c10::cuda::CUDAGuard guard(y_.device());
+  at::Tensor y = y_.contiguous(), dout = dout_.to(y_.scalar_type()).contiguous(), sp = slot_pos_.contiguous(),
+             w = w_.to(at::kFloat).contiguous();
+  at::Tensor dy = at::empty_like(y), dw = at::empty(w_.sizes(), w.options());
+  check_launch(launch_moe_combine_backward(dout.data_ptr(), y.data_ptr(), sp.data_ptr<int32_t>(), w.data_ptr<float>(),
+                                           dy.data_ptr(), dw.data_ptr<float>(), dout.size(0), (int)top_k, H,
+                                           out_type_of(y.scalar_type()), c10::cuda::getCurrentCUDAStream()),
+               "moe_combine_backward");
+  return {dy, dw};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sloth, CUDA, m) {
+  m.impl("moe_route", &moe_route_cuda);
+  m.impl("moe_permute", &moe_permute_cuda);
+  m.impl("moe_grouped_gemm", &moe_grouped_gemm_cuda);
+  m.impl("moe_glu_backward", &moe_glu_backward_cuda);
+  m.impl("moe_combine", &moe_combine_cuda);
+  m.impl("moe_combine_backward", &moe_combine_backward_cuda);
+}
+
+}  // namespace sloth::cuda
