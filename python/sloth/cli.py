@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-FINETUNE_DESCRIPTION = ("Fine-tune a causal LM with LoRA / QLoRA / full fine-tuning on sloth's kernels. With no "
-                        "arguments: a tiny bundled Llama on bundled instruction data (CPU when there is no GPU).")
+FINETUNE_DESCRIPTION = ("Fine-tune a causal LM with LoRA / QLoRA / full fine-tuning on sloth's kernels "
+                        "(sloth.from_pretrained, sloth.get_peft_model, TRL's SFTTrainer). With no arguments: a tiny "
+                        "bundled Llama on bundled instruction data (CPU when there is no GPU).")
 
 
 def main(argv=None) -> int:

@@ -1,5 +1,6 @@
 """`sloth finetune`: fine-tune a causal LM (by default a tiny bundled Llama on bundled instruction data) with
-LoRA / QLoRA / full fine-tuning on sloth's kernels. Heavy imports (transformers, peft, datasets) are lazy."""
+LoRA / QLoRA / full fine-tuning, built on :func:`sloth.from_pretrained`, :func:`sloth.get_peft_model` and TRL's
+``SFTTrainer``. Heavy imports (transformers, peft, trl, datasets) are lazy."""
 
 from .config import FinetuneConfig
 from .errors import FinetuneError

@@ -1,25 +1,27 @@
-"""Instruction data: load (bundled file, user .json / .jsonl / .parquet, or a `datasets` hub name), render
-with the tokenizer's chat template, tokenize with labels on the responses only, and batch with dynamic padding.
-"""
+"""Instruction data for `sloth finetune`: load it with ``datasets`` (the bundled file, a user's .json / .jsonl /
+.parquet, or a hub name) and turn each row into TRL's conversational prompt-completion form, so that TRL's
+``SFTTrainer`` renders it with the chat template and takes the loss on the response only. Rows without a
+response (missing, null, empty or blank) are skipped and counted."""
 
 from __future__ import annotations
 
 import os
-import random
 from importlib import resources
-from typing import Iterator, List, Optional
-
-import torch
+from typing import Optional, Tuple
 
 from .errors import FinetuneError
 
-IGNORE_INDEX = -100
 _FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
 def bundled_data_path() -> str:
     """Path of the bundled instruction dataset (``sloth/data/instructions.jsonl``)."""
     return str(resources.files("sloth").joinpath("data", "instructions.jsonl"))
+
+
+def _first_line(e: Exception) -> str:
+    s = str(e).strip().splitlines()
+    return s[0][:200] if s else ""
 
 
 def load_records(dataset: Optional[str], split: str = "train"):
@@ -48,25 +50,7 @@ def load_records(dataset: Optional[str], split: str = "train"):
                             f"{_first_line(e)}); pass a local .json/.jsonl/.parquet file instead") from None
 
 
-def _first_line(e: Exception) -> str:
-    s = str(e).strip().splitlines()
-    return s[0][:200] if s else ""
-
-
-def to_messages(row: dict, instruction_column: str, input_column: str, output_column: str,
-                messages_column: str) -> List[dict]:
-    """One row as chat turns ``[{"role": ..., "content": ...}, ...]``."""
-    if messages_column in row and row[messages_column] is not None:
-        return [{"role": m["role"], "content": m["content"]} for m in row[messages_column]]
-    prompt = str(row[instruction_column])
-    extra = row.get(input_column) if input_column else None
-    if extra:
-        prompt = f"{prompt}\n\n{extra}"
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": str(row[output_column])}]
-
-
-def check_columns(columns, instruction_column: str, input_column: str, output_column: str,
-                  messages_column: str) -> None:
+def check_columns(columns, instruction_column: str, output_column: str, messages_column: str) -> None:
     """Raise FinetuneError unless the dataset has a messages column or the instruction and output columns."""
     if messages_column in columns:
         return
@@ -77,88 +61,59 @@ def check_columns(columns, instruction_column: str, input_column: str, output_co
             f"--instruction-column / --input-column / --output-column, or use a {messages_column!r} column of chat turns")
 
 
-def _ids(tokenizer, messages, add_generation_prompt: bool) -> List[int]:
-    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
-    if isinstance(out, dict) or hasattr(out, "keys"):  # BatchEncoding in newer Transformers
-        out = out["input_ids"]
-    return list(out)
+def _text(v) -> Optional[str]:
+    """``v`` as non-blank text, or None (missing, null, empty, blank, or not a string / number)."""
+    if isinstance(v, bool) or v is None:
+        return None
+    if isinstance(v, (int, float)):
+        v = str(v)
+    if not isinstance(v, str) or not v.strip():
+        return None
+    return v
 
 
-def tokenize_conversation(tokenizer, messages: List[dict], max_seq_length: int):
-    """(input_ids, labels) of one conversation, truncated to ``max_seq_length``; labels are -100 everywhere
-    except on the assistant turns (the response tokens and the template's end-of-turn tokens)."""
-    ids = _ids(tokenizer, messages, False)
-    labels = [IGNORE_INDEX] * len(ids)
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        start = len(_common_prefix(_ids(tokenizer, messages[:i], True), ids))
-        end = len(_common_prefix(_ids(tokenizer, messages[: i + 1], False), ids))
-        labels[start:end] = ids[start:end]
-    return ids[:max_seq_length], labels[:max_seq_length]
+def to_prompt_completion(row: dict, instruction_column: str, input_column: str, output_column: str,
+                         messages_column: str) -> Optional[dict]:
+    """One row as ``{"prompt": [turns], "completion": [assistant turn]}``, or None when it has no response to
+    learn (or no prompt). A messages row learns its last assistant turn, with the turns before it as the prompt."""
+    msgs = row.get(messages_column)
+    if msgs is not None:
+        if not isinstance(msgs, list):
+            return None
+        turns = []
+        for m in msgs:
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+                return None
+            turns.append({"role": m["role"], "content": m.get("content") if isinstance(m.get("content"), str) else ""})
+        last = max((i for i, m in enumerate(turns) if m["role"] == "assistant"), default=None)
+        if last is None or last == 0 or _text(turns[last]["content"]) is None:
+            return None
+        return {"prompt": turns[:last], "completion": [turns[last]]}
+    prompt, answer = _text(row.get(instruction_column)), _text(row.get(output_column))
+    if prompt is None or answer is None:
+        return None
+    extra = _text(row.get(input_column)) if input_column else None
+    if extra is not None:
+        prompt = f"{prompt}\n\n{extra}"
+    return {"prompt": [{"role": "user", "content": prompt}], "completion": [{"role": "assistant", "content": answer}]}
 
 
-def _common_prefix(a: List[int], b: List[int]) -> List[int]:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return a[:n]
+def prepare_dataset(config) -> Tuple[object, int]:
+    """(the ``datasets.Dataset`` of prompt-completion rows of ``config``'s dataset, number of rows skipped for
+    having no response). No usable row left is an error."""
+    import datasets
 
-
-class InstructionData:
-    """Tokenized examples (lists of ids and labels) of a dataset; :meth:`batches` yields padded batches."""
-
-    def __init__(self, examples):
-        self.examples = examples  # list of (input_ids, labels)
-
-    def __len__(self):
-        return len(self.examples)
-
-    def batches(self, batch_size: int, seed: int, pad_id: int) -> Iterator[dict]:
-        """Endless stream of batches (reshuffled each epoch), padded to the longest example of each batch:
-        ``input_ids [B, T]``, ``attention_mask [B, T]``, ``labels [B, T]`` (-100 on prompt and padding)."""
-        rng = random.Random(seed)
-        order: List[int] = []
-        while True:
-            if len(order) < batch_size:
-                epoch = list(range(len(self.examples)))
-                rng.shuffle(epoch)
-                order.extend(epoch)
-            take, order = order[:batch_size], order[batch_size:]
-            yield collate([self.examples[i] for i in take], pad_id)
-
-
-def collate(examples, pad_id: int) -> dict:
-    """Pad (input_ids, labels) pairs on the right to the longest one."""
-    t = max(len(ids) for ids, _ in examples)
-    b = len(examples)
-    input_ids = torch.full((b, t), pad_id, dtype=torch.long)  # [B, T]
-    labels = torch.full((b, t), IGNORE_INDEX, dtype=torch.long)  # [B, T]
-    mask = torch.zeros((b, t), dtype=torch.long)  # [B, T]
-    for i, (ids, lab) in enumerate(examples):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, : len(lab)] = torch.tensor(lab)
-        mask[i, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-
-
-def prepare_data(tokenizer, config) -> InstructionData:
-    """Load, check and tokenize the dataset of ``config`` (a FinetuneConfig)."""
     ds = load_records(config.dataset, config.dataset_split)
     cols = (config.instruction_column, config.input_column, config.output_column, config.messages_column)
-    check_columns(ds.column_names, *cols)
-    examples = []
+    check_columns(ds.column_names, config.instruction_column, config.output_column, config.messages_column)
+    rows, skipped = [], 0
     for row in ds:
-        try:
-            msgs = to_messages(row, *cols)
-        except (KeyError, TypeError) as e:
-            raise FinetuneError(f"a row of the dataset has no usable {e} field; check the column options") from None
-        ids, labels = tokenize_conversation(tokenizer, msgs, config.max_seq_length)
-        if any(x != IGNORE_INDEX for x in labels[1:]):  # something left to learn after truncation
-            examples.append((ids, labels))
-    if not examples:
-        raise FinetuneError(f"no example of the dataset has a response within --max-seq-length "
-                            f"{config.max_seq_length}; raise it or check the data")
-    return InstructionData(examples)
+        pc = to_prompt_completion(row, *cols)
+        if pc is None:
+            skipped += 1
+        else:
+            rows.append(pc)
+    if not rows:
+        raise FinetuneError(f"no row of the dataset has a response to learn ({skipped} rows with a missing, null or "
+                            f"empty {config.output_column!r} / assistant turn); check the data and --output-column")
+    return datasets.Dataset.from_list(rows), skipped

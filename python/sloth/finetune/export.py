@@ -1,5 +1,5 @@
 """``sloth finetune --export``: after training, the merged 16-bit checkpoint and / or GGUF files (with an Ollama
-Modelfile) in the output directory."""
+Modelfile) in the output folder; every exporter limit is checked before training starts."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from .errors import FinetuneError
 FORMATS: Dict[str, Tuple[str, str]] = {
     "merged": ("merged", "bf16"), "merged-bf16": ("merged", "bf16"), "merged-fp16": ("merged", "fp16"),
     "merged-fp32": ("merged", "fp32"),
-    "gguf": ("gguf", "q8_0"), "gguf-q8_0": ("gguf", "q8_0"), "gguf-f16": ("gguf", "f16"), "gguf-bf16": ("gguf", "bf16"),
-    "gguf-f32": ("gguf", "f32"),
+    "gguf": ("gguf", "q4_k_m"), "gguf-q4_k_m": ("gguf", "q4_k_m"), "gguf-q5_k_m": ("gguf", "q5_k_m"),
+    "gguf-q6_k": ("gguf", "q6_k"), "gguf-q4_0": ("gguf", "q4_0"), "gguf-q8_0": ("gguf", "q8_0"),
+    "gguf-f16": ("gguf", "f16"), "gguf-bf16": ("gguf", "bf16"), "gguf-f32": ("gguf", "f32"),
 }
 
 
@@ -29,13 +30,13 @@ def parse_exports(value: str) -> Tuple[str, ...]:
         if item not in out:
             out.append(item)
     if not out:
-        raise FinetuneError("--export needs at least one format, e.g. --export merged,gguf-q8_0")
+        raise FinetuneError("--export needs at least one format, e.g. --export merged,gguf-q4_k_m")
     return tuple(out)
 
 
-def check_exports(exports: Sequence[str], model_path: str) -> None:
-    """Fail before training when an export cannot work: the gguf package missing, or a model family GGUF export
-    does not cover."""
+def check_exports(exports: Sequence[str], model_config, tokenizer) -> None:
+    """Fail before training when an export cannot work: the gguf package missing, or anything of the model or
+    tokenizer the GGUF exporter does not cover (family, attention / MLP biases, rope scaling, tokenizer kind...)."""
     if not any(FORMATS[e][0] == "gguf" for e in exports):
         return
     try:
@@ -43,32 +44,33 @@ def check_exports(exports: Sequence[str], model_path: str) -> None:
     except ImportError:
         raise FinetuneError("--export gguf-*: the gguf package is not installed; pip install gguf (or drop the "
                             "gguf formats)") from None
-    from transformers import AutoConfig
-
     from ..export.gguf import check_exportable
 
     try:
-        check_exportable(AutoConfig.from_pretrained(model_path))
+        check_exportable(model_config, tokenizer=tokenizer)
     except ValueError as e:
-        raise FinetuneError(f"--export gguf: {e}; or use --export merged") from None
+        raise FinetuneError(f"--export gguf: {str(e).removeprefix('sloth.save_gguf: ')}; or use --export merged") \
+            from None
 
 
 def run_exports(exports: Sequence[str], model, tokenizer, output_dir: str, log) -> Dict[str, str]:
     """Write each export of ``exports`` under ``output_dir`` (``merged/`` or ``merged-<dtype>/``, ``gguf/``);
     returns format -> path."""
     from ..export import save_gguf, save_merged
+    from .outputs import inside
 
     done: Dict[str, str] = {}
     ggufs = [e for e in exports if FORMATS[e][0] == "gguf"]
     for e in exports:
         kind, arg = FORMATS[e]
         if kind == "merged":
-            path = os.path.join(output_dir, "merged" if arg == "bf16" else f"merged-{arg}")
+            path = inside(output_dir, "merged" if arg == "bf16" else f"merged-{arg}")
             if path in done.values():
                 continue
-            save_merged(model, path, tokenizer=tokenizer, dtype=arg)
+            save_merged(model, path, tokenizer=tokenizer, dtype=arg, overwrite=True)
         else:
-            path = os.path.join(output_dir, "gguf", f"model-{arg}.gguf")
+            os.makedirs(inside(output_dir, "gguf"), exist_ok=True)
+            path = inside(output_dir, os.path.join("gguf", f"model-{arg}.gguf"))
             if path in done.values():
                 continue
             mf = "Modelfile" if len(ggufs) == 1 else f"Modelfile.{arg}"

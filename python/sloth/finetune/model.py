@@ -1,8 +1,6 @@
-"""The bundled model: a tiny random-weight ``LlamaForCausalLM`` built from a config with a fixed seed.
-
-Built once per output directory and cached there (``<output_dir>/bundled/model``), so that the saved LoRA
-adapter points at a base model that exists on disk and reloads with PEFT.
-"""
+"""The bundled model: a tiny random-weight ``LlamaForCausalLM`` built from a config with a fixed seed, saved with
+its tokenizer in one folder (``<output_dir>/bundled``) that loads on its own, so that the saved LoRA adapter
+points at a base model that exists on disk."""
 
 from __future__ import annotations
 
@@ -37,9 +35,13 @@ def build_tiny_llama(tokenizer, seed: int = 0):
     return model
 
 
-def bundled_model_path(cache_dir: str, tokenizer, seed: int = 0) -> str:
-    """The directory of the bundled model (built with ``seed`` and saved there on first use)."""
-    if not os.path.isfile(os.path.join(cache_dir, "config.json")):
+def bundled_model_path(cache_dir: str, data_path: str, seed: int = 0) -> str:
+    """The folder of the bundled model and its tokenizer (trained on ``data_path``), built on first use."""
+    from .tokenizer import bundled_tokenizer
+
+    if not (os.path.isfile(os.path.join(cache_dir, "config.json")) and
+            os.path.isfile(os.path.join(cache_dir, "model.safetensors"))):
+        tokenizer = bundled_tokenizer(cache_dir, data_path)
         model = build_tiny_llama(tokenizer, seed)
         os.makedirs(cache_dir, exist_ok=True)
         model.save_pretrained(cache_dir)

@@ -1,21 +1,146 @@
-"""The outputs of a run in the output directory: the adapter (or full model), the tokenizer with its chat
-template, loss.png and summary.json."""
+"""The output folder of a run: an earlier run in it is refused unless ``--overwrite`` (which removes what the new
+run replaces), and every file is written atomically (a temporary file in the folder, then ``os.replace``), so that
+an interrupted save never leaves a half-written adapter and no write follows a symbolic link out of the folder
+(``os.replace`` replaces a link, never its target)."""
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+from typing import Callable, List
 
-from .plot import write_loss_plot
+from .errors import FinetuneError
+
+#: files and folders a run writes (an earlier run is recognized by any of them; --overwrite removes them)
+RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "model.safetensors",
+             "model.safetensors.index.json", "config.json", "generation_config.json", "summary.json", "loss.png",
+             "loss.csv", "README.md", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+             "chat_template.jinja")
+RUN_DIRS = ("merged", "merged-bf16", "merged-fp16", "merged-fp32", "gguf", "checkpoints")
+#: what marks an earlier run (the tokenizer alone does not)
+_MARKERS = ("adapter_config.json", "adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json",
+            "summary.json", "loss.png", "loss.csv") + RUN_DIRS
 
 
-def save_outputs(output_dir: str, model, tokenizer, summary: dict) -> None:
-    """Save the trained weights (PEFT ``save_pretrained``: the LoRA adapter only; the whole model for full
-    fine-tuning), the tokenizer, the loss curve and the summary into ``output_dir``."""
-    os.makedirs(output_dir, exist_ok=True)
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    write_loss_plot(os.path.join(output_dir, "loss.png"), summary["losses"])
-    with open(os.path.join(output_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2, default=str)
-        f.write("\n")
+def _lexists(p: str) -> bool:
+    return os.path.lexists(p)
+
+
+def earlier_run(out: str) -> List[str]:
+    """The outputs of an earlier run present in ``out`` (names; folders with a trailing slash)."""
+    if not os.path.isdir(out):
+        return []
+    return [n + ("/" if n in RUN_DIRS else "") for n in _MARKERS if _lexists(os.path.join(out, n))]
+
+
+def _remove(path: str) -> None:
+    """Remove a file, a folder, or a symbolic link (the link only, never what it points at)."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        os.unlink(path)
+    else:
+        shutil.rmtree(path)
+
+
+def prepare_output_dir(out: str, overwrite: bool, resume: bool) -> None:
+    """Create ``out``; refuse it when it holds an earlier run, unless ``overwrite`` (its outputs are removed: the
+    adapter, tokenizer, plot, summary, ``merged*/``, ``gguf/``, ``checkpoints/``; the cached ``bundled/`` model and
+    files that are not a run's stay) or ``resume`` (the run is continued)."""
+    if _lexists(out) and not os.path.isdir(out):
+        raise FinetuneError(f"--output-dir {out!r} exists and is not a folder; pick another path")
+    found = earlier_run(out)
+    if found and not (overwrite or resume):
+        shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
+        raise FinetuneError(f"--output-dir {out!r} holds an earlier run ({shown}); pass --overwrite to replace it, "
+                            f"--resume to continue it, or pick another --output-dir")
+    if overwrite and not resume:
+        for name in RUN_FILES + RUN_DIRS:
+            p = os.path.join(out, name)
+            if _lexists(p):
+                _remove(p)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise FinetuneError(f"cannot create --output-dir {out!r} ({e.strerror}); pick a writable folder") from None
+
+
+def inside(out: str, name: str) -> str:
+    """``out/name`` after checking that its folder is ``out`` or below it once symbolic links are resolved (a
+    link at ``name`` itself is fine: it is replaced, not followed)."""
+    path = os.path.join(out, name)
+    root = os.path.realpath(out)
+    parent = os.path.realpath(os.path.dirname(path))
+    if parent != root and not parent.startswith(root + os.sep):
+        raise FinetuneError(f"refusing to write {path!r}: it leads out of the output folder {out!r} through a "
+                            f"symbolic link")
+    return path
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace`` (a reader sees the
+    old or the new file, never a part; a symbolic link at ``path`` is replaced, not followed)."""
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def save_into(out: str, save: Callable[[str], None]) -> List[str]:
+    """Run ``save(tmp_dir)`` (e.g. ``model.save_pretrained``) into a fresh temporary folder inside ``out``, then
+    move each file it wrote into ``out`` with ``os.replace``; returns the names moved. Nothing in ``out`` changes
+    until the save finished; links in ``out`` are replaced, not followed."""
+    tmp = tempfile.mkdtemp(dir=out, prefix=".tmp-save-")
+    try:
+        save(tmp)
+        names = []
+        for root, _, files in os.walk(tmp):
+            rel = os.path.relpath(root, tmp)
+            for fn in files:
+                name = fn if rel == "." else os.path.join(rel, fn)
+                dst = inside(out, name)
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                if os.path.isdir(dst) and not os.path.islink(dst):
+                    shutil.rmtree(dst)
+                os.replace(os.path.join(root, fn), dst)
+                names.append(name)
+        return names
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def sigint_deferred(log: Callable[[str], None]):
+    """Hold Ctrl-C back while saving: a SIGINT during the block prints one line and is delivered (as
+    KeyboardInterrupt) after it, once the files are complete."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    hits = []
+
+    def handler(signum, frame):
+        hits.append(signum)
+        log("sloth finetune: still saving; the outputs will be complete in a moment (Ctrl-C again after that)")
+
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if hits:
+        raise KeyboardInterrupt
+
+
+def default_log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

@@ -1,65 +1,18 @@
-"""The loss curve as a PNG, without a plotting library: a line plot rasterized into an RGB array and written
-with zlib + struct (axes, tick marks, a light grid, the per-step loss and its running mean)."""
+"""The loss curve of a run: ``loss.csv`` always, and ``loss.png`` drawn with matplotlib when it is installed
+(axes labelled, values on the ticks, a title naming the model and the method, the per-step loss, its running
+mean and the eval loss)."""
 
 from __future__ import annotations
 
+import io
 import math
-import struct
-import zlib
-from typing import List, Sequence
+from typing import List, Optional, Sequence, Tuple
 
-WHITE, BLACK, GREY = (255, 255, 255), (0, 0, 0), (225, 225, 225)
-LIGHT_BLUE, BLUE = (160, 190, 235), (20, 70, 190)
+from .outputs import atomic_write
 
 
-class Canvas:
-    """An RGB raster ``height x width`` (row-major bytearray, 3 bytes per pixel) with line drawing."""
-
-    def __init__(self, width: int, height: int, color=WHITE):
-        self.width, self.height = width, height
-        self.pixels = bytearray(bytes(color) * (width * height))  # [H, W, 3]
-
-    def set(self, x: int, y: int, color) -> None:
-        if 0 <= x < self.width and 0 <= y < self.height:
-            i = 3 * (y * self.width + x)
-            self.pixels[i: i + 3] = bytes(color)
-
-    def line(self, x0: int, y0: int, x1: int, y1: int, color, thick: int = 1) -> None:
-        """Bresenham line from (x0, y0) to (x1, y1), ``thick`` pixels wide."""
-        dx, dy = abs(x1 - x0), -abs(y1 - y0)
-        sx, sy = (1 if x0 < x1 else -1), (1 if y0 < y1 else -1)
-        err = dx + dy
-        while True:
-            for ox in range(thick):
-                for oy in range(thick):
-                    self.set(x0 + ox - thick // 2, y0 + oy - thick // 2, color)
-            if x0 == x1 and y0 == y1:
-                return
-            e2 = 2 * err
-            if e2 >= dy:
-                err += dy
-                x0 += sx
-            if e2 <= dx:
-                err += dx
-                y0 += sy
-
-    def to_png(self) -> bytes:
-        """The canvas encoded as an 8-bit RGB PNG."""
-        raw = bytearray()
-        stride = 3 * self.width
-        for y in range(self.height):
-            raw.append(0)  # filter type: none
-            raw += self.pixels[y * stride: (y + 1) * stride]
-
-        def chunk(kind: bytes, data: bytes) -> bytes:
-            return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-        ihdr = struct.pack(">IIBBBBB", self.width, self.height, 8, 2, 0, 0, 0)
-        return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(raw), 9))
-                + chunk(b"IEND", b""))
-
-
-def _running_mean(values: Sequence[float], window: int) -> List[float]:
+def running_mean(values: Sequence[float], window: int) -> List[float]:
+    """Mean of the last ``window`` values at each position (fewer at the start)."""
     out, acc = [], 0.0
     for i, v in enumerate(values):
         acc += v
@@ -69,42 +22,64 @@ def _running_mean(values: Sequence[float], window: int) -> List[float]:
     return out
 
 
-def loss_plot_png(losses: Sequence[float], width: int = 640, height: int = 400) -> bytes:
-    """PNG bytes of the loss curve (x: step, y: loss, from min to max with a margin; 5 grid lines each way)."""
-    c = Canvas(width, height)
-    left, right, top, bottom = 50, width - 20, 20, height - 40
-    vals = [v for v in losses if math.isfinite(v)]
-    lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
-    if hi - lo < 1e-9:
-        lo, hi = lo - 0.5, hi + 0.5
-    pad = 0.05 * (hi - lo)
-    lo, hi = lo - pad, hi + pad
-    for k in range(1, 5):  # grid and ticks
-        gx = left + (right - left) * k // 5
-        gy = bottom - (bottom - top) * k // 5
-        c.line(gx, top, gx, bottom, GREY)
-        c.line(left, gy, right, gy, GREY)
-        c.line(gx, bottom, gx, bottom + 5, BLACK)
-        c.line(left - 5, gy, left, gy, BLACK)
-    c.line(left, top, left, bottom, BLACK, 2)  # y axis
-    c.line(left, bottom, right, bottom, BLACK, 2)  # x axis
-    n = len(losses)
-
-    def xy(i: int, v: float):
-        x = left + (right - left) * (i / max(n - 1, 1))
-        y = bottom - (bottom - top) * ((v - lo) / (hi - lo))
-        return int(round(x)), int(round(y))
-
-    for series, color, thick in ((list(losses), LIGHT_BLUE, 1), (_running_mean(losses, max(1, n // 20)), BLUE, 2)):
-        pts = [xy(i, v) for i, v in enumerate(series) if math.isfinite(v)]
-        for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-            c.line(x0, y0, x1, y1, color, thick)
-        if len(pts) == 1:
-            c.line(pts[0][0], pts[0][1], pts[0][0], pts[0][1], color, 3)
-    return c.to_png()
+def loss_csv(losses: Sequence[Tuple[int, float]], eval_losses: Sequence[Tuple[int, float]] = ()) -> str:
+    """``step,loss,eval_loss`` rows (one per logged step; eval_loss empty where none was measured)."""
+    ev = dict(eval_losses)
+    steps = sorted(set(s for s, _ in losses) | set(ev))
+    tr = dict(losses)
+    rows = ["step,loss,eval_loss"]
+    for s in steps:
+        a, b = tr.get(s), ev.get(s)
+        rows.append(f"{s},{'' if a is None else repr(float(a))},{'' if b is None else repr(float(b))}")
+    return "\n".join(rows) + "\n"
 
 
-def write_loss_plot(path: str, losses: Sequence[float]) -> None:
-    """Write the loss curve of ``losses`` (one per optimizer step) to ``path`` as a PNG."""
-    with open(path, "wb") as f:
-        f.write(loss_plot_png(losses))
+def loss_figure(losses: Sequence[Tuple[int, float]], title: str, eval_losses: Sequence[Tuple[int, float]] = ()):
+    """The matplotlib ``Figure`` of the loss curve ((step, loss) pairs), or None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    fig = Figure(figsize=(7, 4.2), dpi=110)
+    ax = fig.add_subplot(1, 1, 1)
+    pts = [(s, v) for s, v in losses if math.isfinite(v)]
+    if pts:
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, color="#a0bee8", linewidth=1, label="loss per step")
+        ax.plot(xs, running_mean(ys, max(1, len(ys) // 20)), color="#1446be", linewidth=2,
+                label=f"running mean ({max(1, len(ys) // 20)} steps)")
+    ev = [(s, v) for s, v in eval_losses if math.isfinite(v)]
+    if ev:
+        ax.plot(*zip(*ev), "o-", color="#d2691e", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (cross-entropy, nats / token)")
+    ax.set_title(title)
+    ax.grid(True, color="#e1e1e1")
+    if pts or ev:
+        ax.legend(loc="upper right")
+    fig.tight_layout()
+    return fig
+
+
+def loss_png(losses: Sequence[Tuple[int, float]], title: str,
+             eval_losses: Sequence[Tuple[int, float]] = ()) -> Optional[bytes]:
+    """PNG bytes of :func:`loss_figure`, or None when matplotlib is not installed."""
+    fig = loss_figure(losses, title, eval_losses)
+    if fig is None:
+        return None
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def write_loss_outputs(out_csv: str, out_png: str, losses, title: str, eval_losses=()) -> bool:
+    """Write ``loss.csv`` and (with matplotlib) ``loss.png`` atomically; returns whether the PNG was written."""
+    atomic_write(out_csv, loss_csv(losses, eval_losses).encode())
+    png = loss_png(losses, title, eval_losses)
+    if png is None:
+        return False
+    atomic_write(out_png, png)
+    return True

@@ -1,6 +1,6 @@
 """The bundled tokenizer: a byte-level BPE trained in seconds on the bundled data, with a chat template.
 
-Trained once per output directory and cached there (``<output_dir>/bundled/tokenizer``); a rerun loads it.
+Trained once and cached in the bundled model's folder (``<output_dir>/bundled``); a rerun loads it.
 """
 
 from __future__ import annotations

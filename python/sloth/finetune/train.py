@@ -1,29 +1,31 @@
-"""The fine-tuning loop of `sloth finetune`: LoRA / QLoRA / full, sloth's fused loss, AdamW, exact gradient
-accumulation, a progress bar, and outputs saved at the end or on Ctrl-C."""
+"""`sloth finetune` on the whole stack: :func:`sloth.from_pretrained` -> :func:`sloth.get_peft_model` (LoRA /
+QLoRA with offloaded checkpointing; or every weight for full fine-tuning) -> TRL's ``SFTTrainer`` on
+prompt-completion data (loss on the responses only; packing / padding-free as options; checkpoints, ``--resume``,
+an eval split, ``report_to``), then the adapter, tokenizer, loss plot and summary saved atomically, and the
+exports."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import json
+import logging
 import os
-import sys
 import time
-from typing import List, Optional
+import warnings
+from typing import Optional
 
 import torch
 
 from .config import FinetuneConfig
-from .data import bundled_data_path, prepare_data
-from .export import check_exports, run_exports
-from .loading import check_causal_lm, load_model, load_tokenizer, make_trainable, read_chat_template
-from .loss import count_items, sloth_loss
-from .model import bundled_model_path
-from .outputs import save_outputs
-from .precision import resolve_device, resolve_dtype
-from .progress import Progress, peak_memory_bytes
-from .tokenizer import bundled_tokenizer
+from .data import bundled_data_path, prepare_dataset
+from .errors import FinetuneError
+from .outputs import atomic_write, default_log, inside, prepare_output_dir, save_into, sigint_deferred
 
 BUNDLED_SEED = 0  # the bundled model's weights do not depend on --seed
+#: loggers of the libraries under the run, quiet unless --verbose (bitsandbytes' hub-kernel notice among them)
+THIRD_PARTY_LOGGERS = ("bitsandbytes", "kernels", "transformers", "datasets", "trl", "peft", "accelerate",
+                       "huggingface_hub", "torch.distributed")
+_THIRD_PARTY_MODULES = r"(transformers|peft|trl|accelerate|datasets|bitsandbytes|kernels|huggingface_hub|torch)(\.|$)"
 
 
 @dataclasses.dataclass
@@ -34,16 +36,136 @@ class FinetuneResult:
     tokenizer: object
     summary: dict
     output_dir: str
+    trainer: object = None  # the TRL SFTTrainer that ran
 
 
-def _lr_lambda(warmup: int, total: int):
-    """Linear warm-up for ``warmup`` steps, then cosine decay to 10% at ``total``."""
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        t = (step - warmup) / max(1, total - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-    return f
+def quiet_libraries(verbose: bool) -> None:
+    """Unless ``verbose``: silence the loggers, advisory warnings and progress bars of the libraries under the run
+    (set before they are imported, so that import-time notices stay quiet too)."""
+    if verbose:
+        return
+    for name in THIRD_PARTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for cat in (FutureWarning, UserWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=cat, module=_THIRD_PARTY_MODULES)
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
+def resolve_device(device: Optional[str]) -> torch.device:
+    """``device`` when given (checked), else cuda if available, else cpu."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise FinetuneError(f"unknown device {device!r}; use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise FinetuneError("device cuda asked for but no CUDA GPU is visible; leave the device out to run on the CPU")
+    return dev
+
+
+def resolve_dtype(name: str, device: torch.device):
+    """(torch dtype, name) of ``--dtype`` on ``device``: auto is bf16 on a GPU with bf16, fp16 on an older GPU,
+    fp32 on the CPU."""
+    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    if name == "auto":
+        name = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if device.type == "cuda" else "fp32"
+    if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise FinetuneError(f"--dtype bf16: {torch.cuda.get_device_name(device)} has no bf16 support; use --dtype fp16")
+    if name == "fp16" and device.type == "cpu":
+        raise FinetuneError("--dtype fp16 is not supported on the CPU; use --dtype fp32 or bf16")
+    return names[name], name
+
+
+def read_chat_template(value: Optional[str]) -> Optional[str]:
+    """``--chat-template``: the contents of a file when it names one, else the literal Jinja string; checked by
+    compiling it and rendering a two-turn conversation (a bad template is a one-line FinetuneError)."""
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        try:
+            with open(value, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise FinetuneError(f"--chat-template: cannot read {value!r} ({e})") from None
+    elif "{%" in value or "{{" in value:
+        text = value
+    else:
+        raise FinetuneError(f"--chat-template {value!r} is neither a file nor a Jinja template string")
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    try:
+        tpl = env.from_string(text)
+    except jinja2.TemplateSyntaxError as e:
+        raise FinetuneError(f"--chat-template is not valid Jinja: {e.message} (line {e.lineno})") from None
+    try:
+        out = tpl.render(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+                         add_generation_prompt=False, bos_token="<s>", eos_token="</s>")
+    except Exception as e:  # undefined filters, raise_exception(), type errors ...
+        raise FinetuneError(f"--chat-template fails on a user / assistant conversation ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if "hello" not in out:
+        raise FinetuneError("--chat-template does not write the assistant's message (no 'content' of the messages)")
+    return text
+
+
+def _load_tokenizer(path: str, template: Optional[str]):
+    from transformers import AutoTokenizer
+
+    from .tokenizer import CHAT_TEMPLATE
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise FinetuneError(f"could not load a tokenizer for --model {path!r} ({type(e).__name__}: "
+                            f"{str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}); pass a local "
+                            f"model folder or a hub id that is in the local cache") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    if template is not None:
+        tok.chat_template = template
+    elif not getattr(tok, "chat_template", None):
+        tok.chat_template = CHAT_TEMPLATE
+    tok.padding_side = "right"
+    return tok
+
+
+def _check_model(path: str):
+    """The config of ``path``, checked: a causal LM of a family sloth supports."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+    except Exception as e:
+        raise FinetuneError(f"could not load the config of --model {path!r} ({type(e).__name__}); pass a local "
+                            f"model folder or a hub id that is in the local cache") from None
+    if cfg.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise FinetuneError(f"--model {path!r} is a {cfg.model_type!r} model, which is not a causal language model "
+                            f"family (AutoModelForCausalLM cannot load it); pick a decoder-only LM")
+    known, families = _families()
+    if cfg.model_type not in known:
+        raise FinetuneError(f"--model {path!r} is a {cfg.model_type!r} model; sloth finetune supports {families}")
+    return cfg
+
+
+def _families():
+    """(the model_types sloth supports, their names for a message), from the model registry."""
+    try:
+        from .. import models
+
+        return {mt for s in models.specs() for mt in s.model_types}, models.supported()
+    except ImportError:  # before the registry
+        from ..api.loading import FAMILIES, supported_families
+
+        return set(FAMILIES), supported_families()
 
 
 def total_steps(config: FinetuneConfig, n_examples: int) -> int:
@@ -51,154 +173,200 @@ def total_steps(config: FinetuneConfig, n_examples: int) -> int:
     if config.steps is not None:
         return config.steps
     if config.epochs is not None:
+        import math
+
         return max(1, math.ceil(config.epochs * n_examples / (config.batch_size * config.grad_accum)))
     return FinetuneConfig.DEFAULT_STEPS
 
 
-def _to(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+def _sft_config(config: FinetuneConfig, out: str, steps: int, lr: float, dtype_name: str, device, has_eval: bool):
+    from trl import SFTConfig
+
+    save = config.save_steps is not None
+    kw = dict(
+        output_dir=os.path.join(out, "checkpoints"), max_steps=steps, per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
+        learning_rate=lr, lr_scheduler_type="cosine", warmup_steps=min(config.warmup_steps, steps // 10),
+        weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm, seed=config.seed,
+        data_seed=config.seed, logging_steps=1, logging_strategy="steps", report_to=config.report_to,
+        save_strategy="steps" if save else "no", save_steps=config.save_steps or 500, save_total_limit=2 if save else None,
+        eval_strategy="steps" if has_eval else "no", eval_steps=max(1, steps // 5) if has_eval else None,
+        disable_tqdm=True, use_cpu=device.type == "cpu", bf16=dtype_name == "bf16", fp16=dtype_name == "fp16",
+        gradient_checkpointing=config.gradient_checkpointing != "false",  # sloth's mode sticks (offloaded)
+        max_length=config.max_seq_length, packing=config.packing, padding_free=config.padding_free,
+        completion_only_loss=True, include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
+        remove_unused_columns=True, optim="adamw_torch", save_only_model=False)
+    if config.packing:
+        kw["packing_strategy"] = "bfd"
+    return SFTConfig(**kw)
 
 
-def train_step(model, micro_batches: List[dict], compute_dtype: torch.dtype, scaler=None) -> float:
-    """Forward and backward over the micro-batches of one optimizer step (gradients accumulate in .grad);
-    each micro-batch's loss is divided by the unmasked tokens of all of them, so the accumulated gradient is
-    that of one batch of all the micro-batches. Returns the step's loss (mean over its tokens)."""
-    n_items = sum(count_items(b["labels"]) for b in micro_batches)
-    total = 0.0
-    for b in micro_batches:
-        loss = sloth_loss(model, b, n_items, compute_dtype)  # 0-d fp32
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        total += float(loss.detach())
-    return total
-
-
-def quiet_libraries() -> None:
-    """Silence the progress bars and advisory warnings of transformers / peft / datasets (ours is the only bar)."""
-    import warnings
-
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"peft\.")
+def _params(model):
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
 
 
 def finetune(config: FinetuneConfig, log=None) -> FinetuneResult:
     """Run a fine-tune as ``config`` says and write its outputs to ``config.output_dir``; returns the result.
     Ctrl-C stops training, saves what was trained so far and returns (``summary["interrupted"]`` is True)."""
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    log = log or default_log
     config.validate()
-    quiet_libraries()
+    quiet_libraries(config.verbose)
     device = resolve_device(config.device)
     compute_dtype, dtype_name = resolve_dtype(config.dtype, device)
     if config.method == "qlora" and device.type != "cuda":
-        from .errors import FinetuneError
-
         raise FinetuneError("--method qlora needs a CUDA GPU (and bitsandbytes); use --method lora on the CPU")
     out = config.output_dir
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:
-        from .errors import FinetuneError
-
-        raise FinetuneError(f"cannot create --output-dir {out!r} ({e.strerror}); pick a writable directory") from None
     template = read_chat_template(config.chat_template)
+    prepare_output_dir(out, config.overwrite, config.resume is not None)
 
     if config.model is None:
-        tokenizer = bundled_tokenizer(os.path.join(out, "bundled", "tokenizer"), bundled_data_path())
-        if template is not None:
-            tokenizer.chat_template = template
-        model_path = bundled_model_path(os.path.join(out, "bundled", "model"), tokenizer, BUNDLED_SEED)
+        model_path = bundled_model_path_for(out)
         lr = config.lr or 2e-3
     else:
-        check_causal_lm(config.model)
-        tokenizer = load_tokenizer(config.model, template)
         model_path = config.model
         lr = config.lr or 2e-4
+    model_config = _check_model(model_path)
+    tokenizer = _load_tokenizer(model_path, template)
     if config.exports:
-        check_exports(config.exports, model_path)  # before training, not after
+        from .export import check_exports
 
-    torch.manual_seed(config.seed)
-    data = prepare_data(tokenizer, config)
-    model = load_model(model_path, config.method, compute_dtype, device)
-    model = make_trainable(model, config.method, config.r, config.lora_alpha, config.lora_dropout)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in params)
-    n_total = sum(p.numel() for p in model.parameters())
-    steps = total_steps(config, len(data))
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(config.warmup_steps, steps // 10), steps))
-    scaler = torch.amp.GradScaler(device.type) if compute_dtype == torch.float16 else None
+        check_exports(config.exports, model_config, tokenizer)  # before training, not after
+    dataset, skipped = prepare_dataset(config)
+    if skipped:
+        log(f"sloth finetune: skipped {skipped} of {skipped + len(dataset)} rows with no response (missing, null or "
+            f"empty {config.output_column!r} / assistant turn)")
+    eval_ds = None
+    if config.eval_split:
+        if len(dataset) < 2:
+            raise FinetuneError("--eval-split needs at least 2 usable rows")
+        split = dataset.train_test_split(test_size=config.eval_split, seed=config.seed)
+        dataset, eval_ds = split["train"], split["test"]
+
+    import sloth
+    from trl import SFTTrainer
+
+    from ..integrations.checkpointing import set_gradient_checkpointing
+
+    mode = {"sloth": "sloth", "true": True, "false": False}[config.gradient_checkpointing]
+    try:
+        model, _ = sloth.from_pretrained(
+            model_path, max_seq_length=config.max_seq_length, load_in_4bit=config.method == "qlora",
+            full_finetuning=config.method == "full", dtype=compute_dtype,
+            **({"device_map": "cpu"} if device.type == "cpu" else {}))
+    except (ValueError, OSError, ImportError) as e:
+        raise FinetuneError(str(e).removeprefix("sloth.from_pretrained: ")) from None
+    if config.method == "full":
+        set_gradient_checkpointing(model, mode)
+    else:
+        model = sloth.get_peft_model(model, r=config.r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                                     use_gradient_checkpointing=mode, random_state=config.seed)
+    n_trainable, n_total = _params(model)
+    steps = total_steps(config, len(dataset))
+
+    from .progress import ProgressCallback, peak_memory_bytes
+
+    progress = ProgressCallback(device, enabled=config.progress)
+    args = _sft_config(config, out, steps, lr, dtype_name, device, eval_ds is not None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    log(f"sloth finetune: {config.model or 'bundled tiny Llama'} ({n_total / 1e6:.2f} M params, "
-        f"{n_trainable / 1e6:.3f} M trainable, {config.method}) on {len(data)} examples, {steps} steps of "
-        f"{config.batch_size} x {config.grad_accum}, {device.type} {dtype_name}")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, eval_dataset=eval_ds,
+                         processing_class=tokenizer, callbacks=[progress])
+    from transformers.trainer_callback import PrinterCallback
+    from transformers.trainer_callback import ProgressCallback as HFProgress
 
-    batches = data.batches(config.batch_size, config.seed, tokenizer.pad_token_id)
-    progress = Progress(steps, device, enabled=config.progress)
-    losses: List[float] = []
-    tokens = 0
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(HFProgress)
+    n_patched = len(sloth.patched_modules(trainer.model))
+    log(f"sloth finetune: {config.model or 'bundled tiny Llama'} ({n_total / 1e6:.2f} M params, "
+        f"{n_trainable / 1e6:.3f} M trainable, {config.method}, {n_patched} sloth kernels) on {len(dataset)} "
+        f"examples, {steps} steps of {config.batch_size} x {config.grad_accum}, {device.type} {dtype_name}")
+
     interrupted = False
+    resume = None if config.resume is None else (True if config.resume == "auto" else config.resume)
     t0 = time.perf_counter()
     try:
-        for step in range(steps):
-            ts = time.perf_counter()
-            micro = [_to(next(batches), device) for _ in range(config.grad_accum)]
-            step_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
-            loss = train_step(model, micro, compute_dtype, scaler)
-            if scaler is not None:
-                scaler.unscale_(opt)
-            if config.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            if scaler is not None:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(loss)
-            tokens += step_tokens
-            progress.update(step + 1, loss, step_tokens / max(time.perf_counter() - ts, 1e-9))
+        trainer.train(resume_from_checkpoint=resume)
     except KeyboardInterrupt:
         interrupted = True
         progress.close()
-        opt.zero_grad(set_to_none=True)
-        log(f"sloth finetune: interrupted after {len(losses)} of {steps} steps; saving what was trained so far")
+        log(f"sloth finetune: interrupted after {trainer.state.global_step} of {steps} steps; saving what was "
+            f"trained so far")
+    except ValueError as e:
+        if resume is not None and "checkpoint" in str(e).lower():
+            raise FinetuneError(f"--resume: {str(e).splitlines()[0]}") from None
+        raise
     wall = time.perf_counter() - t0
+    ckpt = os.path.join(out, "checkpoints")
+    if os.path.isdir(ckpt) and not os.path.islink(ckpt) and not os.listdir(ckpt):
+        os.rmdir(ckpt)  # the Trainer creates its output folder even when it saves no checkpoint
+    model = trainer.model
     model.eval()
+    losses = [v for _, v in progress.losses]
     tail = losses[-max(1, len(losses) // 10):]
     summary = {
-        "steps": len(losses),
+        "steps": int(trainer.state.global_step),
         "planned_steps": steps,
         "interrupted": interrupted,
         "initial_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
         "final_loss_mean_last_10pct": sum(tail) / len(tail) if losses else None,
         "losses": losses,
-        "tokens": tokens,
-        "tokens_per_s": tokens / wall if wall > 0 else 0.0,
+        "eval_losses": [v for _, v in progress.eval_losses],
+        "tokens": progress.tokens,
+        "tokens_per_s": progress.tokens / wall if wall > 0 else 0.0,
         "wall_time_s": wall,
         "device": str(device) if device.type == "cpu" else f"{device} ({torch.cuda.get_device_name(device)})",
         "dtype": dtype_name,
         "peak_memory_bytes": peak_memory_bytes(device),
         "trainable_params": n_trainable,
         "total_params": n_total,
-        "examples": len(data),
+        "examples": len(dataset),
+        "skipped_rows": skipped,
         "lr": lr,
+        "sloth_patched_modules": n_patched,
+        "gradient_checkpointing": str(mode),
         "base_model": os.path.abspath(model_path) if config.model is None else model_path,
         "config": config.to_dict(),
     }
-    if config.exports:
-        try:
-            summary["exports"] = run_exports(config.exports, model, tokenizer, out, log)
-        except (ValueError, OSError) as e:
-            from .errors import FinetuneError
+    title = f"{os.path.basename(os.path.normpath(config.model)) if config.model else 'bundled tiny Llama'}: " \
+            f"{config.method}, r={config.r}" if config.method != "full" else \
+            f"{config.model or 'bundled tiny Llama'}: full fine-tuning"
+    with sigint_deferred(log):
+        save_outputs(out, model, tokenizer, summary, progress, title, log)
+    if config.exports and not interrupted:
+        from .export import run_exports
 
-            save_outputs(out, model, tokenizer, summary)
+        try:
+            with sigint_deferred(log):
+                summary["exports"] = run_exports(config.exports, model, tokenizer, out, log)
+        except (ValueError, OSError) as e:
             raise FinetuneError(f"export failed ({e}); the adapter and summary are saved in {out}") from None
-    save_outputs(out, model, tokenizer, summary)
-    return FinetuneResult(model=model, tokenizer=tokenizer, summary=summary, output_dir=out)
+        atomic_write(inside(out, "summary.json"), (json.dumps(summary, indent=2, default=str) + "\n").encode())
+    return FinetuneResult(model=model, tokenizer=tokenizer, summary=summary, output_dir=out, trainer=trainer)
+
+
+def bundled_model_path_for(out: str) -> str:
+    """The bundled model's folder inside ``out`` (built on first use)."""
+    from .model import bundled_model_path
+
+    return bundled_model_path(inside(out, "bundled"), bundled_data_path(), BUNDLED_SEED)
+
+
+def save_outputs(out: str, model, tokenizer, summary: dict, progress, title: str, log) -> None:
+    """The adapter (the whole model for full fine-tuning) and tokenizer, ``loss.csv`` / ``loss.png`` and
+    ``summary.json``, each written atomically into ``out``."""
+    from .plot import write_loss_outputs
+
+    def save(tmp):
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    save_into(out, save)
+    drawn = write_loss_outputs(inside(out, "loss.csv"), inside(out, "loss.png"), progress.losses, title,
+                               progress.eval_losses)
+    summary["loss_plot"] = "loss.png" if drawn else None
+    if not drawn:
+        log("sloth finetune: matplotlib is not installed, so no loss.png (the losses are in loss.csv); "
+            "pip install matplotlib for the plot")
+    atomic_write(inside(out, "summary.json"), (json.dumps(summary, indent=2, default=str) + "\n").encode())
