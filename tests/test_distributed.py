@@ -132,6 +132,18 @@ def _case_ddp(rank, tmp):
     return dict(info=info, losses=losses, grads=grads, params=params)
 
 
+def _case_ddp_unused(rank, tmp):
+    """DDP finding unused parameters (what a Trainer passes for a PeftModel): sloth's checkpoint runs as PyTorch's
+    non-reentrant one there (a reentrant backward would mark the layers' parameters ready twice)."""
+    import contextlib
+
+    model = build()
+    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    losses, grads, params = _train(model, ddp, rank,
+                                   lambda first: ddp.no_sync() if first else contextlib.nullcontext())
+    return dict(losses=losses, grads=grads, params=params)
+
+
 def _shard(model, ignored=None):
     from torch.distributed.fsdp import fully_shard
 
@@ -277,7 +289,8 @@ def _case_qlora(rank, tmp):
     return out
 
 
-CASES = {"ddp": _case_ddp, "fsdp": _case_fsdp, "errors": _case_errors, "qlora": _case_qlora}
+CASES = {"ddp": _case_ddp, "ddp_unused": _case_ddp_unused, "fsdp": _case_fsdp, "errors": _case_errors,
+         "qlora": _case_qlora}
 
 
 def _worker(rank, port, tmp):
@@ -334,7 +347,7 @@ def assert_close(got, want, what):
                                    msg=lambda m, k=k: f"{what} {k}: {m}")
 
 
-@pytest.mark.parametrize("name", ["ddp", "fsdp"])
+@pytest.mark.parametrize("name", ["ddp", "ddp_unused", "fsdp"])
 def test_matches_one_process(runs, reference, name):
     """Losses of both steps, LoRA gradients of step 0, LoRA parameters after the steps: the same as one process on
     the global batch, on both ranks."""
@@ -425,3 +438,109 @@ def test_qlora_structure(runs):
         assert_close(r["ddp"], want, "qlora ddp")
         assert_close(r["fsdp"], want, "qlora fsdp")
         assert r["sharded_4bit"] is not None and "4-bit" in r["sharded_4bit"]
+
+
+# ------------------------------------------------------------------- TRL's SFTTrainer under torchrun (2 CPU ranks)
+
+QA = [("What is 2 + 2?", "4"), ("What is the capital of Peru?", "Lima"), ("Reverse the word star.", "rats"),
+      ("Name a primary color.", "Blue")]
+
+
+def sft_step(tok, out_dir, batch_size, accumulation, **kw):
+    """One SGD step (lr 1, no clipping) of TRL's SFTTrainer on 4 conversations of different lengths with a
+    sloth-patched LoRA tiny Llama under sloth's offloaded checkpointing: (the change of every trainable parameter,
+    i.e. its gradient; the logged loss; the trainer's wrapped model class; how many offloaded checkpoints ran)."""
+    import datasets
+    import trl
+
+    from sloth.finetune.model import build_tiny_llama
+    from sloth.runtime import offload_checkpoint
+
+    base = build_tiny_llama(tok, seed=1)
+    torch.manual_seed(0)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0,
+                                                      task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)
+    sloth.patch(model)
+    sloth.set_gradient_checkpointing(model, "sloth")
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in QA]
+    args = trl.SFTConfig(output_dir=out_dir, report_to="none", use_cpu=True, save_strategy="no", disable_tqdm=True,
+                         logging_steps=1, max_length=64, seed=0, bf16=False, max_steps=1, optim="sgd",
+                         learning_rate=1.0, max_grad_norm=0.0, lr_scheduler_type="constant",
+                         per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation, **kw)
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                             processing_class=tok)
+    calls = [0]
+    apply = offload_checkpoint.OffloadedCheckpointFunction.apply
+
+    def counting(*a):
+        calls[0] += 1
+        return apply(*a)
+
+    offload_checkpoint.OffloadedCheckpointFunction.apply = counting
+    try:
+        trainer.train()
+    finally:
+        offload_checkpoint.OffloadedCheckpointFunction.apply = apply
+    loss = next(h["loss"] for h in trainer.state.log_history if "loss" in h)
+    delta = {n: before[n] - p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    return delta, loss, type(trainer.model_wrapped).__name__, calls[0]
+
+
+def _trl_main(tok_dir, out_dir):
+    """torchrun entry: 2 ranks x 1 example x 2 accumulation steps, with the Trainer's DDP settings for a PeftModel
+    (find_unused_parameters=True) and with ddp_find_unused_parameters=False (sloth's offloaded checkpoints)."""
+    torch.set_num_threads(1)
+    tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
+    results = {}
+    for name, kw in (("default", {}), ("offloaded", {"ddp_find_unused_parameters": False})):
+        results[name] = sft_step(tok, os.path.join(out_dir, name), 1, 2, **kw) + (sd.world_size(),)
+    if sd.rank() == 0:
+        torch.save(results, os.path.join(out_dir, "trl.pt"))
+
+
+def test_trl_sft_under_torchrun(tok, tmp_path):
+    """TRL's SFTTrainer under torchrun with 2 CPU processes (accelerate's MULTI_CPU: DDP over gloo): one step of
+    2 ranks x 2 micro-batches of 1 equals one process with a batch of 4 (the Trainer all-reduces the step's token
+    count); the Trainer's default for a PeftModel (find_unused_parameters=True) runs sloth's checkpoint as PyTorch's
+    non-reentrant one, ddp_find_unused_parameters=False keeps the offloaded one."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("trl")
+    pytest.importorskip("datasets")
+    tok.save_pretrained(str(tmp_path / "tok"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(sys.path))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_addr",
+           "127.0.0.1", "--master_port", str(_free_port()), __file__, "--trl", str(tmp_path / "tok"), str(tmp_path)]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+    results = torch.load(tmp_path / "trl.pt", weights_only=False)
+    with torch.random.fork_rng(devices=[]):
+        want, want_loss, wrapped, calls = sft_step(tok, str(tmp_path / "single"), 4, 1)
+    assert wrapped != "DistributedDataParallel" and calls > 0
+    for name, (delta, loss, wrapped, calls, world) in results.items():
+        assert wrapped == "DistributedDataParallel" and world == WORLD, name
+        assert (calls > 0) == (name == "offloaded"), (name, calls)
+        assert loss == pytest.approx(want_loss, rel=1e-5), name
+        # SGD with lr 1: the change is the gradient; fp32, a batch of 4 against 2 x 2 rows summed in another order
+        # (measured 3e-6 relative): 1e-4 is 20x below the largest change's 2e-3 in the smallest tensor
+        assert_close_tol(delta, want, 1e-4, f"trl {name}")
+
+
+def assert_close_tol(got, want, rtol, what):
+    assert got.keys() == want.keys() and want, what
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=rtol, atol=rtol * want[k].abs().max().item(),
+                                   msg=lambda m, k=k: f"{what} {k}: {m}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] == ["--trl"]:
+        _trl_main(*sys.argv[2:4])

@@ -10,7 +10,9 @@ How sloth's pieces meet DDP and FSDP2 (``fully_shard``):
   :mod:`sloth.runtime.layer_graphs` write ``.grad`` themselves, so under an initialized process group they are off
   (:func:`grad_hooks_must_fire`); the layers' forward graphs stay on (no hook is involved). Offloaded checkpointing
   backpropagates each layer's recompute through autograd, so the hooks fire as in plain reentrant checkpointing;
-  like that, it needs ``find_unused_parameters=False`` (DDP's default) and each parameter used once per step.
+  like that, it needs ``find_unused_parameters=False`` (DDP's default) or ``static_graph=True``, and each parameter
+  used once per step; inside a DDP forward that finds unused parameters it runs as PyTorch's non-reentrant
+  checkpoint instead (:func:`reentrant_checkpoint_ok`).
 - FSDP2 keeps each ``fully_shard`` unit's parameters as sharded ``DTensor`` s and gathers them in the unit's
   forward pre-hook. sloth's fused code reads weights of modules it never calls (a LoRA layer reads its base layer
   and ``lora_A`` / ``lora_B``; the fused MLP its projections; the causal-LM loss ``lm_head.weight``), so those modules
@@ -28,9 +30,12 @@ How sloth's pieces meet DDP and FSDP2 (``fully_shard``):
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence, Union
 
 import torch
+
+logger = logging.getLogger("sloth")
 
 
 def _dist():
@@ -69,6 +74,35 @@ def grad_hooks_must_fire() -> bool:
     distributed wrapper put there fire): under an initialized process group. DDP's reducer hooks are registered in
     C++ and cannot be seen on a parameter, so any process group counts."""
     return initialized()
+
+
+def active_ddp():
+    """The ``DistributedDataParallel`` whose forward is running now (None outside one)."""
+    if _dist() is None:
+        return None
+    return torch.nn.parallel.DistributedDataParallel._get_active_ddp_module()
+
+
+_warned_unused: list = []
+
+
+def reentrant_checkpoint_ok() -> bool:
+    """Whether a checkpoint that backpropagates its recompute in a nested backward (sloth's offloaded checkpoint,
+    like PyTorch's reentrant one) may run in the current forward: not inside a DDP forward with
+    ``find_unused_parameters=True`` (without ``static_graph``). That DDP marks every parameter its forward graph does
+    not reach as ready at the end of the forward (a checkpointed layer's parameters, which only the recompute
+    reaches), and the recompute's backward then marks them again: "Expected to mark a variable ready only once".
+    A Transformers Trainer passes ``find_unused_parameters=True`` for any model that is not a ``PreTrainedModel``
+    (a PeftModel) unless ``ddp_find_unused_parameters=False``. Logs once when it returns False."""
+    ddp = active_ddp()
+    if ddp is None or not getattr(ddp, "find_unused_parameters", False) or getattr(ddp, "static_graph", False):
+        return True
+    if not _warned_unused:
+        _warned_unused.append(True)
+        logger.warning("sloth: DDP with find_unused_parameters=True: offloaded checkpointing runs as PyTorch's "
+                       "non-reentrant checkpoint (nothing offloaded); pass ddp_find_unused_parameters=False "
+                       "(TrainingArguments / SFTConfig) or find_unused_parameters=False to DDP to offload")
+    return False
 
 
 def _fsdp_module_class():
@@ -241,6 +275,6 @@ def check_model(model) -> None:
                 f"drops its quantization state (packed 4-bit bytes would be gathered without it); keep 4-bit layers "
                 f"out of fully_shard (its ignored_params) or train them with DDP")
 
-__all__ = ["barrier", "check_model", "fsdp2_units", "full_tensor", "global_token_count", "grad_hooks_must_fire",
-           "initialized", "is_ddp", "is_fsdp1", "is_fsdp2", "is_main_process", "is_sharded", "num_items_in_batch",
-           "rank", "unwrap", "world_size"]
+__all__ = ["active_ddp", "barrier", "check_model", "fsdp2_units", "full_tensor", "global_token_count",
+           "grad_hooks_must_fire", "initialized", "is_ddp", "is_fsdp1", "is_fsdp2", "is_main_process", "is_sharded",
+           "num_items_in_batch", "rank", "reentrant_checkpoint_ok", "unwrap", "world_size"]

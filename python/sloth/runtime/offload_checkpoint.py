@@ -27,7 +27,8 @@ Transformers uses it (``GradientCheckpointingLayer`` calls ``func(partial(forwar
 Gradients reach the layer's parameters the way reentrant checkpointing does it (a nested backward through the
 recomputed layer), so use ``loss.backward()``; ``torch.autograd.grad`` with respect to parameters inside a
 checkpointed layer sees no gradient. Tensors captured in ``function`` that require grad (not the case for the
-position embeddings and masks Transformers passes) make the call fall back to PyTorch's non-reentrant checkpoint.
+position embeddings and masks Transformers passes) make the call fall back to PyTorch's non-reentrant checkpoint, and
+so does a DDP forward with ``find_unused_parameters=True`` (:func:`sloth.runtime.distributed.reentrant_checkpoint_ok`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from typing import Any, Callable, List, Optional
 import torch
 
 from .. import config
-from . import saved_attention, streams
+from . import distributed, saved_attention, streams
 from .layer_graphs import graphed_backward, graphed_call, output_grad_pairs
 from .pinned_arena import arena
 
@@ -383,7 +384,8 @@ def offloaded_checkpoint(function: Callable, *args, use_reentrant: Optional[bool
         return function(*args)
     hidden_index = next((i for i, a in enumerate(args) if isinstance(a, torch.Tensor)), None)
     if hidden_index is None or _captures_grad_tensors(function) or \
-            any(_requires_grad_inside(a) for a in args if not isinstance(a, torch.Tensor)):
+            any(_requires_grad_inside(a) for a in args if not isinstance(a, torch.Tensor)) or \
+            not distributed.reentrant_checkpoint_ok():  # (DDP finding unused parameters: see there)
         from torch.utils.checkpoint import checkpoint
 
         return checkpoint(function, *args, use_reentrant=False)
