@@ -289,8 +289,66 @@ def _case_qlora(rank, tmp):
     return out
 
 
+def build_full(family):
+    """A sloth-patched tiny model for full fine-tuning (every weight trained, the LM head's gradient from sloth's
+    loss): ``"llama"`` or ``"gpt_oss"`` (MoE on sloth's experts, attention "sloth" with sinks and a sliding window;
+    router loss off: a per-rank load-balancing loss is not the global batch's)."""
+    if family == "llama":
+        cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                       max_position_embeddings=64, tie_word_embeddings=False)
+        cls = transformers.LlamaForCausalLM
+    else:
+        cfg = transformers.GptOssConfig(hidden_size=64, intermediate_size=32, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                                        num_experts_per_tok=2, vocab_size=256, sliding_window=8,
+                                        layer_types=["sliding_attention", "full_attention"],
+                                        max_position_embeddings=64)
+        cfg._attn_implementation = "eager"
+        cls = transformers.GptOssForCausalLM
+    torch.manual_seed(0)
+    model = cls(cfg).float()
+    with torch.no_grad():  # norms / sinks / biases away from their constant initial values
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    sloth.patch(model)
+    sloth.set_gradient_checkpointing(model, "sloth")
+    return model.train()
+
+
+def full_grads(model, wrapped, rows):
+    """(loss, every parameter's gradient, full) of one forward / backward of ``rows`` of the step-0 batch (with the
+    all-reduced token count under a process group)."""
+    ids, labels = global_batch(0)
+    n = sd.num_items_in_batch(labels[rows]) if sd.initialized() else None
+    loss = wrapped(input_ids=ids[rows], labels=labels[rows], num_items_in_batch=n).loss
+    loss.backward()
+    loss = loss.detach().clone()
+    if sd.initialized():
+        torch.distributed.all_reduce(loss)
+        loss /= WORLD
+    return loss.item(), {k: sd.full_tensor(p.grad).clone() for k, p in model.named_parameters()}
+
+
+def _case_full(rank, tmp):
+    from torch.distributed.fsdp import fully_shard
+
+    out = {}
+    for family, wrap in (("llama", "fsdp"), ("gpt_oss", "ddp"), ("gpt_oss", "fsdp")):
+        model = build_full(family)
+        if wrap == "ddp":
+            wrapped = torch.nn.parallel.DistributedDataParallel(model)
+        else:
+            for layer in model.model.layers:
+                fully_shard(layer)
+            wrapped = fully_shard(model)
+            sd.check_model(model)
+        out[f"{wrap}_{family}"] = full_grads(model, wrapped, slice(2 * rank, 2 * rank + 2))
+    return out
+
+
 CASES = {"ddp": _case_ddp, "ddp_unused": _case_ddp_unused, "fsdp": _case_fsdp, "errors": _case_errors,
-         "qlora": _case_qlora}
+         "qlora": _case_qlora, "full": _case_full}
 
 
 def _worker(rank, port, tmp):
@@ -356,6 +414,18 @@ def test_matches_one_process(runs, reference, name):
         torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(ref_losses), rtol=RTOL, atol=0)
         assert_close(res["grads"], ref_grads, f"{name} rank {r} grad")
         assert_close(res["params"], ref_params, f"{name} rank {r} param")
+
+
+@pytest.mark.parametrize("name", ["fsdp_llama", "ddp_gpt_oss", "fsdp_gpt_oss"])
+def test_full_finetuning_matches_one_process(runs, name):
+    """Full fine-tuning (the LM head's gradient from sloth's loss, computed in its forward; gpt-oss's experts and
+    attention on sloth's kernels) under FSDP2 / DDP: the loss and every gradient of one process."""
+    model = build_full(name.split("_", 1)[1])
+    want_loss, want = full_grads(model, model, slice(0, ROWS))
+    for r, res in enumerate(case(runs, "full")):
+        loss, grads = res[name]
+        assert loss == pytest.approx(want_loss, rel=RTOL), (name, r)
+        assert_close(grads, want, f"{name} rank {r}")
 
 
 def test_wrapper_detection(runs):
