@@ -16,7 +16,7 @@ from .ops import MXFP4State, NF4State, mxfp4_dequantize, mxfp4_quantize, nf4_deq
 from .integrations.transformers import patch, patched_modules, unpatch
 from .nn.norm_rope import rms_norm, rope
 
-from .api import FastLanguageModel, from_pretrained, get_peft_model
+from .api import FastLanguageModel, FastModel, from_pretrained, get_peft_model, is_bfloat16_supported
 from .integrations.checkpointing import set_gradient_checkpointing
 from .runtime.offload_checkpoint import offloaded_checkpoint
 # transformers / trl / gguf are imported on use
@@ -28,6 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FastLanguageModel",
+    "FastModel",
     "LoraProj",
     "MXFP4State",
     "NF4State",
@@ -37,6 +38,7 @@ __all__ = [
     "from_pretrained",
     "get_peft_model",
     "glu",
+    "is_bfloat16_supported",
     "linear_cross_entropy",
     "linear_logprobs",
     "linear_logprobs_stats",

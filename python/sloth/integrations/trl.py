@@ -13,6 +13,7 @@ The reference log-probs of DPO / GRPO with a PEFT model come from the same weigh
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from typing import Iterable, List, Optional, Sequence
 
@@ -207,4 +208,82 @@ def train_on_responses_only(trainer_or_collator, instruction_part, response_part
     return wrapped
 
 
-__all__ = ["ResponseOnlyCollator", "patch_trainer", "response_mask", "selective_logprobs", "train_on_responses_only"]
+# ------------------------------------------------------------------------ TRL's pre-1.0 argument names
+
+#: SFTTrainer keywords of TRL < 1.0 that now live in SFTConfig (old name -> SFTConfig field)
+OLD_SFT_TRAINER_ARGS = {"dataset_text_field": "dataset_text_field", "max_seq_length": "max_length",
+                        "packing": "packing", "dataset_num_proc": "dataset_num_proc",
+                        "dataset_kwargs": "dataset_kwargs"}
+_SHIMMED = "_sloth_pre_1_0_names"
+
+
+def _old_names_line(names) -> None:
+    warnings.warn(f"sloth: SFTTrainer / SFTConfig got TRL's pre-1.0 argument names ({', '.join(sorted(names))}); "
+                  f"they were passed on as processing_class= / SFTConfig(max_length=, dataset_text_field=, packing=, "
+                  f"dataset_num_proc=)", FutureWarning, stacklevel=3)
+
+
+def install_pre_1_0_names() -> bool:
+    """Let ``trl.SFTTrainer`` and ``trl.SFTConfig`` take the argument names notebooks written for TRL < 1.0 pass
+    (``SFTTrainer(tokenizer=, dataset_text_field=, max_seq_length=, packing=, dataset_num_proc=,
+    dataset_kwargs=)``, ``SFTConfig(max_seq_length=)``): each is moved to its TRL 1.x place, with one
+    deprecation line. Idempotent; returns False without TRL."""
+    try:
+        import trl
+        from transformers import TrainingArguments
+    except ImportError:
+        return False
+    trainer_cls, config_cls = trl.SFTTrainer, trl.SFTConfig
+    if getattr(trainer_cls.__init__, _SHIMMED, False):
+        return True
+    trainer_init, config_init = trainer_cls.__init__, config_cls.__init__
+
+    @functools.wraps(config_init)
+    def config_shim(self, *args, **kwargs):
+        if "max_seq_length" in kwargs:
+            if "max_length" in kwargs:
+                raise TypeError("SFTConfig: pass max_length (max_seq_length is its pre-1.0 name), not both")
+            kwargs["max_length"] = kwargs.pop("max_seq_length")
+            _old_names_line(["max_seq_length"])
+        config_init(self, *args, **kwargs)
+
+    @functools.wraps(trainer_init)
+    def trainer_shim(self, *args, **kwargs):
+        old = {k: kwargs.pop(k) for k in list(kwargs) if k in OLD_SFT_TRAINER_ARGS}
+        used = list(old)
+        if "tokenizer" in kwargs:
+            if kwargs.get("processing_class") is not None:
+                raise TypeError("SFTTrainer: pass processing_class (tokenizer is its pre-1.0 name), not both")
+            kwargs["processing_class"] = kwargs.pop("tokenizer")
+            used.append("tokenizer")
+        if old:
+            args_pos = len(args) > 1
+            sft_args = args[1] if args_pos else kwargs.get("args")
+            if sft_args is None:
+                sft_args = config_cls(output_dir="trainer_output")
+            elif not isinstance(sft_args, config_cls):
+                if not isinstance(sft_args, TrainingArguments):
+                    raise TypeError(f"SFTTrainer: args must be an SFTConfig or TrainingArguments, got "
+                                    f"{type(sft_args).__name__}")
+                d = sft_args.to_dict()
+                d["hub_token"] = sft_args.hub_token
+                d.pop("push_to_hub_token", None)
+                sft_args = config_cls(**{k: v for k, v in d.items() if k in config_cls.__dataclass_fields__})
+            for k, v in old.items():
+                setattr(sft_args, OLD_SFT_TRAINER_ARGS[k], v)
+            if args_pos:
+                args = (args[0], sft_args) + tuple(args[2:])
+            else:
+                kwargs["args"] = sft_args
+        if used:
+            _old_names_line(used)
+        trainer_init(self, *args, **kwargs)
+
+    setattr(trainer_shim, _SHIMMED, True)
+    trainer_cls.__init__ = trainer_shim
+    config_cls.__init__ = config_shim
+    return True
+
+
+__all__ = ["ResponseOnlyCollator", "install_pre_1_0_names", "patch_trainer", "response_mask", "selective_logprobs",
+           "train_on_responses_only"]
