@@ -452,6 +452,38 @@ def test_naive_accumulation_differs(reference):
     assert worst > 100 * RTOL, worst
 
 
+def test_host_memory_shared_by_local_ranks(monkeypatch):
+    """The default pinned-memory limits of offloaded checkpointing are per host: divided among its training
+    processes (LOCAL_WORLD_SIZE, set by torchrun); an explicit SLOTH_OFFLOAD_HOST_GB stays per process."""
+    from sloth import config
+    from sloth.runtime import offload_checkpoint as oc
+
+    monkeypatch.setattr(config, "OFFLOAD_HOST_GB", None)
+    monkeypatch.setattr(config, "SAVE_ATTENTION_HOST_GB", None)
+    monkeypatch.setattr(oc, "_phys_bytes", lambda: 128 * 2**30)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert sd.local_world_size() == 1
+    assert oc._host_limit() == 112 * 2**30 and oc._attention_budget() == 16 * 2**30
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert sd.local_world_size() == 8
+    assert oc._host_limit() == 14 * 2**30 and oc._attention_budget() == 2 * 2**30
+    monkeypatch.setattr(config, "OFFLOAD_HOST_GB", 40 * 2**30)
+    assert oc._host_limit() == 40 * 2**30
+
+
+def test_local_cuda_index(monkeypatch):
+    """Under torchrun each process loads onto cuda:LOCAL_RANK (modulo the visible devices), not device 0."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert sd.local_cuda_index() is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert sd.local_cuda_index() == 2
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    assert sd.local_cuda_index() == 1
+
+
 def test_num_items_in_batch_single_process():
     _, labels = global_batch(0)
     n = sd.num_items_in_batch([labels[:2], labels[2:]])

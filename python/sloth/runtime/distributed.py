@@ -31,6 +31,7 @@ How sloth's pieces meet DDP and FSDP2 (``fully_shard``):
 from __future__ import annotations
 
 import logging
+import os
 from typing import Sequence, Union
 
 import torch
@@ -61,6 +62,31 @@ def rank(group=None) -> int:
 def is_main_process() -> bool:
     """Rank 0, or no process group: the process that writes files."""
     return rank() == 0
+
+
+def _env_int(name: str):
+    value = os.environ.get(name, "")
+    return int(value) if value.isdigit() else None
+
+
+def local_world_size() -> int:
+    """The number of training processes on this host: ``LOCAL_WORLD_SIZE`` (set by torchrun, and so by accelerate
+    launch), else 1. Host resources sized per process (the pinned memory of offloaded checkpoints) are shared by
+    that many processes."""
+    return max(1, _env_int("LOCAL_WORLD_SIZE") or 1)
+
+
+def local_cuda_index():
+    """The CUDA device this process should load onto: ``LOCAL_RANK`` (modulo the visible devices) when launched by
+    torchrun / accelerate launch, else the current device; None without CUDA. (Under torchrun every process starts
+    on device 0 until something calls ``torch.cuda.set_device``, which accelerate does only once a Trainer or
+    Accelerator exists, after the model was loaded.)"""
+    if not torch.cuda.is_available():
+        return None
+    local = _env_int("LOCAL_RANK")
+    if local is not None:
+        return local % torch.cuda.device_count()
+    return torch.cuda.current_device()
 
 
 def barrier() -> None:
@@ -277,4 +303,5 @@ def check_model(model) -> None:
 
 __all__ = ["active_ddp", "barrier", "check_model", "fsdp2_units", "full_tensor", "global_token_count",
            "grad_hooks_must_fire", "initialized", "is_ddp", "is_fsdp1", "is_fsdp2", "is_main_process", "is_sharded",
-           "num_items_in_batch", "rank", "reentrant_checkpoint_ok", "unwrap", "world_size"]
+           "local_cuda_index", "local_world_size", "num_items_in_batch", "rank", "reentrant_checkpoint_ok", "unwrap",
+           "world_size"]

@@ -75,22 +75,23 @@ def _phys_bytes() -> int:
 
 
 def _host_limit() -> int:
-    """Bytes of pinned host memory all checkpoints may hold: SLOTH_OFFLOAD_HOST_GB (GiB), else the host memory
-    (:func:`_phys_bytes`) less what everything else needs: an eighth of it, or a quarter up to 16 GiB if more
-    (12 GiB of a 16 GiB host, 112 GiB of a 128 GiB one)."""
+    """Bytes of pinned host memory all checkpoints of this process may hold: SLOTH_OFFLOAD_HOST_GB (GiB), else the
+    host memory (:func:`_phys_bytes`) less what everything else needs: an eighth of it, or a quarter up to 16 GiB if
+    more (12 GiB of a 16 GiB host, 112 GiB of a 128 GiB one), shared by the training processes of the host
+    (:func:`sloth.runtime.distributed.local_world_size`: 14 GiB each for 8 ranks of a 128 GiB host)."""
     limit = config.OFFLOAD_HOST_GB
     if limit is None:
         phys = _phys_bytes()
-        limit = phys - max(phys // 8, min(16 * 2**30, phys // 4))
+        limit = (phys - max(phys // 8, min(16 * 2**30, phys // 4))) // distributed.local_world_size()
     return limit
 
 
 def _attention_budget() -> int:
     """Bytes of pinned host memory saved attentions may hold at once: SLOTH_SAVE_ATTENTION_HOST_GB (GiB), else an
-    eighth of the machine's physical memory (so that at long context, where the layers' inputs alone fill the
-    host, most layers recompute their attention rather than the host running out)."""
+    eighth of the machine's physical memory, shared by its training processes (so that at long context, where the
+    layers' inputs alone fill the host, most layers recompute their attention rather than the host running out)."""
     budget = config.SAVE_ATTENTION_HOST_GB
-    return budget if budget is not None else _phys_bytes() // 8
+    return budget if budget is not None else _phys_bytes() // 8 // distributed.local_world_size()
 
 
 def _pinned_bytes(t: torch.Tensor, exact: bool) -> int:
