@@ -30,7 +30,8 @@ TORCH_LIBRARY(sloth, m) {
   //   lse = log sum exp z, entropy = lse - sum softmax(z) * z  (all [rows] fp32).
   // With compute_grad, logits are overwritten IN PLACE by d/dx of
   //   c_nll * loss + c_ent * entropy,  c_nll = grad_scale * grad_nll[row] (1 when None),
-  //   c_ent = grad_scale * grad_entropy[row] (0 when None), both 0 on ignored rows.
+  //   c_ent = grad_scale * grad_entropy[row] (0 when None), both 0 on ignored rows; a row whose label is outside
+  //   [0, V) (and not ignore_index) gets a NaN gradient.
   m.def(
       "cross_entropy_chunk(Tensor(a!) logits, Tensor labels, Tensor? grad_nll, Tensor? grad_entropy, "
       "float grad_scale, int ignore_index, float softcap, float logit_scale, bool compute_grad) "
@@ -45,7 +46,8 @@ TORCH_LIBRARY(sloth, m) {
   m.def(
       "ce_online_block(Tensor(a!) logits, Tensor labels, int vocab_start, Tensor(b!) state, Tensor(c!) acc, "
       "float softcap, float logit_scale, float margin) -> ()");
-  // After the last block: loss [rows] fp32 = m + log s - z_label (0 where label == ignore_index, NaN outside
+  // After the last block (a row with a label outside [0, V) gets NaN in loss and dh):
+  // loss [rows] fp32 = m + log s - z_label (0 where label == ignore_index, NaN outside
   // [0, V)) and, written into dh [rows, H] (weight's dtype), d loss / d h = c (acc / s - dz/dx_label W[label])
   // with c = row_scale[row] (1 when None), 0 on ignored rows.
   m.def(
@@ -94,7 +96,7 @@ TORCH_LIBRARY(sloth, m) {
   m.def("moe_combine_backward(Tensor dout, Tensor y, Tensor sorted_slots, Tensor slot_pos, Tensor weights) "
         "-> (Tensor dy, Tensor dweights)");
   // ---- end MoE ----
-  // ---- RMSNorm and RoPE (branch integrate; python/sloth/ops/norm_rope.py) ----
+  // ---- RMSNorm and RoPE (python/sloth/ops/norm_rope.py) ----
   // x [rows, H], weight [H] (same dtype, fp32/fp16/bf16) -> y [rows, H] (x's dtype), rstd [rows] fp32; fp32 math:
   //   rstd = 1 / sqrt(mean(x^2) + eps), y = x * rstd * (offset + w); cast_before_weight rounds x * rstd to
   //   x's dtype before the weight multiply (LlamaRMSNorm), else one rounding at the end (Gemma3RMSNorm).

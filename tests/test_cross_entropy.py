@@ -150,10 +150,57 @@ def test_no_grad_inputs_and_no_grad_mode():
     assert not loss.requires_grad
 
 
-def test_out_of_range_label_is_nan():
+@pytest.mark.parametrize("w_grad", [True, False], ids=["chunked", "online"])
+@pytest.mark.parametrize("bad", [10, -1, -7])
+def test_invalid_label(bad, w_grad, monkeypatch):
+    """A label outside [0, V) other than ignore_index: an error where the labels are on the CPU; where checking
+    would need a host sync (GPU labels, torch.compile; simulated by skipping the check) its row's loss and every
+    gradient it feeds are NaN, never finite (they were: a NaN loss with a finite, wrong gradient)."""
+    import sys
+
+    lce = sys.modules["sloth.nn.linear_cross_entropy"]  # (the package exports a function of the module's name)
+    hidden, weight, _, labels = make(5, 8, 10, torch.float32, "cpu", w_grad=w_grad)
+    labels[2] = bad
+    with pytest.raises(ValueError, match=f"label {bad} at flat position 2 is outside"):
+        sloth.linear_cross_entropy(hidden, weight, labels)
+    monkeypatch.setattr(lce, "_check_labels", lambda *a: None)
+    loss = sloth.linear_cross_entropy(hidden, weight, labels, chunk_size=2)
+    assert torch.isnan(loss)
+    loss.backward()
+    assert torch.isnan(hidden.grad[2]).all() and torch.isfinite(hidden.grad[[0, 1, 3, 4]]).all()
+    if w_grad:
+        assert torch.isnan(weight.grad).all()  # every row of dW takes the bad row's NaN gradient
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_invalid_label_ops_poison_gradients(device):
+    """The kernels themselves: an out-of-range label's row gets a NaN loss and a NaN gradient row (chunk op: the
+    logits' gradient; online op: dh), ignored rows 0, valid rows finite."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 12, generator=g).to(device)
+    labels = torch.tensor([3, 12, -100, -5], device=device)
+    lg = logits.clone()
+    loss, _, _ = torch.ops.sloth.cross_entropy_chunk(lg, labels, None, None, 1.0, -100, 0.0, 1.0, True)
+    assert torch.isfinite(loss[0]) and loss[2] == 0 and torch.isnan(loss[[1, 3]]).all()
+    assert torch.isfinite(lg[0]).all() and (lg[2] == 0).all() and torch.isnan(lg[[1, 3]]).all()
+    H = 6
+    weight = torch.randn(12, H, generator=g).to(device)
+    state = torch.empty(4, 4, device=device)
+    acc = torch.zeros(4, H, device=device)
+    blk = logits.clone()
+    torch.ops.sloth.ce_online_block(blk, labels, 0, state, acc, 0.0, 1.0, 0.0)
+    acc += blk @ weight
+    dh = torch.empty(4, H, device=device)
+    loss = torch.ops.sloth.ce_online_finish(state, acc, weight, labels, None, -100, dh)
+    assert torch.isfinite(loss[0]) and loss[2] == 0 and torch.isnan(loss[[1, 3]]).all()
+    assert torch.isfinite(dh[0]).all() and (dh[2] == 0).all() and torch.isnan(dh[[1, 3]]).all()
+
+
+@pytest.mark.parametrize("n", [-1, -3.0, torch.tensor(-2)])
+def test_negative_num_items_in_batch(n):
     hidden, weight, _, labels = make(5, 8, 10, torch.float32, "cpu")
-    labels[2] = 10
-    assert torch.isnan(sloth.linear_cross_entropy(hidden, weight, labels))
+    with pytest.raises(ValueError, match="num_items_in_batch must be >= 0"):
+        sloth.linear_cross_entropy(hidden, weight, labels, num_items_in_batch=n)
 
 
 @pytest.mark.parametrize("device", DEVICES)

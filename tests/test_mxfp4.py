@@ -12,10 +12,10 @@ from test_nf4 import _assert_bits_equal
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def random_mx(shape, device):
-    """Random blocks, and scales over the whole E8M0 range including 0 (2^-127) and 255 (inf)."""
+def random_mx(shape, device, top=256):
+    """Random blocks, and scales over the whole E8M0 range including 0 (2^-127) and 255 (NaN)."""
     blocks = torch.randint(0, 256, (*shape, 16), dtype=torch.uint8, device=device)
-    scales = torch.randint(0, 256, shape, dtype=torch.uint8, device=device)
+    scales = torch.randint(0, top, shape, dtype=torch.uint8, device=device)
     return blocks, scales
 
 
@@ -32,7 +32,8 @@ def test_dequantize_matches_reference(device, dtype, shape):
 @pytest.mark.parametrize("shape", [(2, 6, 3), (3, 64, 90)])  # [experts, rows, groups] as gpt-oss stores them
 def test_dequantize_bit_exact_with_transformers(device, dtype, shape):
     mx = pytest.importorskip("transformers.integrations.mxfp4")
-    blocks, scales = random_mx(shape, device)
+    # scales up to 254: 255 is the E8M0 NaN (sloth: NaN, OCP MX), which Transformers' ldexp reads as 2^128
+    blocks, scales = random_mx(shape, device, top=255)
     scales[0, 0, 0] = 0  # 2^-127: subnormal in fp32, zero in fp16
     want = mx.convert_moe_packed_tensors(blocks, scales, dtype=dtype)  # [E, G * 32, rows]: transposed
     got = sloth.mxfp4_dequantize(blocks, scales, dtype)  # [E, rows, G * 32]
@@ -97,3 +98,33 @@ class TestErrors:
     def test_int_input(self):
         with pytest.raises(TypeError, match="dtype"):
             sloth.mxfp4_quantize(torch.zeros(32, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_in_nan_out(device, dtype):
+    """A block holding a NaN gets the E8M0 NaN scale 255 and dequantizes to NaN (the whole block); inf keeps the
+    largest finite scale; other blocks are untouched."""
+    x = torch.randn(3, 96, device=device).to(dtype)
+    x[0, 5] = float("nan")
+    x[2, 70] = float("inf")
+    blocks, scales = sloth.mxfp4_quantize(x)
+    assert scales[0, 0].item() == 255 and scales[2, 2].item() == 254
+    rb, rs = ref.mxfp4_quantize(x)
+    _assert_bits_equal(scales, rs)
+    y = sloth.mxfp4_dequantize(blocks, scales, dtype)
+    assert torch.isnan(y[0, :32]).all() and not torch.isnan(y[0, 32:]).any() and not torch.isnan(y[1]).any()
+    assert torch.equal(y[1], sloth.mxfp4_dequantize(*sloth.mxfp4_quantize(x[1:2]), dtype)[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_and_misaligned(device):
+    """K = 0 gives empty outputs (it divided by zero: SIGFPE); K = 48 or a 0-d input is an error."""
+    blocks, scales = sloth.mxfp4_quantize(torch.randn(4, 0, device=device))
+    assert blocks.shape == (4, 0, 16) and scales.shape == (4, 0)
+    assert sloth.mxfp4_dequantize(blocks, scales, torch.float32).shape == (4, 0)
+    blocks, scales = torch.ops.sloth.mxfp4_quantize(torch.randn(0, 64, device=device))
+    assert blocks.shape == (0, 2, 16)
+    for bad in (torch.randn(4, 48, device=device), torch.tensor(1.0, device=device)):
+        with pytest.raises(RuntimeError, match="multiple of 32"):
+            torch.ops.sloth.mxfp4_quantize(bad)

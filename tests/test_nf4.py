@@ -249,3 +249,52 @@ def test_to_bitsandbytes_state():
     packed, st = sloth.nf4_quantize(x)
     qs = st.to_bitsandbytes()
     assert torch.equal(bnb_dequantize(packed, qs), sloth.nf4_dequantize(packed, st))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_in_nan_out(device, dtype):
+    """A block holding a NaN gets a NaN absmax and dequantizes to NaN (bitsandbytes' behaviour; it came back as
+    numbers, -absmax); the other blocks are untouched. Double quantization: the absmax mean is NaN, so everything
+    is, as with bitsandbytes."""
+    x = torch.randn(4, 64, device=device).to(dtype)
+    x[1, 7] = float("nan")
+    packed, state = sloth.nf4_quantize(x, 64, compress_statistics=False)
+    assert torch.isnan(state.absmax[1]) and torch.isfinite(state.absmax[[0, 2, 3]]).all()
+    y = sloth.nf4_dequantize(packed, state)
+    assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2, 3]]).all()
+    want = ref.nf4_dequantize(packed, state.absmax, x.shape, 64, dtype)
+    assert torch.equal(y[[0, 2, 3]], want[[0, 2, 3]]) and torch.isnan(want[1]).all()
+    packed, state = sloth.nf4_quantize(x, 64, compress_statistics=True)
+    assert torch.isnan(sloth.nf4_dequantize(packed, state)).all()
+    q, am = torch.ops.sloth.blockwise8_quantize(x.reshape(-1), ref.dynamic_code(device), 64)
+    assert torch.isnan(am[1]) and torch.isfinite(am[[0, 2, 3]]).all()
+
+
+def test_nan_matches_bitsandbytes():
+    F = bnb_or_skip()
+    x = torch.randn(2, 64)
+    x[0, 3] = float("nan")
+    q, s = F.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=False)
+    want = F.dequantize_4bit(q, s)
+    packed, state = sloth.nf4_quantize(x, 64, compress_statistics=False)
+    got = sloth.nf4_dequantize(packed, state)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_blocksizes_raise(device):
+    """blocksize 0 divided by zero in C++ (SIGFPE); every op checks it now, called directly too."""
+    x = torch.randn(4, 64, device=device)
+    for bs in (0, -64, 48):
+        with pytest.raises(RuntimeError, match="blocksize"):
+            torch.ops.sloth.nf4_quantize(x, bs)
+    packed, absmax = torch.ops.sloth.nf4_quantize(x, 64)
+    with pytest.raises(RuntimeError, match="blocksize"):
+        torch.ops.sloth.nf4_dequantize(packed, absmax, [4, 64], 0, torch.float32)
+    with pytest.raises(RuntimeError, match="packed holds"):  # it segfaulted
+        torch.ops.sloth.nf4_dequantize(packed, absmax, [4000, 64], 64, torch.float32)
+    with pytest.raises(RuntimeError, match="blocksize"):
+        torch.ops.sloth.blockwise8_quantize(x, ref.dynamic_code(device), 0)
+    with pytest.raises(RuntimeError, match="256 entries"):  # it read past the short code
+        torch.ops.sloth.blockwise8_quantize(x, ref.dynamic_code(device)[:16], 64)

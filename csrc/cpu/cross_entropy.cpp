@@ -6,9 +6,9 @@
 #include <cmath>
 #include <limits>
 
-#include "dtype_dispatch.h"
 #include "sloth/cross_entropy.h"
 #include "sloth/numeric.h"
+#include "sloth/op_checks.h"
 
 namespace sloth::cpu {
 namespace {
@@ -43,7 +43,7 @@ void ce_rows(typename OutStorage<T>::type* logits, int64_t rows, int64_t V, cons
       a.lse[r] = lse;
       a.entropy[r] = lse - mean_z;
       if (!a.compute_grad) continue;
-      const float c_nll = ignored ? 0.0f : a.grad_scale * (a.grad_nll ? a.grad_nll[r] : 1.0f);
+      const float c_nll = ce_row_coef(ignored, valid, a.grad_scale * (a.grad_nll ? a.grad_nll[r] : 1.0f));
       const float c_ent = ignored ? 0.0f : a.grad_scale * (a.grad_entropy ? a.grad_entropy[r] : 0.0f);
       for (int64_t j = 0; j < V; ++j) {
         const float z = ce_logit(to_float<T>(row[j]), a.logit_scale, a.softcap);
@@ -57,11 +57,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_entropy_chunk(
     at::Tensor& logits, const at::Tensor& labels_, const std::optional<at::Tensor>& grad_nll_,
     const std::optional<at::Tensor>& grad_entropy_, double grad_scale, int64_t ignore_index, double softcap,
     double logit_scale, bool compute_grad) {
-  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "sloth.cross_entropy_chunk: logits must be a contiguous "
-              "[rows, V] tensor (it is updated in place)");
+  check_cross_entropy_chunk_args(logits, labels_, grad_nll_, grad_entropy_);
   const int64_t rows = logits.size(0), V = logits.size(1);
   at::Tensor labels = labels_.to(at::kLong).contiguous();
-  TORCH_CHECK(labels.numel() == rows, "sloth.cross_entropy_chunk: labels must have ", rows, " entries");
   at::Tensor grad_nll, grad_entropy;
   if (grad_nll_) grad_nll = grad_nll_->to(at::kFloat).contiguous();
   if (grad_entropy_) grad_entropy = grad_entropy_->to(at::kFloat).contiguous();

@@ -3,22 +3,15 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "dtype_dispatch.h"
 #include "sloth/glu.h"
 #include "sloth/numeric.h"
+#include "sloth/op_checks.h"
 
 namespace sloth::cpu {
 namespace {
 
-void check_glu(const at::Tensor& a, const at::Tensor& b, const char* an, const char* bn, const char* op) {
-  TORCH_CHECK(a.sizes() == b.sizes(), "sloth.", op, ": ", an, " ", a.sizes(), " and ", bn, " ", b.sizes(),
-              " must have the same shape");
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "sloth.", op, ": ", an, " and ", bn,
-              " must have the same dtype, got ", a.scalar_type(), " and ", b.scalar_type());
-}
-
 at::Tensor glu_forward(const at::Tensor& gate_, const at::Tensor& up_, int64_t kind) {
-  check_glu(gate_, up_, "gate", "up", "glu_forward");
+  check_glu_forward_args(gate_, up_, kind);
   at::Tensor gate = gate_.contiguous(), up = up_.contiguous();
   at::Tensor out = at::empty_like(gate);
   const int64_t n = gate.numel();
@@ -40,10 +33,7 @@ at::Tensor glu_forward(const at::Tensor& gate_, const at::Tensor& up_, int64_t k
 }
 
 void glu_backward(const at::Tensor& grad_, const at::Tensor& gate, const at::Tensor& up, int64_t kind) {
-  check_glu(gate, up, "gate", "up", "glu_backward");
-  check_glu(grad_, gate, "grad", "gate", "glu_backward");
-  TORCH_CHECK(gate.is_contiguous() && up.is_contiguous(),
-              "sloth.glu_backward: gate and up are written in place and must be contiguous");
+  check_glu_backward_args(grad_, gate, up, kind);
   at::Tensor grad = grad_.contiguous();
   const int64_t n = gate.numel();
   dispatch_out_type(out_type_of(gate.scalar_type()), [&](auto t) {

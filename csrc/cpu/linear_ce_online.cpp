@@ -6,10 +6,9 @@
 
 #include <cmath>
 
-#include "dtype_dispatch.h"
-#include "linear_ce_online_checks.h"
 #include "sloth/cross_entropy.h"
 #include "sloth/numeric.h"
+#include "sloth/op_checks.h"
 
 namespace sloth::cpu {
 namespace {
@@ -90,7 +89,7 @@ at::Tensor ce_online_finish(const at::Tensor& state, const at::Tensor& acc, cons
         const bool ignored = label == ignore_index;
         const bool valid = !ignored && label >= 0 && label < V;
         loss_p[r] = ce_online_loss(st, ignored, valid);
-        const float c = ignored ? 0.0f : (scale_p ? scale_p[r] : 1.0f);
+        const float c = ce_row_coef(ignored, valid, scale_p ? scale_p[r] : 1.0f);  // NaN: a label outside [0, V)
         const float inv_s = c == 0.0f ? 0.0f : c / st.s;
         const float dl = valid ? c * st.d_label : 0.0f;
         const raw_t<T>* wr = w + (valid ? label : 0) * H;

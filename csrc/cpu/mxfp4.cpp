@@ -3,8 +3,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "dtype_dispatch.h"
 #include "sloth/mxfp4.h"
+#include "sloth/op_checks.h"
 
 namespace sloth::cpu {
 namespace {
@@ -12,8 +12,10 @@ namespace {
 constexpr float kE2M1[16] = SLOTH_E2M1_VALUES;
 
 std::tuple<at::Tensor, at::Tensor> mxfp4_quantize(const at::Tensor& x_) {
+  check_mxfp4_quantize_args(x_, kMxBlock);
   at::Tensor x = x_.contiguous();
-  const int64_t k = x.size(-1), rows = x.numel() / k * (k / kMxBlock);  // one row per 32-block
+  const int64_t rows = x.numel() / kMxBlock;  // one row per 32-block (x.numel() is a multiple of 32)
+  const int64_t k = x.size(-1);
   std::vector<int64_t> bshape(x.sizes().begin(), x.sizes().end() - 1), sshape;
   bshape.push_back(k / kMxBlock);
   sshape = bshape;
@@ -30,7 +32,7 @@ std::tuple<at::Tensor, at::Tensor> mxfp4_quantize(const at::Tensor& x_) {
       for (int64_t r = r0; r < r1; ++r) {
         const raw* v = src + r * kMxBlock;
         float amax = 0.0f;
-        for (int i = 0; i < kMxBlock; ++i) amax = std::max(amax, std::fabs(to_float<T>(v[i])));
+        for (int i = 0; i < kMxBlock; ++i) amax = max_nan(amax, std::fabs(to_float<T>(v[i])));  // NaN: scale 255
         const uint8_t s = mx_scale_for(amax);
         sp[r] = s;
         const float inv = e8m0_inverse(s);
@@ -46,6 +48,7 @@ std::tuple<at::Tensor, at::Tensor> mxfp4_quantize(const at::Tensor& x_) {
 }
 
 at::Tensor mxfp4_dequantize(const at::Tensor& blocks_, const at::Tensor& scales_, at::ScalarType dtype) {
+  check_mxfp4_dequantize_args(blocks_, scales_, dtype, kMxBlock);
   at::Tensor blocks = blocks_.contiguous(), scales = scales_.contiguous();
   std::vector<int64_t> oshape(blocks.sizes().begin(), blocks.sizes().end() - 2);
   oshape.push_back(blocks.size(-2) * kMxBlock);

@@ -3,9 +3,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "dtype_dispatch.h"
 #include "sloth/nf4.h"
 #include "sloth/numeric.h"
+#include "sloth/op_checks.h"
 
 namespace sloth::cpu {
 namespace {
@@ -34,8 +34,8 @@ void nf4_quantize_impl(const void* x, int64_t n, int64_t blocksize, uint8_t* pac
   at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = b * blocksize, end = std::min(n, start + blocksize);
-      float amax = 0.0f;
-      for (int64_t i = start; i < end; ++i) amax = std::max(amax, std::fabs(to_float<T>(src[i])));
+      float amax = 0.0f;  // NaN when the block holds one (it then dequantizes to NaN, as bitsandbytes')
+      for (int64_t i = start; i < end; ++i) amax = max_nan(amax, std::fabs(to_float<T>(src[i])));
       absmax[b] = amax;
       const float inv = 1.0f / std::max(amax, kMinAbsmax);
       for (int64_t i = start; i < end; i += 2) {  // blocksize is even: pairs never straddle blocks
@@ -48,6 +48,8 @@ void nf4_quantize_impl(const void* x, int64_t n, int64_t blocksize, uint8_t* pac
 }
 
 std::tuple<at::Tensor, at::Tensor> nf4_quantize(const at::Tensor& x_, int64_t blocksize) {
+  check_float(x_, "nf4_quantize", "x");
+  check_nf4_blocksize(blocksize, "nf4_quantize");
   at::Tensor x = x_.contiguous();
   const int64_t n = x.numel();
   at::Tensor packed = at::empty({(n + 1) / 2, 1}, x.options().dtype(at::kByte));
@@ -63,6 +65,8 @@ at::Tensor nf4_dequantize(const at::Tensor& packed_, const at::Tensor& absmax_, 
                           int64_t blocksize, at::ScalarType dtype, const std::optional<at::Tensor>& code2,
                           const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& offset,
                           int64_t blocksize2) {
+  check_nf4_dequantize_args(packed_, absmax_, checked_numel(shape, "nf4_dequantize"), blocksize, dtype, code2, absmax2,
+                            offset, blocksize2, "nf4_dequantize");
   at::Tensor packed = packed_.contiguous(), absmax = absmax_.contiguous();
   at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
   const int64_t n = out.numel();
@@ -101,6 +105,7 @@ at::Tensor nf4_dequantize(const at::Tensor& packed_, const at::Tensor& absmax_, 
 
 std::tuple<at::Tensor, at::Tensor> blockwise8_quantize(const at::Tensor& x_, const at::Tensor& code_,
                                                        int64_t blocksize) {
+  check_blockwise8_args(x_, code_, blocksize);
   at::Tensor x = x_.contiguous(), code = code_.contiguous();
   const int64_t n = x.numel();
   at::Tensor q = at::empty(x.sizes(), x.options().dtype(at::kByte));
@@ -115,8 +120,8 @@ std::tuple<at::Tensor, at::Tensor> blockwise8_quantize(const at::Tensor& x_, con
     at::parallel_for(0, absmax.numel(), 16, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t start = b * blocksize, end = std::min(n, start + blocksize);
-        float amax = 0.0f;
-        for (int64_t i = start; i < end; ++i) amax = std::max(amax, std::fabs(to_float<T>(src[i])));
+        float amax = 0.0f;  // NaN-propagating, as in nf4_quantize_impl
+        for (int64_t i = start; i < end; ++i) amax = max_nan(amax, std::fabs(to_float<T>(src[i])));
         am[b] = amax;
         const float inv = 1.0f / std::max(amax, kMinAbsmax);
         for (int64_t i = start; i < end; ++i) qp[i] = code256_encode(c, to_float<T>(src[i]) * inv);

@@ -5,10 +5,9 @@
 
 #include <vector>
 
-#include "dtype_dispatch.h"
-#include "norm_rope_checks.h"
 #include "sloth/norm_rope.h"
 #include "sloth/numeric.h"
+#include "sloth/op_checks.h"
 
 namespace sloth::cpu {
 namespace {

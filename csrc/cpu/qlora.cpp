@@ -4,6 +4,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include "sloth/op_checks.h"
+
 namespace sloth::cpu {
 namespace {
 
@@ -20,21 +22,13 @@ at::Tensor call_nf4_dequantize(const at::Tensor& packed, const at::Tensor& absma
   return op.call(packed, absmax, shape, blocksize, dtype, code2, absmax2, offset, blocksize2);
 }
 
-void check_absmax(const at::Tensor& absmax, const std::optional<at::Tensor>& code2,
-                  const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& offset, const char* op) {
-  TORCH_CHECK(absmax.scalar_type() == at::kFloat || absmax.scalar_type() == at::kByte, "sloth.", op,
-              ": absmax must be float32 or uint8 (double-quantized), got ", absmax.scalar_type());
-  TORCH_CHECK(absmax.scalar_type() == at::kFloat || (code2 && absmax2 && offset), "sloth.", op,
-              ": uint8 absmax needs code2, absmax2 and offset");
-}
-
 void nf4_dequantize_out(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
                         const std::optional<at::Tensor>& code2, const std::optional<at::Tensor>& absmax2,
                         const std::optional<at::Tensor>& offset, int64_t blocksize2, const at::Tensor& out) {
   TORCH_CHECK(out.is_contiguous(), "sloth.nf4_dequantize_out: out must be contiguous");
-  check_absmax(absmax, code2, absmax2, offset, "nf4_dequantize_out");
-  TORCH_CHECK(packed.numel() == (out.numel() + 1) / 2, "sloth.nf4_dequantize_out: packed holds ", packed.numel(),
-              " bytes but out has ", out.numel(), " elements");
+  check_device(out, packed, "nf4_dequantize_out", "out");
+  check_nf4_dequantize_args(packed, absmax, out.numel(), blocksize, out.scalar_type(), code2, absmax2, offset, blocksize2,
+                            "nf4_dequantize_out");
   out.copy_(call_nf4_dequantize(packed, absmax, out.sizes(), blocksize, out.scalar_type(), code2, absmax2, offset,
                                 blocksize2));
 }
@@ -44,11 +38,9 @@ at::Tensor nf4_gemv_lora(const at::Tensor& x, const at::Tensor& packed, const at
                          const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& offset,
                          int64_t blocksize2, const std::optional<at::Tensor>& lora_t,
                          const std::optional<at::Tensor>& lora_B, double scaling, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2, "sloth.nf4_gemv_lora: x must be [M, K], got ", x.sizes());
+  check_nf4_gemv_lora_args(x, packed, absmax, out_features, blocksize, code2, absmax2, offset, blocksize2, lora_t, lora_B,
+                           bias);
   const int64_t k = x.size(1);
-  check_absmax(absmax, code2, absmax2, offset, "nf4_gemv_lora");
-  TORCH_CHECK(packed.numel() == (out_features * k + 1) / 2, "sloth.nf4_gemv_lora: packed holds ", packed.numel(),
-              " bytes, expected ", (out_features * k + 1) / 2, " for a [", out_features, ", ", k, "] weight");
   at::Tensor w = call_nf4_dequantize(packed, absmax, {out_features, k}, blocksize, at::kFloat, code2, absmax2,
                                      offset, blocksize2);                      // [N, K] fp32
   at::Tensor y = at::matmul(x.to(at::kFloat), w.t());                        // [M, N] fp32

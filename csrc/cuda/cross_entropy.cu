@@ -5,6 +5,7 @@
 #include "launchers.h"
 #include "sloth/cross_entropy.h"
 #include "sloth/numeric.h"
+#include "sloth/vec.cuh"
 
 namespace sloth::cuda {
 namespace {
@@ -12,37 +13,6 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kUnroll = 4;  // 16-byte loads in flight per thread: 512 x 4 x 16 B = 32 KiB per CTA
 constexpr int kWarps = kThreads / kWarpSize;
-
-template <OutType T>
-struct Vec {
-  using raw = typename OutStorage<T>::type;
-  static constexpr int N = 16 / sizeof(raw);  // elements per 16-byte vector
-  __device__ __forceinline__ static void unpack(const uint4& v, float (&out)[N]) {
-    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-    if constexpr (T == OutType::kF32) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) out[i] = bits_float(w[i]);
-    } else {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        out[2 * i] = to_float<T>((uint16_t)(w[i] & 0xffffu));
-        out[2 * i + 1] = to_float<T>((uint16_t)(w[i] >> 16));
-      }
-    }
-  }
-  __device__ __forceinline__ static uint4 pack(const float (&in)[N]) {
-    uint32_t w[4];
-    if constexpr (T == OutType::kF32) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) w[i] = float_bits(in[i]);
-    } else {
-#pragma unroll
-      for (int i = 0; i < 4; ++i)
-        w[i] = (uint32_t)from_float<T>(in[2 * i]) | ((uint32_t)from_float<T>(in[2 * i + 1]) << 16);
-    }
-    return make_uint4(w[0], w[1], w[2], w[3]);
-  }
-};
 
 // Adds n logits at once: one rescale for the group's max, then one exp per element.
 template <int N>
@@ -78,7 +48,7 @@ struct RowSplit {
 template <OutType T>
 __device__ __forceinline__ RowSplit split_row(const typename OutStorage<T>::type* row, int64_t V) {
   using raw = typename OutStorage<T>::type;
-  constexpr int N = Vec<T>::N;
+  constexpr int N = kVec16<T>;
   const int64_t mis = (int64_t)(reinterpret_cast<uintptr_t>(row) & 15u);
   int64_t head = mis == 0 ? 0 : (16 - mis) / (int64_t)sizeof(raw);
   if (head > V) head = V;
@@ -93,8 +63,7 @@ __device__ __forceinline__ RowSplit split_row(const typename OutStorage<T>::type
 template <OutType T, bool kWrite, typename Scalar, typename Vector>
 __device__ __forceinline__ void for_each_in_row(typename OutStorage<T>::type* row, int64_t V, const RowSplit& sp,
                                                 Scalar&& scalar, Vector&& vector) {
-  using vec = Vec<T>;
-  constexpr int N = vec::N;
+  constexpr int N = kVec16<T>;
   const int tid = threadIdx.x;
   uint4* body = reinterpret_cast<uint4*>(row + sp.head);
   const auto one = [&](int64_t j) {
@@ -115,9 +84,9 @@ __device__ __forceinline__ void for_each_in_row(typename OutStorage<T>::type* ro
       const int64_t idx = v0 + (int64_t)u * kThreads + tid;
       if (idx < sp.nvec) {
         float z[N];
-        vec::unpack(buf[u], z);
+        unpack16<T>(buf[u], z);
         vector(sp.head + idx * N, z);
-        if constexpr (kWrite) body[idx] = vec::pack(z);
+        if constexpr (kWrite) body[idx] = pack16<T>(z);
       }
     }
   }
@@ -132,7 +101,7 @@ template <OutType T>
 __global__ void __launch_bounds__(kThreads) cross_entropy_chunk_kernel(typename OutStorage<T>::type* __restrict__ logits,
                                                                        int64_t V, CeChunkArgs a) {
   using raw = typename OutStorage<T>::type;
-  constexpr int N = Vec<T>::N;
+  constexpr int N = kVec16<T>;
   __shared__ CeState s_warp[kWarps];
   __shared__ CeState s_row;
   __shared__ float s_zlabel;
@@ -179,7 +148,7 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_chunk_kernel(typename 
   if (!a.compute_grad) return;
 
   // Pass 2: the gradient, in place.
-  const float c_nll = ignored ? 0.0f : a.grad_scale * (a.grad_nll ? a.grad_nll[r] : 1.0f);
+  const float c_nll = ce_row_coef(ignored, valid, a.grad_scale * (a.grad_nll ? a.grad_nll[r] : 1.0f));
   const float c_ent = ignored ? 0.0f : a.grad_scale * (a.grad_entropy ? a.grad_entropy[r] : 0.0f);
   for_each_in_row<T, true>(
       row, V, sp,
@@ -198,7 +167,7 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_chunk_kernel(typename 
 
 }  // namespace
 
-cudaError_t cross_entropy_chunk(void* logits, OutType type, int64_t rows, int64_t V, CeChunkArgs args,
+cudaError_t launch_cross_entropy_chunk(void* logits, OutType type, int64_t rows, int64_t V, CeChunkArgs args,
                                 cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   dispatch_out_type(type, [&](auto t) {

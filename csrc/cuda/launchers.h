@@ -1,5 +1,5 @@
-// Host-side launchers of the CUDA kernels: raw pointers and a stream, no torch types.
-// The torch bindings (bindings.cpp) validate arguments and call these.
+// Host-side launchers of the CUDA kernels (launch_*): raw pointers and a stream, no torch types. The torch
+// bindings (bindings.cpp) validate arguments (csrc/include/sloth/op_checks.h) and call these.
 #pragma once
 #include <cuda_runtime_api.h>
 #include <stdint.h>
@@ -19,21 +19,18 @@ struct Nf4Absmax {
   int log2_blocksize2 = 8;  // absmax2 covers 2^log2_blocksize2 blocks (bitsandbytes: 256)
 };
 
-cudaError_t nf4_dequantize(const uint8_t* packed, Nf4Absmax absmax, int64_t n, int blocksize, void* out,
+cudaError_t launch_nf4_dequantize(const uint8_t* packed, Nf4Absmax absmax, int64_t n, int blocksize, void* out,
                            OutType out_type, cudaStream_t stream);
-cudaError_t nf4_quantize(const void* x, OutType in_type, int64_t n, int blocksize, uint8_t* packed,
+cudaError_t launch_nf4_quantize(const void* x, OutType in_type, int64_t n, int blocksize, uint8_t* packed,
                          float* absmax, cudaStream_t stream);
-cudaError_t blockwise8_quantize(const void* x, OutType in_type, int64_t n, const float* code, int blocksize,
+cudaError_t launch_blockwise8_quantize(const void* x, OutType in_type, int64_t n, const float* code, int blocksize,
                                 uint8_t* q, float* absmax, cudaStream_t stream);
-cudaError_t mxfp4_dequantize(const uint8_t* blocks, const uint8_t* scales, int64_t rows, void* out,
+cudaError_t launch_mxfp4_dequantize(const uint8_t* blocks, const uint8_t* scales, int64_t rows, void* out,
                              OutType out_type, cudaStream_t stream);
-cudaError_t mxfp4_quantize(const void* x, OutType in_type, int64_t rows, uint8_t* blocks, uint8_t* scales,
+cudaError_t launch_mxfp4_quantize(const void* x, OutType in_type, int64_t rows, uint8_t* blocks, uint8_t* scales,
                            cudaStream_t stream);
 
-}  // namespace sloth::cuda
-
-// ---- chunked linear cross-entropy (branch ce): cross_entropy.cu ----
-namespace sloth::cuda {
+// ---- chunked linear cross-entropy: cross_entropy.cu ----
 
 // Per-row arguments of one chunk of logits.
 struct CeChunkArgs {
@@ -49,12 +46,10 @@ struct CeChunkArgs {
 };
 
 // logits: [rows, V] contiguous of `type`, overwritten in place by the gradient when args.compute_grad.
-cudaError_t cross_entropy_chunk(void* logits, OutType type, int64_t rows, int64_t V, CeChunkArgs args,
+cudaError_t launch_cross_entropy_chunk(void* logits, OutType type, int64_t rows, int64_t V, CeChunkArgs args,
                                 cudaStream_t stream);
-}  // namespace sloth::cuda
 
-// ---- QLoRA linear and fused GLU (csrc/cuda/nf4_gemv.cu, csrc/cuda/glu.cu) ----
-namespace sloth::cuda {
+// ---- QLoRA GEMV and fused GLU: nf4_gemv.cu, glu.cu ----
 
 // y [m, n] = x [m, k] W^T + scaling * lora_t [m, r] lora_B^T [r, n] + bias [n], W NF4-packed [n, k]
 // (row-major, bitsandbytes layout). x, lora_t, lora_B, bias, y have type `type` (bf16 or fp16);
@@ -76,26 +71,24 @@ struct Nf4GemvArgs {
   int64_t k = 0;
 };
 bool nf4_gemv_supported(int m, int64_t k, OutType type);
-cudaError_t nf4_gemv_lora(const Nf4GemvArgs& args, OutType type, cudaStream_t stream);
+cudaError_t launch_nf4_gemv_lora(const Nf4GemvArgs& args, OutType type, cudaStream_t stream);
 
-cudaError_t glu_forward(const void* gate, const void* up, void* out, int64_t n, OutType type, int kind,
+cudaError_t launch_glu_forward(const void* gate, const void* up, void* out, int64_t n, OutType type, int kind,
                         cudaStream_t stream);
-cudaError_t glu_backward(const void* grad, void* gate, void* up, int64_t n, OutType type, int kind,
+cudaError_t launch_glu_backward(const void* grad, void* gate, void* up, int64_t n, OutType type, int kind,
                          cudaStream_t stream);
 
-}  // namespace sloth::cuda
 
-// ---- RMSNorm and RoPE (branch integrate): norm_rope.cu ----
-namespace sloth::cuda {
+// ---- RMSNorm and RoPE: norm_rope.cu ----
 
 // x, w, y: [rows, H] / [H] / [rows, H] contiguous of `type`; rstd [rows] fp32 out.
 // cudaErrorNotSupported when H is too large for one CTA per row (H > 16384 unaligned, > 65536 aligned).
-cudaError_t rms_norm_forward(const void* x, const void* w, void* y, float* rstd, int64_t rows, int64_t H,
+cudaError_t launch_rms_norm_forward(const void* x, const void* w, void* y, float* rstd, int64_t rows, int64_t H,
                              OutType type, float eps, float offset, bool cast_before_weight, cudaStream_t stream);
 // Number of CTAs (= fp32 partial rows of dw, [nparts, H] workspace) that rms_norm_backward uses for `rows`.
 int rms_norm_backward_parts(int64_t rows);
 // dx [rows, H] out; dw [H] fp32 out (null: not computed), partial [nparts, H] fp32 workspace.
-cudaError_t rms_norm_backward(const void* dy, const void* x, const void* w, const float* rstd, void* dx,
+cudaError_t launch_rms_norm_backward(const void* dy, const void* x, const void* w, const float* rstd, void* dx,
                               float* dw, float* partial, int nparts, int64_t rows, int64_t H, OutType type,
                               float offset, bool cast_before_weight, cudaStream_t stream);
 // RoPE of src [tokens, heads, D] (strides (src_t, src_h, 1)) into dst (strides (dst_t, dst_h, 1); dst == src
@@ -112,10 +105,8 @@ struct RopeLayout {
 };
 cudaError_t launch_rope(const RopeLayout& layout, OutType type, bool inverse, cudaStream_t stream);
 
-}  // namespace sloth::cuda
 
 // ---- online linear cross-entropy for a frozen head: linear_ce_online.cu ----
-namespace sloth::cuda {
 
 // One vocabulary block [rows, vb] of raw logits starting at column vocab_start (0: the row's first block,
 // whose state is then initialized rather than read). state [rows, 4] fp32 (m, s, z_label, dz/dx_label),
@@ -128,7 +119,7 @@ struct CeOnlineBlockArgs {
   int64_t H = 0;
   float softcap = 0.0f, logit_scale = 1.0f, margin = 0.0f;
 };
-cudaError_t ce_online_block(void* logits, OutType type, int64_t rows, int64_t vb, CeOnlineBlockArgs args,
+cudaError_t launch_ce_online_block(void* logits, OutType type, int64_t rows, int64_t vb, CeOnlineBlockArgs args,
                             cudaStream_t stream);
 
 struct CeOnlineFinishArgs {
@@ -140,7 +131,7 @@ struct CeOnlineFinishArgs {
   float* loss = nullptr;  // [rows] out
 };
 // dh [rows, H] of `type` out, from weight [V, H] of `type`.
-cudaError_t ce_online_finish(const void* weight, void* dh, OutType type, int64_t rows, CeOnlineFinishArgs args,
+cudaError_t launch_ce_online_finish(const void* weight, void* dh, OutType type, int64_t rows, CeOnlineFinishArgs args,
                              cudaStream_t stream);
 
 }  // namespace sloth::cuda

@@ -6,7 +6,7 @@
 #include "launchers.h"
 #include "sloth/cross_entropy.h"
 #include "sloth/numeric.h"
-#include "vec_store.cuh"
+#include "sloth/vec.cuh"
 
 namespace sloth::cuda {
 namespace {
@@ -16,42 +16,6 @@ constexpr int kWarps = kThreads / kWarpSize;
 
 template <OutType T>
 using raw_t = typename OutStorage<T>::type;
-
-// 8 elements of T from `p` (16 bytes for 16-bit types, 32 for fp32), converted to fp32.
-template <OutType T>
-__device__ __forceinline__ void load8(const raw_t<T>* p, float (&out)[8]) {
-  const uint4* q = reinterpret_cast<const uint4*>(p);
-  if constexpr (T == OutType::kF32) {
-    const uint4 a = q[0], b = q[1];
-    const uint32_t w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-#pragma unroll
-    for (int i = 0; i < 8; ++i) out[i] = bits_float(w[i]);
-  } else {
-    const uint4 a = q[0];
-    const uint32_t w[4] = {a.x, a.y, a.z, a.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      out[2 * i] = to_float<T>((uint16_t)(w[i] & 0xffffu));
-      out[2 * i + 1] = to_float<T>((uint16_t)(w[i] >> 16));
-    }
-  }
-}
-
-__device__ __forceinline__ float block_reduce(float v, bool is_max, float* s_warp) {
-#pragma unroll
-  for (int m = kWarpSize / 2; m > 0; m >>= 1) {
-    const float o = shfl_xor(v, m);
-    v = is_max ? fmaxf(v, o) : v + o;
-  }
-  const int tid = threadIdx.x;
-  __syncthreads();  // s_warp may still be read by a previous reduction
-  if (tid % kWarpSize == 0) s_warp[tid / kWarpSize] = v;
-  __syncthreads();
-  v = s_warp[0];
-#pragma unroll
-  for (int w = 1; w < kWarps; ++w) v = is_max ? fmaxf(v, s_warp[w]) : v + s_warp[w];
-  return v;
-}
 
 // One CTA per row of the block logits [rows, vb] (raw x = h W_b^T + b): pass 1 takes the block max of z,
 // pass 2 rereads the row (L1 / L2) and overwrites it with p' = exp(z - m_new) dz/dx while summing exp(z -
@@ -90,7 +54,7 @@ __global__ void __launch_bounds__(kThreads) ce_online_block_kernel(raw_t<T>* __r
   } else {
     for (int64_t j = tid; j < vb; j += kThreads) mx = fmaxf(mx, ce_logit(to_float<T>(row[j]), a.logit_scale, a.softcap));
   }
-  mx = block_reduce(mx, true, s_warp);  // its barriers also order the label read above before pass 2
+  mx = block_reduce<MaxOp>(mx, s_warp);  // its barriers also order the label read above before pass 2
   const float m_old = first ? -INFINITY : a.state[4 * r];
   const float m = ce_online_max(m_old, mx, a.margin);
 
@@ -116,7 +80,7 @@ __global__ void __launch_bounds__(kThreads) ce_online_block_kernel(raw_t<T>* __r
       row[j] = from_float<T>(e * ce_dlogit(z, a.logit_scale, a.softcap));
     }
   }
-  sum = block_reduce(sum, false, s_warp);
+  sum = block_reduce<SumOp>(sum, s_warp);
   const float alpha = ce_online_rescale(m_old, m);
   if (tid == 0) {
     const float s_old = first ? 0.0f : a.state[4 * r + 1];
@@ -140,7 +104,7 @@ __global__ void __launch_bounds__(kThreads) ce_online_block_kernel(raw_t<T>* __r
 }
 
 // One CTA per row: loss[r] from the state, dh[r, :] = c (acc[r, :] / s - dz/dx_label W[label, :]) in T
-// (c = row_scale[r] or 1, 0 on ignored rows; no label term for a label outside [0, V)). Traffic per row: H fp32 (acc) + H T
+// (c = row_scale[r] or 1, 0 on ignored rows, NaN for a label outside [0, V)). Traffic per row: H fp32 (acc) + H T
 // (W row) read, H T written.
 template <OutType T>
 __global__ void __launch_bounds__(kThreads) ce_online_finish_kernel(const raw_t<T>* __restrict__ weight,
@@ -151,7 +115,7 @@ __global__ void __launch_bounds__(kThreads) ce_online_finish_kernel(const raw_t<
   const bool ignored = label == a.ignore_index;
   const bool valid = !ignored && label >= 0 && label < a.V;
   if (threadIdx.x == 0) a.loss[r] = ce_online_loss(st, ignored, valid);
-  const float c = ignored ? 0.0f : (a.row_scale ? a.row_scale[r] : 1.0f);
+  const float c = ce_row_coef(ignored, valid, a.row_scale ? a.row_scale[r] : 1.0f);  // NaN: a label outside [0, V)
   const float inv_s = c == 0.0f ? 0.0f : c / st.s;
   const float dl = valid ? c * st.d_label : 0.0f;
   const float* acc = a.acc + r * a.H;
@@ -162,7 +126,7 @@ __global__ void __launch_bounds__(kThreads) ce_online_finish_kernel(const raw_t<
 
 }  // namespace
 
-cudaError_t ce_online_block(void* logits, OutType type, int64_t rows, int64_t vb, CeOnlineBlockArgs args,
+cudaError_t launch_ce_online_block(void* logits, OutType type, int64_t rows, int64_t vb, CeOnlineBlockArgs args,
                             cudaStream_t stream) {
   if (rows == 0 || vb == 0) return cudaSuccess;
   const size_t elem = type == OutType::kF32 ? 4 : 2;
@@ -179,7 +143,7 @@ cudaError_t ce_online_block(void* logits, OutType type, int64_t rows, int64_t vb
   return cudaGetLastError();
 }
 
-cudaError_t ce_online_finish(const void* weight, void* dh, OutType type, int64_t rows, CeOnlineFinishArgs args,
+cudaError_t launch_ce_online_finish(const void* weight, void* dh, OutType type, int64_t rows, CeOnlineFinishArgs args,
                              cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   dispatch_out_type(type, [&](auto t) {

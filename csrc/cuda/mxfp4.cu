@@ -2,7 +2,7 @@
 #include "launchers.h"
 #include "sloth/mxfp4.h"
 #include "sloth/numeric.h"
-#include "vec_store.cuh"
+#include "sloth/vec.cuh"
 
 namespace sloth::cuda {
 namespace {
@@ -57,7 +57,7 @@ __global__ void mxfp4_quantize_kernel(const typename OutStorage<T>::type* __rest
   const auto* v = x + r * kMxBlock;
   float amax = 0.0f;
 #pragma unroll
-  for (int i = 0; i < kMxBlock; ++i) amax = fmaxf(amax, fabsf(to_float<T>(v[i])));
+  for (int i = 0; i < kMxBlock; ++i) amax = max_nan(amax, fabsf(to_float<T>(v[i])));  // NaN: scale 255
   const uint8_t s = mx_scale_for(amax);
   scales[r] = s;
   const float inv = e8m0_inverse(s);
@@ -71,7 +71,7 @@ __global__ void mxfp4_quantize_kernel(const typename OutStorage<T>::type* __rest
 
 }  // namespace
 
-cudaError_t mxfp4_dequantize(const uint8_t* blocks, const uint8_t* scales, int64_t rows, void* out,
+cudaError_t launch_mxfp4_dequantize(const uint8_t* blocks, const uint8_t* scales, int64_t rows, void* out,
                              OutType out_type, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   const int64_t n_words = rows * 4;
@@ -84,7 +84,7 @@ cudaError_t mxfp4_dequantize(const uint8_t* blocks, const uint8_t* scales, int64
   return cudaGetLastError();
 }
 
-cudaError_t mxfp4_quantize(const void* x, OutType in_type, int64_t rows, uint8_t* blocks, uint8_t* scales,
+cudaError_t launch_mxfp4_quantize(const void* x, OutType in_type, int64_t rows, uint8_t* blocks, uint8_t* scales,
                            cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   dispatch_out_type(in_type, [&](auto t) {

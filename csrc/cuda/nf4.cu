@@ -1,12 +1,10 @@
 // CUDA kernels for NF4 dequantize / quantize and blockwise 8-bit quantize (bitsandbytes layout).
-#include <stdlib.h>
-
 #include <algorithm>
 
 #include "launchers.h"
 #include "sloth/nf4.h"
 #include "sloth/numeric.h"
-#include "vec_store.cuh"
+#include "sloth/vec.cuh"
 
 namespace sloth::cuda {
 namespace {
@@ -19,34 +17,24 @@ __device__ __forceinline__ float read_absmax(const Nf4Absmax& a, int64_t b) {
 }
 
 // out[i] = NF4[q_i] * absmax[i / blocksize] for 8 elements per packed 32-bit word, kWordsPerThread words per
-// thread. Traffic: n/2 packed bytes + one absmax lookup per word (L1-cached: 8 words share a 64-block) in,
-// n * sizeof(out) bytes out. kContiguous: a thread's words are adjacent (one 16-byte load, 64 contiguous
-// output bytes); otherwise they are kThreads apart (4-byte loads, stores coalesced across the warp). Every
-// global load is issued before the one barrier (which only guards the 16-entry table).
-template <OutType T, int kWordsPerThread, bool kStreaming, bool kContiguous>
+// thread, kThreads apart (4-byte loads, stores coalesced across the warp). Traffic: n/2 packed bytes + one absmax
+// lookup per word (L1-cached: 8 words share a 64-block) in, n * sizeof(out) bytes out. Every global load is
+// issued before the one barrier (which only guards the 16-entry table). Two words per thread measured best on an
+// H100 (benchmarks/NOTES.md).
+constexpr int kWordsPerThread = 2;
+
+template <OutType T>
 __global__ void __launch_bounds__(kThreads) nf4_dequantize_vec_kernel(const uint32_t* __restrict__ packed,
                                                                       Nf4Absmax absmax, int64_t n_words,
                                                                       int log2_blocksize,
                                                                       typename OutStorage<T>::type* __restrict__ out) {
   __shared__ float lut[16];
   const int64_t cta0 = (int64_t)blockIdx.x * (kThreads * kWordsPerThread);
-  auto word_of = [&](int k) -> int64_t {
-    return kContiguous ? cta0 + (int64_t)threadIdx.x * kWordsPerThread + k : cta0 + k * kThreads + threadIdx.x;
-  };
+  auto word_of = [&](int k) -> int64_t { return cta0 + k * kThreads + threadIdx.x; };
   uint32_t w[kWordsPerThread];
   float a[kWordsPerThread];
-  if constexpr (kContiguous && kWordsPerThread == 4) {
-    if (word_of(3) < n_words) {
-      const uint4 v = __ldg(reinterpret_cast<const uint4*>(packed + word_of(0)));
-      w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
-    } else {
 #pragma unroll
-      for (int k = 0; k < 4; ++k) w[k] = word_of(k) < n_words ? __ldg(packed + word_of(k)) : 0u;
-    }
-  } else {
-#pragma unroll
-    for (int k = 0; k < kWordsPerThread; ++k) w[k] = word_of(k) < n_words ? __ldg(packed + word_of(k)) : 0u;
-  }
+  for (int k = 0; k < kWordsPerThread; ++k) w[k] = word_of(k) < n_words ? __ldg(packed + word_of(k)) : 0u;
 #pragma unroll
   for (int k = 0; k < kWordsPerThread; ++k)
     a[k] = word_of(k) < n_words ? read_absmax(absmax, (word_of(k) * 8) >> log2_blocksize) : 0.0f;
@@ -63,7 +51,7 @@ __global__ void __launch_bounds__(kThreads) nf4_dequantize_vec_kernel(const uint
       v[2 * b] = mul_rn(lut[byte >> 4], a[k]);
       v[2 * b + 1] = mul_rn(lut[byte & 0xfu], a[k]);
     }
-    store8<T, kStreaming>(out + word * 8, v);
+    store8<T>(out + word * 8, v);
   }
 }
 
@@ -79,9 +67,10 @@ __global__ void nf4_dequantize_scalar_kernel(const uint8_t* __restrict__ packed,
   out[i] = from_float<T>(mul_rn(nf4_value(q), read_absmax(absmax, i >> log2_blocksize)));
 }
 
+// Max over the warp, NaN-propagating (max_nan): a block holding a NaN gets a NaN absmax.
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
-  for (int m = kWarpSize / 2; m > 0; m >>= 1) v = fmaxf(v, shfl_xor(v, m));
+  for (int m = kWarpSize / 2; m > 0; m >>= 1) v = max_nan(v, shfl_xor(v, m));
   return v;
 }
 
@@ -95,7 +84,7 @@ __global__ void nf4_quantize_kernel(const typename OutStorage<T>::type* __restri
   if (b >= blocks) return;
   const int64_t start = b * blocksize, end = min(n, start + blocksize);
   float amax = 0.0f;
-  for (int64_t i = start + lane; i < end; i += kWarpSize) amax = fmaxf(amax, fabsf(to_float<T>(x[i])));
+  for (int64_t i = start + lane; i < end; i += kWarpSize) amax = max_nan(amax, fabsf(to_float<T>(x[i])));
   amax = warp_max(amax);
   if (lane == 0) absmax[b] = amax;
   const float inv = 1.0f / fmaxf(amax, kMinAbsmax);
@@ -119,7 +108,7 @@ __global__ void blockwise8_quantize_kernel(const typename OutStorage<T>::type* _
   if (b >= blocks) return;
   const int64_t start = b * blocksize, end = min(n, start + blocksize);
   float amax = 0.0f;
-  for (int64_t i = start + lane; i < end; i += kWarpSize) amax = fmaxf(amax, fabsf(to_float<T>(x[i])));
+  for (int64_t i = start + lane; i < end; i += kWarpSize) amax = max_nan(amax, fabsf(to_float<T>(x[i])));
   amax = warp_max(amax);
   if (lane == 0) absmax[b] = amax;
   const float inv = 1.0f / fmaxf(amax, kMinAbsmax);
@@ -134,7 +123,7 @@ int log2i(int v) {
 
 }  // namespace
 
-cudaError_t nf4_dequantize(const uint8_t* packed, Nf4Absmax absmax, int64_t n, int blocksize, void* out,
+cudaError_t launch_nf4_dequantize(const uint8_t* packed, Nf4Absmax absmax, int64_t n, int blocksize, void* out,
                            OutType out_type, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   const int lb = log2i(blocksize);
@@ -145,29 +134,9 @@ cudaError_t nf4_dequantize(const uint8_t* packed, Nf4Absmax absmax, int64_t n, i
     const bool aligned = (reinterpret_cast<uintptr_t>(packed) % 4 == 0) && (reinterpret_cast<uintptr_t>(o) % 16 == 0);
     const int64_t n_words = aligned ? n / 8 : 0;
     if (n_words > 0) {
-      // Variant (SLOTH_NF4_DEQUANT_VARIANT, read once; for A/B measurements on other GPUs): words per thread,
-      // streaming stores, contiguous words. 0: 4 strided, 1: 8 strided + streaming, 2: 2 strided (default),
-      // 3: 4 strided + streaming, 4: 4 contiguous (16-byte loads). H100, [14336, 4096] -> bf16, TB/s of
-      // bytes read + written, 20 back-to-back calls (bf16 copy 2.85-2.89, write-only fill 2.99-3.04 in the
-      // same runs): 2: 2.56-2.64, 0: 2.54-2.57, 3: 2.57; a persistent grid-stride version of 2 / 4 words
-      // per thread: 2.12-2.45 (removed). Single-call timings (launch latency included) had ranked 1 and 4
-      // at 1.95 and 1.38.
-      static const int variant = getenv("SLOTH_NF4_DEQUANT_VARIANT") ? atoi(getenv("SLOTH_NF4_DEQUANT_VARIANT")) : 2;
-      const uint32_t* p = reinterpret_cast<const uint32_t*>(packed);
-      auto launch = [&](auto kernel, int words) {
-        const int64_t grid = (n_words + kThreads * words - 1) / (kThreads * words);
-        kernel<<<(unsigned)grid, kThreads, 0, stream>>>(p, absmax, n_words, lb, o);
-      };
-      const bool aligned16 = reinterpret_cast<uintptr_t>(packed) % 16 == 0;
-      switch (variant) {
-        case 1: launch(nf4_dequantize_vec_kernel<T, 8, true, false>, 8); break;
-        case 3: launch(nf4_dequantize_vec_kernel<T, 4, true, false>, 4); break;
-        case 4:
-          if (aligned16) { launch(nf4_dequantize_vec_kernel<T, 4, false, true>, 4); break; }
-          [[fallthrough]];
-        case 0: launch(nf4_dequantize_vec_kernel<T, 4, false, false>, 4); break;
-        default: launch(nf4_dequantize_vec_kernel<T, 2, false, false>, 2);
-      }
+      const int64_t grid = (n_words + kThreads * kWordsPerThread - 1) / (kThreads * kWordsPerThread);
+      nf4_dequantize_vec_kernel<T><<<(unsigned)grid, kThreads, 0, stream>>>(
+          reinterpret_cast<const uint32_t*>(packed), absmax, n_words, lb, o);
     }
     const int64_t rest = n - n_words * 8;
     if (rest > 0)
@@ -177,7 +146,7 @@ cudaError_t nf4_dequantize(const uint8_t* packed, Nf4Absmax absmax, int64_t n, i
   return cudaGetLastError();
 }
 
-cudaError_t nf4_quantize(const void* x, OutType in_type, int64_t n, int blocksize, uint8_t* packed, float* absmax,
+cudaError_t launch_nf4_quantize(const void* x, OutType in_type, int64_t n, int blocksize, uint8_t* packed, float* absmax,
                          cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   const int64_t blocks = (n + blocksize - 1) / blocksize;
@@ -190,7 +159,7 @@ cudaError_t nf4_quantize(const void* x, OutType in_type, int64_t n, int blocksiz
   return cudaGetLastError();
 }
 
-cudaError_t blockwise8_quantize(const void* x, OutType in_type, int64_t n, const float* code, int blocksize,
+cudaError_t launch_blockwise8_quantize(const void* x, OutType in_type, int64_t n, const float* code, int blocksize,
                                 uint8_t* q, float* absmax, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   const int64_t blocks = (n + blocksize - 1) / blocksize;

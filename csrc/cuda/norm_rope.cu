@@ -7,6 +7,7 @@
 #include "sloth/norm_rope.h"
 #include "sloth/numeric.h"
 #include "sloth/portability.h"
+#include "sloth/vec.cuh"
 
 namespace sloth::cuda {
 namespace {
@@ -15,42 +16,12 @@ constexpr int kMaxThreads = 1024;
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// One 16-byte word <-> VEC = 16 / sizeof(T) fp32 values.
-template <OutType T, int VEC>
-__device__ __forceinline__ void unpackv(const uint4 w, float (&v)[VEC]) {
-  static_assert(VEC * sizeof(typename OutStorage<T>::type) == 16, "one 16-byte word");
-  if constexpr (T == OutType::kF32) {
-    v[0] = bits_float(w.x), v[1] = bits_float(w.y), v[2] = bits_float(w.z), v[3] = bits_float(w.w);
-  } else {
-    const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      v[2 * i] = to_float<T>((uint16_t)(ws[i] & 0xffffu));
-      v[2 * i + 1] = to_float<T>((uint16_t)(ws[i] >> 16));
-    }
-  }
-}
-
-template <OutType T, int VEC>
-__device__ __forceinline__ uint4 packv(const float (&v)[VEC]) {
-  static_assert(VEC * sizeof(typename OutStorage<T>::type) == 16, "one 16-byte word");
-  if constexpr (T == OutType::kF32) {
-    return make_uint4(float_bits(v[0]), float_bits(v[1]), float_bits(v[2]), float_bits(v[3]));
-  } else {
-    uint32_t w[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-      w[i] = (uint32_t)from_float<T>(v[2 * i]) | ((uint32_t)from_float<T>(v[2 * i + 1]) << 16);
-    return make_uint4(w[0], w[1], w[2], w[3]);
-  }
-}
-
 // VEC contiguous elements of type T -> fp32 (one 16-byte load when VEC * sizeof(T) == 16).
 template <OutType T, int VEC>
 __device__ __forceinline__ void loadv(const typename OutStorage<T>::type* src, float (&v)[VEC]) {
   using raw = typename OutStorage<T>::type;
   if constexpr (VEC * sizeof(raw) == 16) {
-    unpackv<T, VEC>(*reinterpret_cast<const uint4*>(src), v);
+    unpack16<T>(*reinterpret_cast<const uint4*>(src), v);
   } else {
 #pragma unroll
     for (int i = 0; i < VEC; ++i) v[i] = to_float<T>(src[i]);
@@ -61,7 +32,7 @@ template <OutType T, int VEC>
 __device__ __forceinline__ void storev(typename OutStorage<T>::type* dst, const float (&v)[VEC]) {
   using raw = typename OutStorage<T>::type;
   if constexpr (VEC * sizeof(raw) == 16) {
-    *reinterpret_cast<uint4*>(dst) = packv<T, VEC>(v);
+    *reinterpret_cast<uint4*>(dst) = pack16<T>(v);
   } else {
 #pragma unroll
     for (int i = 0; i < VEC; ++i) dst[i] = from_float<T>(v[i]);
@@ -75,20 +46,6 @@ __device__ __forceinline__ void storev(typename OutStorage<T>::type* dst, const 
 #define SLOTH_FOR_EACH_CHUNK(it, c)                  \
   _Pragma("unroll") for (int it = 0; it < ITERS; ++it) \
     if (const int64_t c = threadIdx.x + (int64_t)it * blockDim.x; c < nvec)
-
-// Sum of v over the CTA (every thread gets the result). `red` holds kMaxThreads / kWarpSize floats.
-__device__ __forceinline__ float block_sum(float v, float* red) {
-#pragma unroll
-  for (int m = kWarpSize / 2; m > 0; m >>= 1) v += shfl_xor(v, m);
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const int warps = (blockDim.x + kWarpSize - 1) / kWarpSize;
-  __syncthreads();  // red may still be read from a previous call
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  float s = 0.f;
-  for (int i = 0; i < warps; ++i) s += red[i];  // same order in every thread: one result
-  return s;
-}
 
 // RMSNorm forward, one CTA per row (grid-stride over rows). Each thread keeps its ITERS chunks of VEC
 // elements of x in registers, so x is read once. Traffic per row: reads H (x) + H (w, L2-resident) elements,
@@ -109,7 +66,7 @@ __global__ void rms_norm_forward_kernel(const typename OutStorage<T>::type* __re
 #pragma unroll
       for (int i = 0; i < VEC; ++i) ss += v[it][i] * v[it][i];
     }
-    const float rs = rms_norm_rstd(block_sum(ss, red), H, eps);
+    const float rs = rms_norm_rstd(block_reduce<SumOp>(ss, red), H, eps);
     if (threadIdx.x == 0) rstd[row] = rs;
     SLOTH_FOR_EACH_CHUNK(it, c) {
       float wv[VEC], o[VEC];
@@ -154,7 +111,7 @@ __global__ void rms_norm_backward_kernel(const typename OutStorage<T>::type* __r
         if (partial) acc[it][i] += dv[it][i] * rms_norm_n<T>(xv[it][i], rs, cast_before_weight);
       }
     }
-    dot = block_sum(dot, red) / (float)H;
+    dot = block_reduce<SumOp>(dot, red) / (float)H;
     SLOTH_FOR_EACH_CHUNK(it, c) {
       float wv[VEC], o[VEC];
       loadv<T, VEC>(w + c * VEC, wv);
@@ -297,16 +254,16 @@ __global__ void rope_vec_kernel(const typename OutStorage<T>::type* src, int64_t
       const int h = h0 + k * hs;
       if (h < heads) {
         float a[VEC], b[VEC];
-        unpackv<T, VEC>(w1[k], a);
-        unpackv<T, VEC>(w2[k], b);
+        unpack16<T>(w1[k], a);
+        unpack16<T>(w2[k], b);
 #pragma unroll
         for (int i = 0; i < VEC; ++i) {
           const RopePair p = rope_pair(a[i], b[i], c1[i], c2[i], s1[i], s2[i], inverse);
           a[i] = p.a, b[i] = p.b;
         }
         raw* v = out + (int64_t)h * dst_h;
-        *reinterpret_cast<uint4*>(v) = packv<T, VEC>(a);
-        *reinterpret_cast<uint4*>(v + half) = packv<T, VEC>(b);
+        *reinterpret_cast<uint4*>(v) = pack16<T>(a);
+        *reinterpret_cast<uint4*>(v + half) = pack16<T>(b);
       }
     }
   }
@@ -350,7 +307,7 @@ int rms_norm_backward_parts(int64_t rows) {
   return (int)(rows < cap ? (rows > 0 ? rows : 1) : cap);
 }
 
-cudaError_t rms_norm_forward(const void* x, const void* w, void* y, float* rstd, int64_t rows, int64_t H,
+cudaError_t launch_rms_norm_forward(const void* x, const void* w, void* y, float* rstd, int64_t rows, int64_t H,
                              OutType type, float eps, float offset, bool cast_before_weight, cudaStream_t stream) {
   if (rows == 0 || H == 0) return cudaSuccess;
   const RowPlan p = plan_rows(H, elem_bytes(type), aligned16(x) && aligned16(w) && aligned16(y));
@@ -370,7 +327,7 @@ cudaError_t rms_norm_forward(const void* x, const void* w, void* y, float* rstd,
   return cudaGetLastError();
 }
 
-cudaError_t rms_norm_backward(const void* dy, const void* x, const void* w, const float* rstd, void* dx,
+cudaError_t launch_rms_norm_backward(const void* dy, const void* x, const void* w, const float* rstd, void* dx,
                               float* dw, float* partial, int nparts, int64_t rows, int64_t H, OutType type,
                               float offset, bool cast_before_weight, cudaStream_t stream) {
   if (H == 0) return cudaSuccess;

@@ -5,28 +5,12 @@
 #include "../hip/launchers.h"
 #include "sloth/glu.h"
 #include "sloth/numeric.h"
-#include "../hip/vec_store.cuh"
+#include "sloth/vec.cuh"
 
 namespace sloth::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-
-template <OutType T>
-__device__ __forceinline__ void load8(const typename OutStorage<T>::type* src, float (&v)[8]) {
-  if constexpr (T == OutType::kF32) {
-    const float4 a = reinterpret_cast<const float4*>(src)[0], b = reinterpret_cast<const float4*>(src)[1];
-    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
-  } else {
-    const uint4 w = *reinterpret_cast<const uint4*>(src);
-    const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      v[2 * i] = to_float<T>((uint16_t)(ws[i] & 0xffffu));
-      v[2 * i + 1] = to_float<T>((uint16_t)(ws[i] >> 16));
-    }
-  }
-}
 
 // Grid-stride loop shared by the kernels below: f(i) for i in [start, n), kThreads-strided per CTA.
 template <typename F>
@@ -106,7 +90,7 @@ unsigned grid_for(int64_t items) {
 
 }  // namespace
 
-hipError_t glu_forward(const void* gate, const void* up, void* out, int64_t n, OutType type, int kind,
+hipError_t launch_glu_forward(const void* gate, const void* up, void* out, int64_t n, OutType type, int kind,
                         hipStream_t stream) {
   if (n == 0) return hipSuccess;
   bool known = true;
@@ -128,7 +112,7 @@ hipError_t glu_forward(const void* gate, const void* up, void* out, int64_t n, O
   return hipGetLastError();
 }
 
-hipError_t glu_backward(const void* grad, void* gate, void* up, int64_t n, OutType type, int kind,
+hipError_t launch_glu_backward(const void* grad, void* gate, void* up, int64_t n, OutType type, int kind,
                          hipStream_t stream) {
   if (n == 0) return hipSuccess;
   bool known = true;

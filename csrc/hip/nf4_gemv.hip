@@ -3,68 +3,31 @@
 #include "hip/hip_runtime.h"
 // Small-M fused QLoRA GEMV: y = x W^T + scaling * (x A^T) B^T + bias with W packed NF4 (bitsandbytes layout,
 // fp32 or double-quantized absmax), x [M <= 16, K] bf16 / fp16. The packed weight is streamed once, 16 bytes
-// per lane, with two pipeline stages in flight per warp (variant 7: bulk copies into shared memory); each byte
-// becomes a bf16 / fp16 pair through one shared-memory lookup (a 256-entry byte -> pair table replicated per
-// lane, so lookups never conflict), one packed multiply by the block's absmax (variants 5-7: a scale per
-// block, after the MMA), and m16n8k16 tensor-core MMAs with fp32 accumulation: the 16 weight
-// rows of a tile are the MMA's M side and the (up to 16) tokens its N side, so x is reused 16x from registers.
-// One persistent CTA per SM owns a contiguous range of 16-row tiles (balanced to one tile) and its 16 warps
-// split K; their partial sums meet in shared memory once per tile (variants 6, 7: once per round of tiles).
+// per lane; each byte becomes a bf16 / fp16 pair through one shared-memory lookup (a 256-entry byte -> pair
+// table replicated per lane, so lookups never conflict), and m16n8k16 tensor-core MMAs accumulate in fp32: the
+// 16 weight rows of a tile are the MMA's M side and the (up to 16) tokens its N side, so x is reused 16x from
+// registers. One persistent CTA per SM owns a contiguous range of 16-row tiles (balanced to one tile) and its
+// warps split K; their partial sums meet in shared memory. Traffic: N K / 2 bytes of packed weight (+ absmax)
+// read once, M K x and M N y.
 //
-// Measured (W [14336, 4096] NF4 double quant, CUDA-graph median per call, M = 1 / 8; "+ LoRA": r = 16):
-//   H100, first persistent version (variant 2): 0.0263 / 0.0315 ms (bitsandbytes 0.0288 / 0.0671; bf16 cuBLAS
-//     0.042).
-//   H200, variant 2: 0.0265 / 0.0320 ms, + LoRA 0.0352 / 0.0411.
-//   H200, variant 3 (lean integer work, which replaced variant 2): 0.0230 / 0.0281 ms, + LoRA 0.0319 / 0.0375
-//     (bitsandbytes 0.0287 / 0.0679; bf16 cuBLAS dense 0.0305 / 0.0305); again in a later run 0.0227 / 0.0279.
-//   H200, variant 4 (byte-permute table lookups, 32-bit element offsets, double quantization at compile time;
-//     same run as the second variant-3 figure): 0.0205 / 0.0257 ms, + LoRA 0.0293 / 0.0340 (bitsandbytes
-//     0.0289 / 0.0681). Variant 4 runs wherever it applies (double-quantized absmax, N * K < 2^31: every
-//     bitsandbytes / sloth QLoRA weight of today's models), variant 3 elsewhere.
-// Variant 2 spent most issue slots on 64-bit index arithmetic (static SASS on sm_90a, bf16, M <= 8: 975 IMAD,
-// 454 LEA, 365 ISETP per 48 HMMA): it recomputed (tile, chunk) from the item index by division and formed every
-// address in 64 bits. The kernel is issue-bound (ncu on variant 2: ~7.2 cycles per issued instruction at 4 warps
-// per scheduler, DRAM at 25% of peak); goal: 0.015 ms at M = 1 and 8.
-// Variant 5 (SLOTH_GEMV_VARIANT=5 selects it where it applies, =4 variant 4 / 3, for A/B; see
-// nf4_gemv_lora_v5_kernel): per-lane k slices
-// laid out so that each MMA's 16 k values of a row lie in one 64-element quantization block; the MMAs take the
-// raw NF4 code pairs into a fresh fp32 fragment per block, folded into the accumulator with the fp32 block scale
-// (4 FFMA per block instead of 16 HMUL2; the weight is rounded once, not three times). Static SASS per streamed
-// item (sm_90a, main loop less the tile epilogue, scratch counting by opcode; bf16 / fp16, M <= 8): variant 4
-// 451 / 441 instructions (16 HMMA, 68 LDS, 64 PRMT, 64 HMUL2), variant 5 369 / 359 (16 HMMA, 72 LDS, 64 PRMT,
-// 16 FFMA, no HMUL2); M > 8: 560 / 551 -> 451 / 442. Applies to double-quantized absmax, blocksize 64,
-// K % 128 == 0, N * K < 2^31; variant 4 / 3 elsewhere. Measured on an H200 (two runs, same process as
-// variant 4): 0.0206 / 0.0203 ms at M = 1 (variant 4 0.0205), 0.0232 / 0.0228 ms at M = 8 (variant 4 0.0254),
-// + LoRA r = 16 0.0289 / 0.0315 (variant 4 0.0290 / 0.0341). M = 1 is unchanged: there the table lookups
-// (64 LDS + 64 PRMT per item) and the per-tile epilogue bound it, not the multiplies.
-// Variant 6 (variant 5's kernel; M > 8, or sm_80): a CTA's tiles are reduced together from shared-memory slots
-// (stream_items), with two barriers per round instead of one per tile. Same run: M = 1 0.0189 ms (variant 5
-// 0.0211), M = 8 0.0226 (0.0238).
-// Variant 7 (sm_90+, M <= 8, the default; nf4_gemv_lora_v7_kernel): a producer warp streams the weight into
-// shared memory with bulk async copies, so the weight no longer occupies registers in flight and x is loaded
-// once. First run: 0.0161 / 0.0177 ms (variant 6 0.0188 / 0.0222). The ncu per-instruction profile of that
-// version (M = 1) showed 20% of all instructions in the table fill (a decision tree per entry); filling it from
-// one value per lane and two shuffles (all variants) gave 0.0138 / 0.0155 (variant 6 0.0173 / 0.0210).
-// Final tree (bench_lora_linear.py --part a; "cold": 8 weight copies in turn, each call streaming its weight
-// from DRAM): 0.0140 / 0.0154 ms hot, 0.0160 / 0.0176 cold (2.16 / 1.97 and 1.90 / 1.72 TB/s of packed weight);
-// + LoRA 0.0204 / 0.0219 hot; bitsandbytes 0.0293 / 0.0671, bf16 cuBLAS dense 0.031, hot or cold. Under ncu (M =
-// 1, cold caches): 6.6 M warp instructions, SMs active 82% of the 35.6 k elapsed cycles (ramp and tail).
-// A per-CTA globaltimer trace (a standalone harness) showed the ramp (entry to first staged item: 2.3-2.9 us hot,
-// 3.1-4.9 us cold) and that the kernel is compute-bound: with the copies removed it still takes 13.6 us at M = 1
-// (hot 14.0); shared memory does ~2000 wavefronts per item (1024 of them table lookups). Variant 7 is therefore
-// launched with programmatic dependent launch: the table fill and the CTA launch of call i + 1 overlap the tail of
-// call i. Same run: 0.0131 / 0.0143 ms hot, 0.0144 / 0.0161 cold (before: 0.0140 / 0.0154 and 0.0160 / 0.0176).
-// The producer then issues its first kSt items one after the other has landed (the ramp no longer asks DRAM for
-// every CTA's three items at once): 0.0130 / 0.0141 hot, 0.0139 / 0.0150 cold (bitsandbytes 0.0293 / 0.0676).
+// Kernels, chosen per call by launch_gemv (each where the previous one does not apply):
+//   nf4_gemv_lora_v7_kernel (sm_90+, M <= 8, double-quantized absmax, blocksize 64, K % 128 == 0, 32-bit
+//     offsets): a producer warp streams the weight into shared memory with bulk async copies; NF4 codes go into
+//     the MMAs raw and each 64-block's fp32 scale is applied after the MMA (one rounding of the weight);
+//     launched with programmatic dependent launch so one call's prologue overlaps the previous call's tail.
+//   nf4_gemv_lora_v5_kernel (the same lane layout from registers; M > 8 or sm_80): tiles reduced several at a
+//     time from shared-memory slots when shared memory allows (`slots`), else one barrier per tile.
+//   nf4_gemv_lora_kernel<kVariant 4> (double-quantized absmax, 32-bit offsets: byte-permute table lookups) and
+//   <kVariant 3> (anything else the GEMV supports).
+// Timings and the measurements behind these choices: benchmarks/NOTES.md.
 
 #include <algorithm>
-#include <cstdlib>
 #include <type_traits>
 
 #include "../hip/launchers.h"
 #include "sloth/nf4.h"
 #include "sloth/numeric.h"
-#include "../hip/vec_store.cuh"
+#include "sloth/vec.cuh"
 
 namespace sloth::cuda {
 
@@ -413,7 +376,7 @@ __global__ void __launch_bounds__(kThreads, 1) nf4_gemv_lora_kernel(Nf4GemvArgs 
                                   compute);
 }
 
-// ---- kVariant 5 (and 6: the same kernel with slots; v5_applies; SLOTH_GEMV_VARIANT=5 / 6 for A/B) ----
+// ---- nf4_gemv_lora_v5_kernel (slots > 0: tiles reduced several at a time; v5_applies) ----
 // Each MMA's 16 k-values of a weight row lie inside ONE quantization block, so the MMAs take the raw NF4 code
 // values (the same byte -> pair table, no absmax multiply) into a zero-initialised fp32 fragment per block, which
 // is folded into the accumulator with the block's fp32 scale per row (4 FFMA per block and token tile, instead of
@@ -899,23 +862,19 @@ void launch_v7(const Nf4GemvArgs& args, unsigned grid, int slots, hipStream_t st
   cfg.stream = stream;
   cfg.attrs = pdl;
   cfg.numAttrs = 1;
-  cudaLaunchKernelEx(&cfg, nf4_gemv_lora_v7_kernel<T>, args, slots);  // errors: hipGetLastError in nf4_gemv_lora
+  cudaLaunchKernelEx(&cfg, nf4_gemv_lora_v7_kernel<T>, args, slots);  // errors: hipGetLastError in launch_nf4_gemv_lora
 }
 
 template <OutType T, int NT>
 void launch_gemv(const Nf4GemvArgs& args, unsigned grid, hipStream_t stream) {
-  // Variant 7 where it applies (v7_slots > 0), else variant 6 (variant 5's kernel with tiles reduced several at a
-  // time) where variant 5 applies (v5_applies); SLOTH_GEMV_VARIANT=6 / 5 / 4 (read once) caps the variant, for
-  // A/B timing. Otherwise variant 4 where it applies (double-quantized absmax, 32-bit element offsets), else 3.
-  static const int variant = getenv("SLOTH_GEMV_VARIANT") ? atoi(getenv("SLOTH_GEMV_VARIANT")) : 7;
   const int64_t n_tiles = (args.n + 15) / 16, tiles_per_cta = (n_tiles + grid - 1) / grid;
-  const int slots7 = NT == 1 && variant >= 7 ? v7_slots(args, tiles_per_cta) : 0;
+  const int slots7 = NT == 1 ? v7_slots(args, tiles_per_cta) : 0;
   if (slots7 > 0) {
     launch_v7<T>(args, grid, slots7, stream);
     return;
   }
-  if (variant >= 5 && v5_applies(args)) {
-    launch_v5<T, NT>(args, grid, variant >= 6 ? v6_slots<NT>(args.m, tiles_per_cta) : 0, stream);
+  if (v5_applies(args)) {
+    launch_v5<T, NT>(args, grid, v6_slots<NT>(args.m, tiles_per_cta), stream);
     return;
   }
   const bool v4 = args.absmax.absmax == nullptr && std::max<int64_t>(args.n, args.m) * args.k < (int64_t{1} << 31);
@@ -931,7 +890,7 @@ bool nf4_gemv_supported(int m, int64_t k, OutType type) {
   return m >= 1 && m <= 16 && k % 32 == 0 && k > 0 && k < (int64_t{1} << 30) && type != OutType::kF32;
 }
 
-hipError_t nf4_gemv_lora(const Nf4GemvArgs& args, OutType type, hipStream_t stream) {
+hipError_t launch_nf4_gemv_lora(const Nf4GemvArgs& args, OutType type, hipStream_t stream) {
   if (!nf4_gemv_supported(args.m, args.k, type)) return hipErrorNotSupported;
   if (reinterpret_cast<uintptr_t>(args.packed) % 16 != 0 || reinterpret_cast<uintptr_t>(args.x) % 16 != 0)
     return hipErrorNotSupported;
@@ -954,7 +913,7 @@ hipError_t nf4_gemv_lora(const Nf4GemvArgs& args, OutType type, hipStream_t stre
 #else  // HIP: no MMA path yet; callers fall back to dequantize + GEMM.
 
 bool nf4_gemv_supported(int, int64_t, OutType) { return false; }
-hipError_t nf4_gemv_lora(const Nf4GemvArgs&, OutType, hipStream_t) { return hipErrorNotSupported; }
+hipError_t launch_nf4_gemv_lora(const Nf4GemvArgs&, OutType, hipStream_t) { return hipErrorNotSupported; }
 
 #endif
 

@@ -105,6 +105,13 @@ SLOTH_HD float ce_online_rescale(float m_old, float m_new) {
 // exp(z - m), 0 for z = -inf (a masked logit) whatever m is.
 SLOTH_HD float ce_online_exp(float z, float m) { return z == -INFINITY ? 0.0f : ce_exp(z - m); }
 
+// The loss coefficient of a row: 0 on an ignored row, c on a valid one, and NaN for a label outside [0, V) (not
+// ignore_index): its loss is NaN and so is its whole gradient (never a finite gradient an optimizer would step on).
+SLOTH_HD float ce_row_coef(bool ignored, bool valid, float c) {
+  if (ignored) return 0.0f;
+  return valid ? c : NAN;
+}
+
 // Loss of a finished row: lse - z_label, 0 on ignored rows, NaN for a label outside [0, V).
 SLOTH_HD float ce_online_loss(CeOnlineState st, bool ignored, bool valid) {
   if (valid) return st.m + logf(st.s) - st.z_label;

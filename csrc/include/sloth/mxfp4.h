@@ -24,16 +24,14 @@ SLOTH_HD float e8m0_to_float(uint8_t s) {
   return bits_float((uint32_t)(s > 254 ? 254 : s) << 23);
 }
 
-// ldexp(v, s - 127) exactly as Transformers' torch.ldexp: for s = 255 (2^128, beyond fp32) the product
-// is taken in two exact steps, so 0.5 * 2^128 = 2^127 stays finite and 0 stays 0 (OCP reserves 255 for
-// NaN; checkpoints do not use it). `scale` is e8m0_to_float(s).
+// v * 2^(s - 127) exactly as Transformers' torch.ldexp for s <= 254; s = 255 is the E8M0 NaN (OCP MX): NaN
+// (mxfp4_quantize writes it for a block holding a NaN; checkpoints do not use it). `scale` is e8m0_to_float(s).
 SLOTH_HD float mx_scale_value(float v, float scale, uint8_t s) {
-  float r = mul_rn(v, scale);
-  return s == 255 ? mul_rn(r, 2.0f) : r;
+  return s == 255 ? bits_float(0x7fc00000u) : mul_rn(v, scale);
 }
 
-// 1 / 2^(s - 127) = 2^(127 - s), exact, for the scales mx_scale_for produces (s <= 254).
-SLOTH_HD float e8m0_inverse(uint8_t s) { return e8m0_to_float((uint8_t)(254 - s)); }
+// 1 / 2^(s - 127) = 2^(127 - s), exact, for the finite scales mx_scale_for produces (s <= 254; 255 gives 1).
+SLOTH_HD float e8m0_inverse(uint8_t s) { return s == 255 ? 1.0f : e8m0_to_float((uint8_t)(254 - s)); }
 
 // E2M1 code of x (already divided by the block scale): round to nearest, ties to even
 // mantissa, saturating at +-6; NaN encodes as +0.
@@ -53,12 +51,13 @@ SLOTH_HD uint8_t e2m1_encode(float x) {
 }
 
 // Shared E8M0 scale for a block with max |x| = amax: 2^(floor(log2 amax) - 2), the OCP
-// rule (emax of E2M1 is 2), clamped to the representable exponents; amax = 0 gives 2^-127.
+// rule (emax of E2M1 is 2), clamped to the representable exponents; amax = 0 gives 2^-127, NaN (a block holding
+// a NaN, see max_nan) the E8M0 NaN 255.
 SLOTH_HD uint8_t mx_scale_for(float amax) {
   uint32_t bits = float_bits(amax);
   int e = (int)((bits >> 23) & 0xffu);        // biased exponent; 0 for zero / subnormal
   if (e == 0) return 0;
-  if (e == 255) return 254;                   // inf / NaN: largest finite scale
+  if (e == 255) return (bits & 0x7fffffu) ? 255 : 254;  // NaN: the NaN scale; inf: the largest finite one
   int s = e - 2;                              // biased (floor(log2 amax) - 2)
   return (uint8_t)(s < 0 ? 0 : (s > 254 ? 254 : s));
 }

@@ -79,6 +79,10 @@ SLOTH_HD float fp16_bits_to_float(uint16_t h) {
   return bits_float(sign | ((e + 112u) << 23) | (m << 13));
 }
 
+// max(a, b) that propagates NaN (fmaxf drops it): the absmax of a block holding a NaN is NaN, so the block
+// dequantizes to NaN (bitsandbytes' behaviour) instead of to numbers.
+SLOTH_HD float max_nan(float a, float b) { return (a != a || a > b) ? a : b; }
+
 // Output element types, selected at runtime by a dtype code shared with the bindings.
 enum class OutType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 

@@ -76,16 +76,39 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return dh, dw, db, None, None, None, None, None, None, None
 
 
+def _check_labels(labels, vocab, ignore_index):
+    """Raise for a label outside [0, vocab) other than ignore_index where that costs no host sync (labels on the
+    CPU, eager); elsewhere (labels on a GPU, or traced by torch.compile) such a row's loss and gradient are NaN
+    (the kernels poison them), never a finite gradient an optimizer would step on."""
+    if labels.device.type != "cpu" or labels.numel() == 0 or torch.compiler.is_compiling():
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"sloth.linear_cross_entropy: label {int(labels[i])} at flat position {i} is outside "
+                         f"[0, {vocab}) and not ignore_index ({ignore_index}); fix the labels (or the vocabulary "
+                         "size of the head)")
+
+
 def _divisor(labels, ignore_index, reduction, num_items_in_batch, device):
     """The loss's divisor: num_items_in_batch, else the number of non-ignored labels (mean) or 1 (sum); a
-    divisor of 0 (nothing to average) becomes 1, so an all-ignored batch has loss 0, not NaN."""
+    divisor of 0 (nothing to average) becomes 1, so an all-ignored batch has loss 0, not NaN. A negative
+    num_items_in_batch is an error (a number, or a CPU tensor), or (a GPU tensor, read without a host sync) a NaN
+    divisor: loss and gradients NaN."""
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, torch.Tensor):
+            if num_items_in_batch.device.type == "cpu" and not torch.compiler.is_compiling() and \
+                    bool((num_items_in_batch < 0).any()):
+                raise ValueError(f"sloth.linear_cross_entropy: num_items_in_batch must be >= 0, got "
+                                 f"{num_items_in_batch.tolist()}")
             # a host tensor (a Trainer's count made on the CPU): an asynchronous copy (the value is staged at once),
             # not a blocking one that waits for the queued forward to drain
             d = num_items_in_batch.to(device=device, dtype=torch.float32, non_blocking=True).reshape(())
+            d = torch.where(d < 0, torch.full_like(d, float("nan")), d)
             return torch.where(d == 0, torch.ones_like(d), d)
         d = float(num_items_in_batch)
+        if not d >= 0:
+            raise ValueError(f"sloth.linear_cross_entropy: num_items_in_batch must be >= 0, got {num_items_in_batch}")
         return d if d != 0 else 1.0
     if reduction == "sum":
         return 1.0
@@ -113,7 +136,10 @@ def linear_cross_entropy(
     given (so that gradient accumulation over micro-batches equals one big batch), else by the number of
     non-ignored tokens (``reduction="mean"``) or 1 (``"sum"``). An all-ignored batch gives loss 0 and zero grads.
     Differentiable in hidden, weight and bias; gradients are computed in the forward pass, only for inputs that
-    require grad (a frozen weight costs no dW work). Labels outside ``[0, V)`` other than ``ignore_index`` give NaN.
+    require grad (a frozen weight costs no dW work). A label outside ``[0, V)`` other than ``ignore_index`` is an
+    error when the labels are on the CPU; on a GPU (checking would wait for the device) its row gives a NaN loss
+    and NaN gradients instead, so the step is visibly broken rather than silently wrong. A negative
+    ``num_items_in_batch`` is an error (NaN for a GPU tensor).
     ``chunk_size`` (rows per chunk) defaults to 1024 rows when only ``hidden`` needs a gradient (the frozen-head
     online path: 1024 x 8192 logits + a 1024 x H fp32 accumulator alive), else ~64 MiB of logits but at least
     256 rows on a GPU (256 MiB when the weight is trainable); at most a quarter of the free GPU memory.
@@ -124,6 +150,7 @@ def linear_cross_entropy(
     if softcap is not None and softcap < 0:
         raise ValueError(f"sloth.linear_cross_entropy: softcap must be positive, got {softcap}")
     h2, lab, needs, chunk = prepare_head_inputs(hidden, weight, bias, labels, chunk_size, online=True)
+    _check_labels(lab, weight.shape[0], ignore_index)
     divisor = _divisor(lab, ignore_index, reduction, num_items_in_batch, hidden.device)
     return LinearCrossEntropyFunction.apply(
         h2, weight, bias, lab, divisor, int(ignore_index), float(softcap) if softcap else 0.0,

@@ -18,9 +18,9 @@ def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype=torch.bfl
     lo = (blocks & 0x0F).long()
     hi = (blocks >> 4).long()
     idx = torch.stack([lo, hi], dim=-1).flatten(-2)  # [..., G, 32]
-    # exact v * 2^(s - 127), as Transformers' torch.ldexp (s = 255: 0.5 * 2^128 = 2^127 stays finite)
+    # exact v * 2^(s - 127), as Transformers' torch.ldexp; s = 255 is the E8M0 NaN (OCP MX)
     values = torch.ldexp(E2M1_VALUES.to(blocks.device)[idx], scales.to(torch.int32)[..., None] - 127)
-    return values.to(dtype).flatten(-2)
+    return values.to(dtype).masked_fill(scales[..., None] == 255, float("nan")).flatten(-2)
 
 
 def _e2m1_nearest(x: torch.Tensor) -> torch.Tensor:
@@ -45,8 +45,9 @@ def mxfp4_quantize(x: torch.Tensor):
     amax = v.abs().amax(-1)  # [..., G]
     exp = torch.frexp(amax).exponent - 1  # floor(log2 amax) for normal amax
     biased = torch.where(amax >= 2.0**-126, exp + 127 - 2, torch.zeros_like(exp))
-    biased = torch.where(torch.isfinite(amax), biased, torch.full_like(exp, 254))
-    scales = biased.clamp(0, 254).to(torch.uint8)
-    q = _e2m1_nearest(v / e8m0_to_float(scales)[..., None])  # [..., G, 32]
+    biased = torch.where(torch.isfinite(amax), biased, torch.full_like(exp, 254)).clamp(0, 254)
+    biased = torch.where(torch.isnan(amax), torch.full_like(exp, 255), biased)  # a NaN in the block: the NaN scale
+    scales = biased.to(torch.uint8)
+    q = _e2m1_nearest(v / e8m0_to_float(scales.clamp(max=254))[..., None])  # [..., G, 32]
     blocks = q[..., 0::2] | (q[..., 1::2] << 4)
     return blocks, scales
