@@ -166,50 +166,80 @@ def _rms(x, w, eps):
 
 
 def _gguf_forward(path, ids):
-    """A Llama forward in NumPy over a GGUF file, as llama.cpp runs the llama architecture: q / k rotated in
-    adjacent pairs, frequencies divided by rope_freqs when present, GQA, SwiGLU, output tied to token_embd when
-    there is no output tensor."""
+    """The forward llama.cpp runs over a GGUF file, in NumPy (fp64): for ``llama``, q / k rotated in adjacent pairs,
+    frequencies divided by rope_freqs when present, GQA, SwiGLU; for ``qwen3``, NeoX rotation (halves) after the
+    per-head q / k norms; for ``gemma3``, NeoX rotation, embeddings scaled by sqrt(hidden), q / k norms, a norm after
+    attention and around the MLP, GELU (tanh), queries scaled by 1 / sqrt(head_dim), every sixth layer global
+    (rope base from the file) and the others local (base 10000, sliding window); the output tied to token_embd
+    when there is no output tensor."""
     r = gguf.GGUFReader(path)
     f = _fields(r)
     T = {t.name: _tensor(t) for t in r.tensors}
-    n_layer, n_head, n_kv = f["llama.block_count"], f["llama.attention.head_count"], f["llama.attention.head_count_kv"]
-    eps, base = f["llama.attention.layer_norm_rms_epsilon"], f["llama.rope.freq_base"]
-    d = f["llama.rope.dimension_count"]
-    freqs = 1.0 / base ** (np.arange(0, d, 2) / d)
-    if "rope_freqs.weight" in T:
-        freqs = freqs / T["rope_freqs.weight"]
-    pos = np.arange(ids.shape[1])
-    ang = pos[:, None] * freqs[None]  # [T, d/2]
-    cos, sin = np.cos(ang), np.sin(ang)
+    arch = f["general.architecture"]
+    n_layer, n_head, n_kv = f[f"{arch}.block_count"], f[f"{arch}.attention.head_count"], \
+        f[f"{arch}.attention.head_count_kv"]
+    eps, base = f[f"{arch}.attention.layer_norm_rms_epsilon"], f[f"{arch}.rope.freq_base"]
+    d = f[f"{arch}.rope.dimension_count"]
+    window = f.get(f"{arch}.attention.sliding_window")
 
-    def rope(x):  # [T, h, d], pairs (2i, 2i+1)
-        a, b = x[..., 0::2], x[..., 1::2]
-        out = np.empty_like(x)
-        out[..., 0::2] = a * cos[:, None] - b * sin[:, None]
-        out[..., 1::2] = a * sin[:, None] + b * cos[:, None]
-        return out
+    def rope_tables(theta):
+        freqs = 1.0 / theta ** (np.arange(0, d, 2) / d)
+        if "rope_freqs.weight" in T:
+            freqs = freqs / T["rope_freqs.weight"]
+        ang = np.arange(ids.shape[1])[:, None] * freqs[None]  # [T, d/2]
+        return np.cos(ang), np.sin(ang)
 
+    def rope(x, tables):  # [T, h, d]
+        cos, sin = tables
+        if arch == "llama":  # pairs (2i, 2i+1)
+            a, b = x[..., 0::2], x[..., 1::2]
+            out = np.empty_like(x)
+            out[..., 0::2] = a * cos[:, None] - b * sin[:, None]
+            out[..., 1::2] = a * sin[:, None] + b * cos[:, None]
+            return out
+        a, b = x[..., : d // 2], x[..., d // 2:]  # NeoX: (i, i + d/2)
+        return np.concatenate([a * cos[:, None] - b * sin[:, None], a * sin[:, None] + b * cos[:, None]], -1)
+
+    glob, local = rope_tables(base), rope_tables(10000.0)
     outs = []
     for row in ids:
         x = T["token_embd.weight"][row].astype(np.float64)  # [T, H]
         n = x.shape[0]
+        if arch == "gemma3":
+            x = x * np.sqrt(x.shape[1])
         for i in range(n_layer):
             b = f"blk.{i}."
+            is_local = arch == "gemma3" and (i + 1) % 6 != 0
             h = _rms(x, T[b + "attn_norm.weight"], eps)
-            q = rope((h @ T[b + "attn_q.weight"].T).reshape(n, n_head, d))
-            k = rope((h @ T[b + "attn_k.weight"].T).reshape(n, n_kv, d))
+            q = (h @ T[b + "attn_q.weight"].T).reshape(n, n_head, d)
+            k = (h @ T[b + "attn_k.weight"].T).reshape(n, n_kv, d)
+            if b + "attn_q_norm.weight" in T:
+                q, k = _rms(q, T[b + "attn_q_norm.weight"], eps), _rms(k, T[b + "attn_k_norm.weight"], eps)
+            q, k = rope(q, local if is_local else glob), rope(k, local if is_local else glob)
             v = (h @ T[b + "attn_v.weight"].T).reshape(n, n_kv, d)
             rep = n_head // n_kv
             k, v = np.repeat(k, rep, axis=1), np.repeat(v, rep, axis=1)
             s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(d)
-            s = s + np.triu(np.full((n, n), -np.inf), 1)
+            mask = np.triu(np.full((n, n), -np.inf), 1)
+            if is_local and window:
+                mask = mask + np.tril(np.full((n, n), -np.inf), -window)
+            s = s + mask
             p = np.exp(s - s.max(-1, keepdims=True))
             p /= p.sum(-1, keepdims=True)
-            a = np.einsum("hqk,khd->qhd", p, v).reshape(n, n_head * d)
-            x = x + a @ T[b + "attn_output.weight"].T
+            a = np.einsum("hqk,khd->qhd", p, v).reshape(n, n_head * d) @ T[b + "attn_output.weight"].T
+            if arch == "gemma3":
+                a = _rms(a, T[b + "post_attention_norm.weight"], eps)
+            x = x + a
             h = _rms(x, T[b + "ffn_norm.weight"], eps)
             g = h @ T[b + "ffn_gate.weight"].T
-            x = x + ((g / (1 + np.exp(-g))) * (h @ T[b + "ffn_up.weight"].T)) @ T[b + "ffn_down.weight"].T
+            if arch == "gemma3":
+                act = 0.5 * g * (1 + np.tanh(np.sqrt(2 / np.pi) * (g + 0.044715 * g ** 3)))
+            else:
+                act = g / (1 + np.exp(-g))
+            m = (act * (h @ T[b + "ffn_up.weight"].T)) @ T[b + "ffn_down.weight"].T
+            if arch == "gemma3":
+                m = _rms(m, T[b + "post_ffw_norm.weight"], eps)
+            x = x + m
         x = _rms(x, T["output_norm.weight"], eps)
         outs.append(x @ T.get("output.weight", T["token_embd.weight"]).T)
     return np.stack(outs), r, f, T
@@ -607,12 +637,17 @@ def small_family(family, tok, seed=0):
 @pytest.mark.parametrize("family", ["qwen3", "gemma3"])
 def test_gguf_qwen3_and_gemma3(tok, tmp_path, family):
     """Qwen3 / Gemma 3 in their own llama.cpp architectures: tensor names (q / k norms, Gemma's four norms), NeoX
-    RoPE (no row reordering), Gemma's norms stored as 1 + w, head dimension, rope base, sliding window; the f16
-    file carries the merged weights exactly (fp16 rounding), the q4_k_m file within 4-bit error."""
+    RoPE (no row reordering), Gemma's norms stored as 1 + w, head dimension, rope base, sliding window; a NumPy
+    forward of the architecture over the f16 file gives the model's logits; the f16 file carries the merged
+    weights exactly (fp16 rounding), the q4_k_m file within 4-bit error."""
     model = with_lora(small_family(family, tok))
     lm = model.get_base_model()
     arch = "qwen3" if family == "qwen3" else "gemma3"
     a = sloth.save_gguf(model, str(tmp_path / "f16" / "m.gguf"), quant="f16", tokenizer=tok)
+    ids = ids_of(tok)
+    want = logits(model, ids).numpy()
+    got = _gguf_forward(a, ids.numpy())[0]  # llama.cpp's view of the file gives the model's logits (fp16 weights)
+    assert np.abs(got - want).max() <= 5e-3 * np.abs(want).max(), np.abs(got - want).max() / np.abs(want).max()
     b = sloth.save_gguf(model, str(tmp_path / "q4" / "m.gguf"), quant="q4_k_m", tokenizer=tok)
     ra, rb = gguf.GGUFReader(a), gguf.GGUFReader(b)
     f = _fields(ra)
