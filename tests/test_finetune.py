@@ -220,13 +220,20 @@ def test_no_write_follows_a_symlink_out_of_the_folder(tmp_path):
 
 
 def test_outputs_folder_through_a_symlinked_subfolder_is_refused(tmp_path):
-    from sloth.finetune.outputs import inside
+    from sloth.finetune.outputs import inside, prepare_output_dir
 
     (tmp_path / "out").mkdir()
     (tmp_path / "elsewhere").mkdir()
     os.symlink(tmp_path / "elsewhere", tmp_path / "out" / "gguf")
     with pytest.raises(FinetuneError, match="leads out of the output folder"):
         inside(str(tmp_path / "out"), os.path.join("gguf", "model.gguf"))
+    (tmp_path / "out2").mkdir()
+    os.symlink(tmp_path / "elsewhere", tmp_path / "out2" / "bundled")
+    with pytest.raises(FinetuneError, match="symbolic link"):  # the bundled model would be saved through it
+        prepare_output_dir(str(tmp_path / "out2"), False, False)
+    with pytest.raises(FinetuneError, match="symbolic link"):  # --resume: the Trainer would write through it
+        prepare_output_dir(str(tmp_path / "out"), False, True)
+    assert not os.listdir(tmp_path / "elsewhere")
 
 
 def test_ctrl_c_during_the_save_does_not_lose_the_adapter(tmp_path):

@@ -66,6 +66,11 @@ def prepare_output_dir(out: str, overwrite: bool, resume: bool) -> None:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise FinetuneError(f"cannot create --output-dir {out!r} ({e.strerror}); pick a writable folder") from None
+    for name in RUN_DIRS + ("bundled",):  # folders others write into (the Trainer, save_pretrained) stay inside
+        p = os.path.join(out, name)
+        if os.path.islink(p):
+            raise FinetuneError(f"{p!r} is a symbolic link; sloth finetune writes only inside --output-dir (remove "
+                                f"the link{'' if name == 'bundled' else ' or pass --overwrite'})")
 
 
 def inside(out: str, name: str) -> str:
