@@ -405,3 +405,14 @@ def test_packing_and_resume(tmp_path):
     assert os.path.isdir(tmp_path / "out" / "checkpoints" / "checkpoint-2")
     r2 = finetune(quick(tmp_path, packing=True, steps=3, resume="auto"), log=lambda m: None)
     assert r2.summary["steps"] == 3 and len(r2.summary["losses"]) == 1  # only step 3 ran
+
+
+def test_eval_split_padding_free_and_full(tmp_path):
+    """--eval-split logs (and plots) the eval loss; --padding-free trains without padding; --full trains every
+    weight (the model saved whole, no adapter)."""
+    r = finetune(quick(tmp_path, name="a", eval_split=0.25, padding_free=True), log=lambda m: None)
+    assert r.trainer.args.padding_free and r.summary["eval_losses"] and r.summary["examples"] == 6
+    assert "eval_loss" in open(tmp_path / "a" / "loss.csv").read().splitlines()[0]
+    r = finetune(quick(tmp_path, name="b", method="full"), log=lambda m: None)
+    assert r.summary["trainable_params"] == r.summary["total_params"]
+    assert (tmp_path / "b" / "model.safetensors").is_file() and not (tmp_path / "b" / "adapter_config.json").exists()

@@ -77,7 +77,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--packing", action="store_true", default=S, help="pack examples into full rows (TRL's "
                    "best-fit packing, padding-free)")
     g.add_argument("--padding-free", action="store_true", default=S, help="concatenate each batch into one row, no "
-                   "padding")
+                   "padding (without --packing, examples are not truncated)")
     g = p.add_argument_group("method")
     m = g.add_mutually_exclusive_group()
     m.add_argument("--method", choices=METHODS, default=S, help=f"(default: {d.method}; qlora needs a CUDA GPU and "

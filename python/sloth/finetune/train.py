@@ -198,6 +198,8 @@ def _sft_config(config: FinetuneConfig, out: str, steps: int, lr: float, dtype_n
         remove_unused_columns=True, optim="adamw_torch", save_only_model=False)
     if config.packing:
         kw["packing_strategy"] = "bfd"
+    elif config.padding_free:
+        kw["max_length"] = None  # TRL truncates padding-free batches only when packing
     return SFTConfig(**kw)
 
 
@@ -232,6 +234,9 @@ def finetune(config: FinetuneConfig, log=None) -> FinetuneResult:
         from .export import check_exports
 
         check_exports(config.exports, model_config, tokenizer)  # before training, not after
+    if config.padding_free and not config.packing:
+        log("sloth finetune: --padding-free without --packing: examples are not truncated to --max-seq-length "
+            "(TRL cuts rows only when packing)")
     dataset, skipped = prepare_dataset(config)
     if skipped:
         log(f"sloth finetune: skipped {skipped} of {skipped + len(dataset)} rows with no response (missing, null or "
