@@ -341,3 +341,22 @@ def test_rope_fp32_cos_sin_made_once_per_forward():
     assert c3 is not c1 and memo3 is not memo and torch.equal(c3, cos.float())
     leaf = cos.clone().requires_grad_()  # bf16, requires grad: fresh copies every call (never cached)
     assert _fp32_cos_sin(leaf, sin)[0] is not _fp32_cos_sin(leaf, sin)[0]
+
+
+def test_merge_and_unload_of_a_patched_peft_model_can_be_unpatched():
+    """merge_and_unload() returns the Transformers model inside the PeftModel, whose modules sloth patched: it
+    holds the patch record too, so sloth.unpatch restores it (it returned 0 and left the model patched); the
+    PeftModel's own unpatch then has nothing left to restore."""
+    peft = pytest.importorskip("peft")
+    base = make_model("llama")
+    ref = copy.deepcopy(base)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    sloth.patch(model)
+    merged = model.merge_and_unload()  # adapters still at B = 0: merged weights equal the base weights
+    assert sloth.integrations.transformers.patched_modules(merged)
+    assert sloth.unpatch(merged) > 0
+    assert not any("_sloth_orig_forward" in m.__dict__ for m in merged.modules())
+    assert not sloth.integrations.transformers.patched_modules(merged) and sloth.unpatch(model) == 0
+    ids, mask, _ = make_batch()
+    with torch.no_grad():
+        assert torch.equal(merged(input_ids=ids, attention_mask=mask).logits, ref(input_ids=ids, attention_mask=mask).logits)

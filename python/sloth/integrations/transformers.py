@@ -237,6 +237,8 @@ def patch(model, verbose: bool = False):
         patch_peft_model(model)
         lora = _lora_descriptions(model)
     model.__dict__[_RECORD] = (record, is_peft, lora)
+    if is_peft:  # the Transformers model inside holds the record too: what merge_and_unload() returns can be unpatched
+        base.__dict__[_RECORD] = (record, False, [])
     if has_attention:
         from .sdpa import install as install_sdpa
 
@@ -298,6 +300,13 @@ def unpatch(model) -> int:
     if entry is None:
         return 0
     record, is_peft, _ = entry
+    if is_peft:
+        base, _ = _peft_base(model)
+        if base.__dict__.get(_RECORD, (None,))[0] is record:
+            base.__dict__.pop(_RECORD)
+    # emptied in place: the other holder of the same record (a PeftModel and the model inside it) restores nothing
+    shared, record = record, list(record)
+    shared.clear()
     for module, attr, had_own, old, _ in reversed(record):
         if attr.startswith(_IMPL):
             _restore_implementation(module, attr[len(_IMPL):], old)

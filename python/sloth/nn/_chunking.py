@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from typing import Optional
 
 import torch
@@ -63,7 +65,7 @@ def prepare_head_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias, target
     db are wanted (grad mode on and the tensor requires grad), ``chunk`` = rows per chunk (see chunk_rows; the
     online path's when ``online`` and only dh is wanted).
     """
-    h2 = hidden.reshape(-1, hidden.shape[-1])  # [tokens, hidden]
+    h2 = hidden.reshape(math.prod(hidden.shape[:-1]), hidden.shape[-1])  # [tokens, hidden] (hidden may be 0)
     if not h2.is_contiguous():
         h2 = h2.contiguous()
     t = targets.reshape(-1).to(torch.int64)  # [tokens]

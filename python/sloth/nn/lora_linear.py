@@ -16,6 +16,8 @@ and y is zeros; the backward is the same.
 
 from __future__ import annotations
 
+import math
+
 from typing import NamedTuple, Optional
 
 import torch
@@ -163,7 +165,7 @@ def prepare_args(x, weight, lora_A, lora_B, bias, quant_state):
 
 def as_rows(x: torch.Tensor, in_f: int) -> torch.Tensor:
     """x [..., in] as a contiguous [tokens, in]."""
-    x2d = x.reshape(-1, in_f)  # [tokens, in]
+    x2d = x.reshape(math.prod(x.shape[:-1]), in_f)  # [tokens, in] (not -1: in may be 0)
     return x2d if x2d.is_contiguous() else x2d.contiguous()
 
 
@@ -197,8 +199,15 @@ def _lora_linear(x, weight, lora_A, lora_B, scaling, bias, quant_state, need_out
     lead = x.shape[:-1]
     x2d = as_rows(x, in_f)  # [tokens, in]
     weight_t = w.dense if (w.dense is not None and w.dense.requires_grad) else None
-    if x2d.shape[0] == 0:
-        return x.new_zeros((*lead, out_f))
+    if x2d.shape[0] == 0:  # no tokens: an empty y whose backward gives zero gradients (products of empty rows)
+        y = x2d.new_zeros((0, out_f))
+        if lora_A is not None and lora_B is not None:
+            y = y + float(scaling) * ((x2d @ lora_A.t()) @ lora_B.t())
+        if weight_t is not None:
+            y = y + x2d @ weight_t.t().to(x2d.dtype)
+        if bias is not None:
+            y = y + bias
+        return y.view(*lead, out_f)
     y = LoraLinearFunction.apply(x2d, lora_A, lora_B, bias, weight_t, w, float(scaling), need_output)  # [tokens, out]
     return y.view(*lead, out_f)
 

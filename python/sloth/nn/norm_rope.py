@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..ops.norm_rope import rms_norm_backward, rms_norm_forward, rope_
@@ -33,7 +35,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: f
              cast_before_weight: bool = True) -> torch.Tensor:
     """RMSNorm over the last dim of ``x`` (any leading shape): ``offset=0, cast_before_weight=True`` is
     LlamaRMSNorm (Llama, Qwen, Mistral); ``offset=1, cast_before_weight=False`` is Gemma3RMSNorm."""
-    y = RMSNormFunction.apply(x.reshape(-1, x.shape[-1]), weight, float(eps), float(offset), bool(cast_before_weight))
+    if x.dim() == 0:
+        raise ValueError("sloth.rms_norm: x must have at least one dimension (the normalized last one), got a 0-d "
+                         "tensor")
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # [rows, H] (not -1: H may be 0)
+    y = RMSNormFunction.apply(x2, weight, float(eps), float(offset), bool(cast_before_weight))
     return y.view(x.shape)
 
 

@@ -35,7 +35,7 @@ def linear_cross_entropy(
 ) -> torch.Tensor:
     """Cross-entropy of softmax(z) against labels; ``num_items_in_batch`` overrides the mean's divisor.
     An all-ignored batch gives 0 (divisor clamped to 1)."""
-    hidden = hidden.reshape(-1, hidden.shape[-1])
+    hidden = hidden.reshape(labels.numel(), hidden.shape[-1])  # [N, H] (H may be 0)
     labels = labels.reshape(-1)
     z = transformed_logits(hidden, weight, bias, softcap, logit_scale)  # [N, V] fp32
     total = F.cross_entropy(z, labels, ignore_index=ignore_index, reduction="sum")
