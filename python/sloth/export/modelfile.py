@@ -157,6 +157,8 @@ def write_modelfile(gguf_path: str, tokenizer=None, add_bos: bool = False, path:
             raise ValueError("sloth: the chat template's Go form contains triple quotes; not writing the Modelfile")
         lines += ['TEMPLATE """' + tpl + '"""', ""]
     for s in stop_strings(w, tokenizer) if tokenizer is not None else []:
+        if "\n" in s or "\r" in s:  # one Modelfile line per stop: a line break would start a new instruction
+            continue
         lines.append('PARAMETER stop "' + s.replace("\\", "\\\\").replace('"', '\\"') + '"')
     _atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
     return path
