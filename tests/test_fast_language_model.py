@@ -110,3 +110,25 @@ def test_unknown_lora_kwargs_warn_and_lora_fields_pass(checkpoint):
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".layers.1." in n for n in trainable)  # layers_to_transform reached LoraConfig
     assert gradient_checkpointing_mode(model) is False
+
+
+def test_saved_adapter_folder_loads_with_its_base(checkpoint, tmp_path):
+    """FastLanguageModel.from_pretrained on a folder written by model.save_pretrained of a LoRA model: the base
+    model from adapter_config.json, the adapter on it (trainable, on sloth's kernels), the same logits."""
+    import sloth
+
+    model, tok = FastLanguageModel.from_pretrained(checkpoint, max_seq_length=128, device_map="cpu", load_in_16bit=True)
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False,
+                                             init_lora_weights=False)
+    model.save_pretrained(tmp_path / "lora_model")
+    tok.save_pretrained(tmp_path / "lora_model")
+    ids, mask, _ = batch(tok)
+    with torch.no_grad():
+        want = model.eval()(input_ids=ids, attention_mask=mask).logits
+    again, tok2 = FastLanguageModel.from_pretrained(str(tmp_path / "lora_model"), max_seq_length=128, device_map="cpu",
+                                                    load_in_16bit=True, use_gradient_checkpointing=False)
+    assert isinstance(again, peft.PeftModel) and len(sloth.patched_modules(again)) > 0
+    assert any(p.requires_grad for n, p in again.named_parameters() if "lora_" in n)
+    assert tok2.get_vocab() == tok.get_vocab() and hasattr(again, "save_pretrained_merged")
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(input_ids=ids, attention_mask=mask).logits, want)
