@@ -799,3 +799,104 @@ def test_modelfile_stop_with_a_line_break_is_left_out(tmp_path):
     assert not any(line.startswith("SYSTEM") for line in text.splitlines()) and "PARAMETER stop" not in text
     tok.eos_token = '<end "quoted">'
     assert 'PARAMETER stop "<end \\"quoted\\">"' in open(write_modelfile(str(tmp_path / "m.gguf"), tok)).read()
+
+
+# ------------------------------------------------------------- SentencePiece-style tokenizers (Gemma 3, Llama 2)
+
+def _llama_cpp_spm_tokenize(text, tokens, scores, types, add_space_prefix):
+    """llama.cpp's SentencePiece tokenizer over a GGUF vocabulary: characters as symbols, the adjacent pair whose
+    concatenation is a token with the highest score merged first (the leftmost on ties), then every symbol that is
+    not a token written as its UTF-8 bytes' <0xXX> tokens."""
+    import heapq
+
+    ids = {t: i for i, t in enumerate(tokens)}
+    text = ("\u2581" if add_space_prefix else "") + text.replace(" ", "\u2581")
+    sym = list(text)
+    alive = [True] * len(sym)
+    nxt = list(range(1, len(sym))) + [-1]
+    prv = [-1] + list(range(len(sym) - 1))
+    heap = []
+
+    def push(left):
+        right = nxt[left] if left >= 0 else -1
+        if left < 0 or right < 0:
+            return
+        t = ids.get(sym[left] + sym[right])
+        if t is not None and types[t] == gguf.TokenType.NORMAL:
+            heapq.heappush(heap, (-scores[t], left, sym[left], sym[right]))
+
+    for i in range(len(sym) - 1):
+        push(i)
+    while heap:
+        _, left, ltext, rtext = heapq.heappop(heap)
+        right = nxt[left]
+        if not alive[left] or right < 0 or sym[left] != ltext or sym[right] != rtext:
+            continue
+        sym[left] += sym[right]
+        alive[right] = False
+        nxt[left] = nxt[right]
+        if nxt[right] >= 0:
+            prv[nxt[right]] = left
+        push(prv[left])
+        push(left)
+    out, i = [], 0
+    while i >= 0:
+        if sym[i] in ids:
+            out.append(ids[sym[i]])
+        else:
+            out.extend(ids[f"<0x{b:02X}>"] for b in sym[i].encode("utf-8"))
+        i = nxt[i]
+    return out
+
+
+@pytest.fixture(scope="module")
+def spm_tokenizer(tmp_path_factory):
+    """A SentencePiece BPE model (byte fallback, no dummy prefix: Gemma's settings) trained on the bundled data,
+    and the Hugging Face fast tokenizer of it (tokenizer.json: BPE with byte fallback, spaces as ``▁``), built as
+    Transformers' converter does (merges from the pieces, ranked by score)."""
+    spm = pytest.importorskip("sentencepiece")
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    from sloth.finetune.data import bundled_data_path
+
+    d = tmp_path_factory.mktemp("spm")
+    texts = [v for line in open(bundled_data_path()) for v in json.loads(line).values() if isinstance(v, str) and v]
+    (d / "corpus.txt").write_text("\n".join(texts))
+    spm.SentencePieceTrainer.train(input=str(d / "corpus.txt"), model_prefix=str(d / "m"), vocab_size=400,
+                                   model_type="bpe", byte_fallback=True, add_dummy_prefix=False,
+                                   normalization_rule_name="identity", pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+                                   character_coverage=1.0, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(d / "m.model"))
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    merges = []
+    for piece, i in sorted(vocab.items(), key=lambda kv: kv[1]):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i) or len(piece) < 2:
+            continue
+        merges += sorted(((piece[:k], piece[k:]) for k in range(1, len(piece))
+                          if piece[:k] in vocab and piece[k:] in vocab), key=lambda ab: (vocab[ab[0]], vocab[ab[1]]))
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tk.normalizer = normalizers.Replace(" ", "\u2581")
+    tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                                               unk_token="<unk>", pad_token="<pad>")
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    return sp, tok
+
+
+def test_sentencepiece_style_vocab_tokenizes_like_sentencepiece(spm_tokenizer, tmp_path):
+    """A SentencePiece-style tokenizer goes into the GGUF as llama.cpp's ``llama`` model: pieces, scores (minus the
+    id for normal pieces), types (byte, control, unknown); llama.cpp's merge-by-score over them gives the ids
+    SentencePiece itself gives (texts with words, digits, punctuation, and characters outside the vocabulary)."""
+    sp, tok = spm_tokenizer
+    model = small_family("gemma3", tok)
+    path = sloth.save_gguf(model, str(tmp_path / "g.gguf"), quant="f16", tokenizer=tok)
+    f = _fields(gguf.GGUFReader(path))
+    assert f["tokenizer.ggml.model"] == "llama" and f["tokenizer.ggml.add_space_prefix"] is False
+    tokens, scores, types = f["tokenizer.ggml.tokens"], f["tokenizer.ggml.scores"], f["tokenizer.ggml.token_type"]
+    assert types[sp.piece_to_id("<0x41>")] == gguf.TokenType.BYTE and types[3] == gguf.TokenType.UNKNOWN
+    assert types[1] == gguf.TokenType.CONTROL and "tokenizer.ggml.merges" not in f
+    for text in ("The capital of Peru is Lima.", "Convert 30 kilograms to grams, then add 12.",
+                 "Reverse the string: lantern", "naïve café — 東京 ✓"):
+        want = sp.encode(text)
+        assert tok(text, add_special_tokens=False)["input_ids"] == want, text  # the HF form is faithful
+        assert _llama_cpp_spm_tokenize(text, tokens, scores, types, False) == want, text

@@ -18,9 +18,12 @@ What each family's llama.cpp architecture expects (``EXPORT_FAMILIES``, the one 
   rope base, the sliding window; llama.cpp fixes the rest (every sixth layer global, local rope base 10000,
   attention scale 1 / sqrt(head_dim)), so checkpoints that differ are refused.
 
+Tokenizers: byte-level BPE (Llama 3, Qwen; llama.cpp's ``gpt2`` model) and SentencePiece-style BPE with byte
+fallback (Gemma 3, Llama 2, Mistral v0.x; llama.cpp's ``llama`` model), see :mod:`sloth.export.gguf_vocab`.
+
 Not exported (refused before anything is written, by :func:`check_exportable`): attention / MLP biases, other rope
-scalings, Qwen3 sliding windows, logit softcapping, and tokenizers other than byte-level BPE (Llama 3, Qwen, GPT-2
-style); for those, :func:`sloth.save_merged` and llama.cpp's ``convert_hf_to_gguf.py``.
+scalings, Qwen3 sliding windows, logit softcapping, other tokenizers (Unigram, WordPiece); for those,
+:func:`sloth.save_merged` and llama.cpp's ``convert_hf_to_gguf.py``.
 """
 
 from __future__ import annotations
