@@ -215,6 +215,8 @@ def test_notebook_cells(tiny_llama3, tmp_path, monkeypatch):
     # `want` came out of the trained model's forward, which accelerate wrapped in bf16 autocast: bf16 logits
     torch.testing.assert_close(got, want.float(), rtol=0.03, atol=0.03 * float(want.abs().max()))
     assert any(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+    text_streamer_out = model.generate(**inputs, max_new_tokens=4, use_cache=True)  # the notebook streams it
+    assert text_streamer_out.shape[1] == inputs["input_ids"].shape[1] + 4
 
     # ---- cell: saving to float16 / LoRA / GGUF
     model.save_pretrained_merged("model", tokenizer, save_method="merged_16bit")
@@ -224,6 +226,7 @@ def test_notebook_cells(tiny_llama3, tmp_path, monkeypatch):
     with torch.no_grad():
         ml = merged(**inputs).logits
     assert (ml - want).abs().max() < 0.05 * want.abs().max() + 0.05  # merged in fp32, stored 16-bit
+    assert merged.generate(**inputs, max_new_tokens=4, do_sample=False).shape[1] == inputs["input_ids"].shape[1] + 4
     model.save_pretrained_merged("model", tokenizer, save_method="lora")  # the same folder again: replaced
     assert os.path.isfile("model/adapter_config.json")
     paths = model.save_pretrained_gguf("model", tokenizer, quantization_method="q4_k_m")
