@@ -118,8 +118,9 @@ def test_inductor(family, lora, one_thread):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-@pytest.mark.parametrize("family,lora", [("llama", False), ("llama", True), ("gemma3", True)])
+@pytest.mark.parametrize("family,lora,backend", [("llama", True, "aot_eager"), ("gemma3", True, "aot_eager"),
+                                                 ("llama", False, "inductor"), pytest.param("qwen3", True, "inductor",
+                                                                                            marks=SLOW)])
 def test_cuda_bf16(family, lora, backend):
     check_family(family, lora, backend, "cuda", torch.bfloat16)
 
