@@ -201,6 +201,9 @@ def test_earlier_run_is_refused_and_overwrite_clears_it(tmp_path):
     with pytest.raises(FinetuneError, match="holds an earlier run.*--overwrite"):
         finetune(quick(tmp_path), log=lambda m: None)
     assert (out / "adapter_model.safetensors").read_bytes() == before and (out / "merged" / "stale").exists()
+    with pytest.raises(FinetuneError, match="no column"):  # a failing --overwrite run removes nothing
+        finetune(quick(tmp_path, overwrite=True, output_column="answer"), log=lambda m: None)
+    assert (out / "adapter_model.safetensors").read_bytes() == before and (out / "merged" / "stale").exists()
     finetune(quick(tmp_path, overwrite=True, seed=1), log=lambda m: None)
     assert not (out / "merged").exists() and not (out / "gguf").exists()
     assert (out / "adapter_model.safetensors").is_file() and (out / "bundled" / "config.json").is_file()

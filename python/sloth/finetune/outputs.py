@@ -47,9 +47,9 @@ def _remove(path: str) -> None:
 
 
 def prepare_output_dir(out: str, overwrite: bool, resume: bool) -> None:
-    """Create ``out``; refuse it when it holds an earlier run, unless ``overwrite`` (its outputs are removed: the
-    adapter, tokenizer, plot, summary, ``merged*/``, ``gguf/``, ``checkpoints/``; the cached ``bundled/`` model and
-    files that are not a run's stay) or ``resume`` (the run is continued)."""
+    """Create ``out`` after checking it: an earlier run there is refused unless ``overwrite`` or ``resume``, and so is
+    a symbolic link where a run writes a folder. Nothing is removed here (see :func:`clear_earlier_run`, called
+    once every other check passed)."""
     if _lexists(out) and not os.path.isdir(out):
         raise FinetuneError(f"--output-dir {out!r} exists and is not a folder; pick another path")
     found = earlier_run(out)
@@ -57,20 +57,25 @@ def prepare_output_dir(out: str, overwrite: bool, resume: bool) -> None:
         shown = ", ".join(found[:4]) + (", ..." if len(found) > 4 else "")
         raise FinetuneError(f"--output-dir {out!r} holds an earlier run ({shown}); pass --overwrite to replace it, "
                             f"--resume to continue it, or pick another --output-dir")
-    if overwrite and not resume:
-        for name in RUN_FILES + RUN_DIRS:
-            p = os.path.join(out, name)
-            if _lexists(p):
-                _remove(p)
+    for name in RUN_DIRS + ("bundled",):  # folders others write into (the Trainer, save_pretrained) stay inside
+        p = os.path.join(out, name)
+        if os.path.islink(p) and (name == "bundled" or not overwrite or resume):
+            raise FinetuneError(f"{p!r} is a symbolic link; sloth finetune writes only inside --output-dir (remove "
+                                f"the link{'' if name == 'bundled' else ' or pass --overwrite'})")
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         raise FinetuneError(f"cannot create --output-dir {out!r} ({e.strerror}); pick a writable folder") from None
-    for name in RUN_DIRS + ("bundled",):  # folders others write into (the Trainer, save_pretrained) stay inside
+
+
+def clear_earlier_run(out: str) -> None:
+    """Remove what an earlier run left in ``out`` (``--overwrite``): the adapter, tokenizer, plot, summary,
+    ``merged*/``, ``gguf/``, ``checkpoints/``; the cached ``bundled/`` model and files that are not a run's stay.
+    A symbolic link is removed, never what it points at."""
+    for name in RUN_FILES + RUN_DIRS:
         p = os.path.join(out, name)
-        if os.path.islink(p):
-            raise FinetuneError(f"{p!r} is a symbolic link; sloth finetune writes only inside --output-dir (remove "
-                                f"the link{'' if name == 'bundled' else ' or pass --overwrite'})")
+        if _lexists(p):
+            _remove(p)
 
 
 def inside(out: str, name: str) -> str:

@@ -19,7 +19,8 @@ import torch
 from .config import FinetuneConfig
 from .data import bundled_data_path, prepare_dataset
 from .errors import FinetuneError
-from .outputs import atomic_write, default_log, inside, prepare_output_dir, save_into, sigint_deferred
+from .outputs import (atomic_write, clear_earlier_run, default_log, inside, prepare_output_dir, save_into,
+                      sigint_deferred)
 
 BUNDLED_SEED = 0  # the bundled model's weights do not depend on --seed
 #: loggers of the libraries under the run, quiet unless --verbose (bitsandbytes' hub-kernel notice among them)
@@ -247,6 +248,9 @@ def finetune(config: FinetuneConfig, log=None) -> FinetuneResult:
             raise FinetuneError("--eval-split needs at least 2 usable rows")
         split = dataset.train_test_split(test_size=config.eval_split, seed=config.seed)
         dataset, eval_ds = split["train"], split["test"]
+
+    if config.overwrite and config.resume is None:
+        clear_earlier_run(out)  # every check passed: the earlier run is replaced from here on
 
     import sloth
     from trl import SFTTrainer
