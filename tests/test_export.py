@@ -900,3 +900,37 @@ def test_sentencepiece_style_vocab_tokenizes_like_sentencepiece(spm_tokenizer, t
         want = sp.encode(text)
         assert tok(text, add_special_tokens=False)["input_ids"] == want, text  # the HF form is faithful
         assert _llama_cpp_spm_tokenize(text, tokens, scores, types, False) == want, text
+
+
+# ------------------------------------------------------------------ llama.cpp itself (opt-in: llama-cpp-python)
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family, quant", [("llama", "f16"), ("llama", "q4_k_m"), ("llama", "q5_k_m"),
+                                           ("llama", "q6_k"), ("qwen3", "f16"), ("qwen3", "q4_k_m"),
+                                           ("gemma3", "f16"), ("gemma3", "q4_k_m"), ("gemma3-spm", "q8_0")])
+def test_llama_cpp_reads_the_files_as_written(tok, request, tmp_path, family, quant):
+    """llama.cpp (llama-cpp-python; not in CI) loads each file, tokenizes text as the Hugging Face tokenizer does,
+    and its logits equal the NumPy forward of the architecture over the dequantized tensors. llama.cpp rounds the
+    activations to fp16 for f16 matmuls (1 % of the largest logit here) and to 8 bits per block for quantized ones,
+    which these random models amplify about 6x into the logits (measured: 2-4 %; bound 6 %); a wrong layout,
+    norm or rotation gives errors of the order of the logits themselves."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    if family == "llama":
+        model, t = with_lora(tiny_llama(tok, rope="llama3", wide=True)), tok
+    elif family == "gemma3-spm":
+        t = request.getfixturevalue("spm_tokenizer")[1]
+        model = small_family("gemma3", t)
+    else:
+        model, t = with_lora(small_family(family, tok)), tok
+    path = sloth.save_gguf(model, str(tmp_path / f"m-{quant}.gguf"), quant=quant, tokenizer=t)
+    llm = llama_cpp.Llama(model_path=path, n_ctx=64, logits_all=True, verbose=False, n_threads=2, seed=0)
+    text = "The capital of Peru is Lima. Convert 30 kilograms to grams."
+    want_ids = t(text, add_special_tokens=False)["input_ids"]
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == want_ids
+    ids = want_ids[:12]
+    llm.reset()
+    llm.eval(ids)
+    got = np.asarray(llm.scores[: len(ids)], dtype=np.float64)  # [T, V]
+    want = _gguf_forward(path, np.asarray([ids]))[0][0]
+    tol = 0.01 if quant == "f16" else 0.06
+    assert np.abs(got - want).max() <= tol * np.abs(want).max(), np.abs(got - want).max() / np.abs(want).max()

@@ -64,6 +64,9 @@ def _pre_type(tj: dict) -> str:
         return "llama-bpe"
     if any(_LLAMA3_REGEX_PARTS[0] in p and "\\p{N}|" in p and "\\p{N}{1,3}" not in p for p in pats):
         return "qwen2"  # Llama 3's regex with single digits (Qwen2 / Qwen3)
+    if not pats and any(d.get("type") == "ByteLevel" and d.get("use_regex", True)
+                        for d in _walk(tj.get("pre_tokenizer"))):
+        return "gpt-2"  # a ByteLevel pre-tokenizer splits with GPT-2's regex (llama.cpp's "gpt-2")
     return "default"
 
 
