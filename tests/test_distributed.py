@@ -192,6 +192,26 @@ def _case_fsdp(rank, tmp):
                 sharding=sharding)
 
 
+def _case_fsdp_bf16(rank, tmp):
+    """FSDP2 with MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32), the usual GPU setting: sloth's kernels
+    get bf16 weights gathered from fp32 shards; one forward / backward of step 0."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    model = build()
+    for layer in model.get_base_model().model.layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    ids, labels = global_batch(0)
+    mine = slice(2 * rank, 2 * rank + 2)
+    loss = model(input_ids=ids[mine], labels=labels[mine], num_items_in_batch=sd.num_items_in_batch(labels[mine])).loss
+    loss.backward()
+    loss = loss.detach().clone()
+    torch.distributed.all_reduce(loss)
+    return dict(loss=(loss / WORLD).item(),
+                grads={k: sd.full_tensor(p.grad).clone() for k, p in lora_of(model.named_parameters()).items()})
+
+
 def _case_errors(rank, tmp):
     """check_model's errors; and what a forward does without the check (must not be a silent wrong loss)."""
     from torch.distributed.fsdp import fully_shard
@@ -348,7 +368,8 @@ def _case_full(rank, tmp):
 
 
 CASES = {"ddp": _case_ddp, "ddp_unused": _case_ddp_unused, "fsdp": _case_fsdp, "errors": _case_errors,
-         "qlora": _case_qlora, "full": _case_full}
+         "qlora": _case_qlora, "full": _case_full,
+         "fsdp_bf16": _case_fsdp_bf16}
 
 
 def _worker(rank, port, tmp):
@@ -426,6 +447,18 @@ def test_full_finetuning_matches_one_process(runs, name):
         loss, grads = res[name]
         assert loss == pytest.approx(want_loss, rel=RTOL), (name, r)
         assert_close(grads, want, f"{name} rank {r}")
+
+
+def test_fsdp_bf16_mixed_precision(runs, reference):
+    """FSDP2 computing in bf16 (fp32 shards and gradient reduction) stays close to the fp32 one-process run: bf16
+    weights and activations through 2 layers, measured 4e-5 on the loss and 1.4 % on the worst LoRA gradient; a
+    wrong gradient is off by O(1)."""
+    _, ref_losses, ref_grads, _ = reference
+    for res in case(runs, "fsdp_bf16"):
+        assert res["loss"] == pytest.approx(ref_losses[0], rel=1e-3)
+        for k, g in ref_grads.items():
+            assert res["grads"][k].dtype == torch.float32
+            torch.testing.assert_close(res["grads"][k], g, rtol=0, atol=5e-2 * g.abs().max().item(), msg=k)
 
 
 def test_wrapper_detection(runs):
