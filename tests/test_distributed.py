@@ -232,6 +232,17 @@ def _case_errors(rank, tmp):
         out["lora_units_forward"] = model(input_ids=ids[:1], labels=labels[:1]).loss.item()
     except Exception as e:  # noqa: BLE001
         out["lora_units_forward"] = f"{type(e).__name__}: {e}"
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
+
+    model = build(checkpointing=False)
+    inner = model.get_base_model().model.layers[0].mlp.down_proj
+    inner.lora_A["default"] = FSDP1(inner.lora_A["default"], device_id=torch.device("cpu"), use_orig_params=True)
+    model = FSDP1(model, device_id=torch.device("cpu"), use_orig_params=True)
+    try:
+        sd.check_model(model)
+        out["fsdp1_lora_unit"] = None
+    except ValueError as e:
+        out["fsdp1_lora_unit"] = str(e)
     model = build(checkpointing=False)
     fully_shard(model.get_base_model().lm_head)
     fully_shard(model)
@@ -351,9 +362,26 @@ def full_grads(model, wrapped, rows):
 
 
 def _case_full(rank, tmp):
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP1
     from torch.distributed.fsdp import fully_shard
 
     out = {}
+    model = build()  # FSDP1 (deprecated by PyTorch) with sloth's offloaded checkpointing: refused
+    try:
+        sd.check_model(FSDP1(model, device_id=torch.device("cpu"), use_orig_params=True))
+        out["fsdp1_offloaded"] = None
+    except ValueError as e:
+        out["fsdp1_offloaded"] = str(e)
+    model = build(checkpointing=False)  # FSDP1: one root unit over the LoRA model, its full gradients
+    wrapped = FSDP1(model, device_id=torch.device("cpu"), use_orig_params=True)
+    sd.check_model(wrapped)
+    ids, labels = global_batch(0)
+    rows = slice(2 * rank, 2 * rank + 2)
+    loss = wrapped(input_ids=ids[rows], labels=labels[rows], num_items_in_batch=sd.num_items_in_batch(labels[rows]))
+    loss.loss.backward()
+    with FSDP1.summon_full_params(wrapped, with_grads=True):
+        out["fsdp1_lora"] = {k.replace("_fsdp_wrapped_module.", ""): p.grad.clone()
+                             for k, p in wrapped.named_parameters() if "lora_" in k}
     for family, wrap in (("llama", "fsdp"), ("gpt_oss", "ddp"), ("gpt_oss", "fsdp")):
         model = build_full(family)
         if wrap == "ddp":
@@ -447,6 +475,15 @@ def test_full_finetuning_matches_one_process(runs, name):
         loss, grads = res[name]
         assert loss == pytest.approx(want_loss, rel=RTOL), (name, r)
         assert_close(grads, want, f"{name} rank {r}")
+
+
+def test_fsdp1_root_unit(runs, reference):
+    """FSDP1 with one root unit (use_orig_params=True), no checkpointing: sloth's layers read the gathered weights
+    inside its forward; the LoRA gradients of one process. With sloth's offloaded checkpointing check_model refuses
+    it (the recompute read 1-D resharded weights: a loud shape error, see the error's text)."""
+    for r, res in enumerate(case(runs, "full")):
+        assert_close(res["fsdp1_lora"], reference[2], f"fsdp1 rank {r}")
+        assert res["fsdp1_offloaded"] is not None and "FSDP2" in res["fsdp1_offloaded"]
 
 
 def test_fsdp_bf16_mixed_precision(runs, reference):
@@ -556,6 +593,7 @@ def test_check_model_errors(runs):
         assert e["lora_units"] is not None and "lora_A" in e["lora_units"] and "decoder layers" in e["lora_units"]
         assert isinstance(e["lora_units_forward"], str) and "DTensor" in e["lora_units_forward"]  # loud, not wrong
         assert e["head_unit"] is not None and "LM head" in e["head_unit"]
+        assert e["fsdp1_lora_unit"] is not None and "down_proj.lora_A" in e["fsdp1_lora_unit"]
 
 
 def test_qlora_structure(runs):

@@ -248,29 +248,44 @@ def _patched_readers(lm: torch.nn.Module) -> list:
     return out
 
 
+def _offloaded_layers(model: torch.nn.Module) -> list:
+    """The layers of ``model`` checkpointed by sloth's offloaded checkpoint (Transformers' checkpointing function;
+    told by name: :mod:`.offload_checkpoint` imports this module)."""
+    def offloaded(f) -> bool:
+        return getattr(f, "__module__", None) == f"{__package__}.offload_checkpoint" and \
+            getattr(f, "__name__", None) == "offloaded_checkpoint"
+
+    return [m for m in model.modules() if m.__dict__.get("gradient_checkpointing") and
+            offloaded(m.__dict__.get("_gradient_checkpointing_func"))]
+
+
 def check_model(model) -> None:
     """Raise ``ValueError`` naming the fix when ``model`` (a sloth-patched model, bare, DDP-wrapped or sharded)
     is wrapped in a way sloth cannot run correctly:
 
-    - FSDP1 (``FullyShardedDataParallel``) around a patched model: not supported (its flat parameters are views
-      that sloth's fused layers would read sharded); use FSDP2 (``fully_shard``, accelerate ``fsdp_version: 2``).
-    - an FSDP2 unit below a module whose sloth forward reads that unit's weights without calling it (a LoRA
-      layer's ``lora_A`` / ``lora_B`` / base layer, a fused MLP's projections, the LM head under the causal-LM
-      loss): those weights would still be sharded when read. Shard whole decoder layers (and the root).
+    - an FSDP unit (FSDP2 ``fully_shard``, or an FSDP1 ``FullyShardedDataParallel``) below a module whose sloth
+      forward reads that unit's weights without calling it (a LoRA layer's ``lora_A`` / ``lora_B`` / base layer, a
+      fused MLP's projections, the LM head under the causal-LM loss): those weights would still be sharded when
+      read. Shard whole decoder layers (and the root).
+    - FSDP1 with sloth's offloaded checkpointing (``use_gradient_checkpointing="sloth"``).
     - an FSDP2-sharded bitsandbytes 4-bit weight: ``fully_shard`` replaces ``Params4bit`` by a DTensor without its
-      quantization state (keep 4-bit layers out of sharding or quantize after sharding is supported).
-    Nothing is raised for a model that is not distributed."""
+      quantization state (keep 4-bit layers out of sharding: ``ignored_params``).
+    Nothing is raised for a model that is not distributed. (FSDP1 is deprecated by PyTorch; it is tested only with one
+    root unit, ``use_orig_params=True``, over a 16-bit LoRA model.)"""
     inner = unwrap(model)
-    if is_fsdp1(inner):
-        if _patched_readers(inner):
-            raise ValueError("sloth: FSDP1 (FullyShardedDataParallel) is not supported with sloth-patched models; "
-                             "use FSDP2: torch.distributed.fsdp.fully_shard on each decoder layer and the root, or "
-                             "accelerate's `fsdp_version: 2`")
-        return
-    units = fsdp2_units(inner)
+    units = [m for _, m in fsdp2_units(inner)]
+    if _dist() is not None:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        units += [m for m in inner.modules() if isinstance(m, FullyShardedDataParallel)]
     if not units:
         return
-    unit_ids = {id(m) for _, m in units}
+    if len(units) > len(fsdp2_units(inner)) and _offloaded_layers(inner):
+        raise ValueError(
+            "sloth: FSDP1 (FullyShardedDataParallel) with sloth's offloaded checkpointing is not supported (the "
+            "recompute in the backward pass reads resharded weights); use FSDP2 (fully_shard on each decoder layer "
+            "and the root, accelerate's `fsdp_version: 2`), or use_gradient_checkpointing=True under FSDP1")
+    unit_ids = {id(m) for m in units}
     names = {id(m): n for n, m in inner.named_modules()}
     for name, reader in _patched_readers(inner):
         get_head = getattr(reader, "get_output_embeddings", None)
@@ -278,7 +293,7 @@ def check_model(model) -> None:
             head = get_head()
             if head is not None and id(head) in unit_ids and head is not reader:
                 raise ValueError(
-                    f"sloth: the LM head {names.get(id(head), 'lm_head')} is an FSDP2 unit of its own, but sloth's "
+                    f"sloth: the LM head {names.get(id(head), 'lm_head')} is an FSDP unit of its own, but sloth's "
                     f"causal-LM loss reads its weight without calling it, so it would be read sharded; leave the LM "
                     f"head in the root unit (do not fully_shard it separately)")
             continue
@@ -287,7 +302,7 @@ def check_model(model) -> None:
                 continue
             full = f"{name}.{sub_name}" if name else sub_name
             raise ValueError(
-                f"sloth: {full} is an FSDP2 unit of its own, but sloth's forward of {name or '<root>'} "
+                f"sloth: {full} is an FSDP unit of its own, but sloth's forward of {name or '<root>'} "
                 f"({type(reader).__name__}) reads its weights without calling it, so they would be read sharded. "
                 f"Shard whole decoder layers (fully_shard(layer) for each decoder layer, then fully_shard(model)); "
                 f"with accelerate: fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP and the decoder layer class, not "
@@ -300,6 +315,7 @@ def check_model(model) -> None:
                 f"sloth: {n} is a bitsandbytes 4-bit layer ({type(m).__name__}) whose weight FSDP2 sharded, which "
                 f"drops its quantization state (packed 4-bit bytes would be gathered without it); keep 4-bit layers "
                 f"out of fully_shard (its ignored_params) or train them with DDP")
+
 
 __all__ = ["active_ddp", "barrier", "check_model", "fsdp2_units", "full_tensor", "global_token_count",
            "grad_hooks_must_fire", "initialized", "is_ddp", "is_fsdp1", "is_fsdp2", "is_main_process", "is_sharded",
