@@ -45,51 +45,48 @@ def _fp16_round(x: torch.Tensor) -> torch.Tensor:
 
 def make_qkx2(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int):
     """Per row of ``x [n, 32]`` (weights ``w``): (scale [n], -min [n], q [n, 32] in [0, nmax]) minimizing the
-    weighted error of ``scale * q + min`` over llama.cpp's grid search (``make_qkx2_quants``). The grid points are
-    computed in fp32 as llama.cpp does; the weighted sums and errors in fp64: the least-squares determinant
-    ``sum_w * sum_l2 - sum_l^2`` cancels badly in fp32, where the chosen grid point then depends on the order of
-    the additions."""
+    weighted error of ``scale * q + min`` over llama.cpp's grid search (``make_qkx2_quants``). Products are fp32 as
+    in llama.cpp; the sums are accumulated in fp64: the least-squares determinant ``sum_w * sum_l2 - sum_l^2``
+    cancels badly in fp32, where the chosen grid point then depends on the order of the additions."""
+    f64 = torch.float64
     mn = torch.clamp(x.min(dim=1).values, max=0.0)  # [n]
     mx = x.max(dim=1).values
-    xd, wd = x.double(), w.double()
-    sum_w = wd.sum(dim=1)
-    sum_x = (wd * xd).sum(dim=1)
-    rng = mx - mn
-    flat = rng == 0
-    safe = torch.where(flat, torch.ones_like(rng), rng)
-    iscale = nmax / safe
+    sum_w = w.sum(dim=1, dtype=f64)
+    sum_x = (w * x).sum(dim=1, dtype=f64)
+    flat = mx == mn
+    rng = torch.where(flat, torch.ones_like(mx), mx - mn)
+    iscale = nmax / rng
     scale = 1.0 / iscale
     q = torch.clamp(_rint(iscale[:, None] * (x - mn[:, None])), 0, nmax)
-    best = (wd * (scale[:, None].double() * q + mn[:, None].double() - xd) ** 2).sum(dim=1)
+    diff = scale[:, None] * q + mn[:, None] - x
+    best = (w * (diff * diff)).sum(dim=1, dtype=f64)
     cur_min = mn.clone()
-    scale = scale.double()
-    cur_min_d = cur_min.double()
+    scale = scale.clone()
     for i in range(nstep + 1):  # the grid follows the best min found so far (llama.cpp updates it in the loop)
-        rng_i = mx - cur_min
         num = float(np.float32(np.float32(rmin) + np.float32(rdelta) * np.float32(i)) + np.float32(nmax))  # fp32
-        isc = num / torch.where(flat, torch.ones_like(rng_i), rng_i)
-        la = torch.clamp(_rint(isc[:, None] * (x - cur_min[:, None])), 0, nmax).double()
-        sum_l = (wd * la).sum(dim=1)
-        sum_l2 = (wd * la * la).sum(dim=1)
-        sum_xl = (wd * la * xd).sum(dim=1)
+        isc = num / torch.where(flat, torch.ones_like(mx), mx - cur_min)
+        la = torch.clamp(_rint(isc[:, None] * (x - cur_min[:, None])), 0, nmax)
+        wl = w * la
+        sum_l = wl.sum(dim=1, dtype=f64)
+        sum_l2 = (wl * la).sum(dim=1, dtype=f64)
+        sum_xl = (wl * x).sum(dim=1, dtype=f64)
         det = sum_w * sum_l2 - sum_l * sum_l
         ok = det > 0
         det_s = torch.where(ok, det, torch.ones_like(det))
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / det_s
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / det_s
         pos = this_min > 0
-        this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
-        l2s = torch.where(sum_l2 > 0, sum_l2, torch.ones_like(sum_l2))
-        this_scale = torch.where(pos, sum_xl / l2s, this_scale)
-        this_scale, this_min = this_scale.float().double(), this_min.float().double()  # llama.cpp keeps them fp32
-        err = (wd * (this_scale[:, None] * la + this_min[:, None] - xd) ** 2).sum(dim=1)
+        this_min = torch.where(pos, torch.zeros_like(this_min), this_min).float()  # llama.cpp keeps them fp32
+        this_scale = torch.where(pos, sum_xl / torch.where(sum_l2 > 0, sum_l2, torch.ones_like(sum_l2)),
+                                 this_scale).float()
+        diff = this_scale[:, None] * la + this_min[:, None] - x
+        err = (w * (diff * diff)).sum(dim=1, dtype=f64)
         better = ok & (err < best) & ~flat
-        q = torch.where(better[:, None], la.float(), q)
+        q = torch.where(better[:, None], la, q)
         best = torch.where(better, err, best)
         scale = torch.where(better, this_scale, scale)
-        cur_min_d = torch.where(better, this_min, cur_min_d)
-        cur_min = cur_min_d.float()
-    scale = torch.where(flat, torch.zeros_like(scale), scale).float()
+        cur_min = torch.where(better, this_min, cur_min)
+    scale = torch.where(flat, torch.zeros_like(scale), scale)
     q = torch.where(flat[:, None], torch.zeros_like(q), q)
     return scale, -cur_min, q
 
@@ -127,31 +124,50 @@ def _q45_k(x: torch.Tensor, bits: int):
     return d, dmin, packed.to(torch.uint8), q
 
 
+#: super-blocks quantized at once (16 MiB of fp32 values): keeps the CPU working set in cache
+CHUNK_BLOCKS = 16384
+
+
+def _chunked(fn, blocks: torch.Tensor) -> torch.Tensor:
+    """``fn`` over ``blocks [nb, 256]`` in chunks of :data:`CHUNK_BLOCKS`, the byte rows concatenated."""
+    if blocks.shape[0] <= CHUNK_BLOCKS:
+        return fn(blocks)
+    return torch.cat([fn(c) for c in blocks.split(CHUNK_BLOCKS)], dim=0)
+
+
 def quantize_q4_k(x: torch.Tensor) -> np.ndarray:
     """Q4_K bytes of ``x [..., K]`` (K a multiple of 256): uint8 ``[..., K // 256 * 144]``."""
     lead, k = _check(x)
-    blocks = x.detach().to(torch.float32).reshape(-1, QK_K)
+    out = _chunked(_q4_k_blocks, x.detach().to(torch.float32).reshape(-1, QK_K))
+    return out.cpu().numpy().reshape(*lead, k // QK_K * BYTES["q4_k"])
+
+
+def _q4_k_blocks(blocks: torch.Tensor) -> torch.Tensor:
+    """Q4_K bytes ``[nb, 144]`` of ``blocks [nb, 256]``."""
     d, dmin, sc, q = _q45_k(blocks, 4)
     nb = blocks.shape[0]
     q = q.reshape(nb, 4, 2, 32)  # 64-value chunks: low nibble = first 32, high = next 32
     qs = (q[:, :, 0, :] | (q[:, :, 1, :] << 4)).reshape(nb, 128).to(torch.uint8)
-    out = torch.cat([_fp16_bytes(d), _fp16_bytes(dmin), sc, qs], dim=1)  # [nb, 144]
-    return out.cpu().numpy().reshape(*lead, k // QK_K * BYTES["q4_k"])
+    return torch.cat([_fp16_bytes(d), _fp16_bytes(dmin), sc, qs], dim=1)  # [nb, 144]
 
 
 def quantize_q5_k(x: torch.Tensor) -> np.ndarray:
     """Q5_K bytes of ``x [..., K]`` (K a multiple of 256): uint8 ``[..., K // 256 * 176]``."""
     lead, k = _check(x)
-    blocks = x.detach().to(torch.float32).reshape(-1, QK_K)
+    out = _chunked(_q5_k_blocks, x.detach().to(torch.float32).reshape(-1, QK_K))
+    return out.cpu().numpy().reshape(*lead, k // QK_K * BYTES["q5_k"])
+
+
+def _q5_k_blocks(blocks: torch.Tensor) -> torch.Tensor:
+    """Q5_K bytes ``[nb, 176]`` of ``blocks [nb, 256]``."""
     d, dmin, sc, q = _q45_k(blocks, 5)
     nb = blocks.shape[0]
     q = q.reshape(nb, 4, 2, 32)  # chunk c of 64 values: first half uses qh bit 2c, second half bit 2c + 1
     lo, hi = q & 0xF, q >> 4
     qs = (lo[:, :, 0, :] | (lo[:, :, 1, :] << 4)).reshape(nb, 128)
-    shifts = torch.arange(8, device=x.device, dtype=torch.int32).reshape(1, 4, 2, 1)
+    shifts = torch.arange(8, device=blocks.device, dtype=torch.int32).reshape(1, 4, 2, 1)
     qh = (hi << shifts).sum(dim=(1, 2))  # [nb, 32] (disjoint bits)
-    out = torch.cat([_fp16_bytes(d), _fp16_bytes(dmin), sc, qh.to(torch.uint8), qs.to(torch.uint8)], dim=1)
-    return out.cpu().numpy().reshape(*lead, k // QK_K * BYTES["q5_k"])
+    return torch.cat([_fp16_bytes(d), _fp16_bytes(dmin), sc, qh.to(torch.uint8), qs.to(torch.uint8)], dim=1)
 
 
 def make_qx(x: torch.Tensor, nmax: int):
@@ -191,7 +207,12 @@ def make_qx(x: torch.Tensor, nmax: int):
 def quantize_q6_k(x: torch.Tensor) -> np.ndarray:
     """Q6_K bytes of ``x [..., K]`` (K a multiple of 256): uint8 ``[..., K // 256 * 210]``."""
     lead, k = _check(x)
-    blocks = x.detach().to(torch.float32).reshape(-1, QK_K)
+    out = _chunked(_q6_k_blocks, x.detach().to(torch.float32).reshape(-1, QK_K))
+    return out.cpu().numpy().reshape(*lead, k // QK_K * BYTES["q6_k"])
+
+
+def _q6_k_blocks(blocks: torch.Tensor) -> torch.Tensor:
+    """Q6_K bytes ``[nb, 210]`` of ``blocks [nb, 256]``."""
     nb = blocks.shape[0]
     scales, q = make_qx(blocks.reshape(nb * 16, 16), 32)
     scales, q = scales.reshape(nb, 16), q.reshape(nb, 16, 16)
@@ -213,9 +234,8 @@ def quantize_q6_k(x: torch.Tensor) -> np.ndarray:
     qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)  # [nb, 2, 32]
     sq = torch.where(empty[:, None], torch.zeros_like(sq), sq)
     d = torch.where(empty, torch.zeros_like(d), d)
-    out = torch.cat([ql.reshape(nb, 128).to(torch.uint8), qh.reshape(nb, 64).to(torch.uint8),
-                     sq.to(torch.int8).view(torch.uint8), _fp16_bytes(d)], dim=1)  # [nb, 210]
-    return out.cpu().numpy().reshape(*lead, k // QK_K * BYTES["q6_k"])
+    return torch.cat([ql.reshape(nb, 128).to(torch.uint8), qh.reshape(nb, 64).to(torch.uint8),
+                      sq.to(torch.int8).view(torch.uint8), _fp16_bytes(d)], dim=1)  # [nb, 210]
 
 
 def _check(x: torch.Tensor):
