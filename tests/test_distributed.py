@@ -9,6 +9,7 @@ the 4-bit weights kept out of sharding.
 All distributed cases run in one 2-process spawn (importing torch / transformers / peft is most of the time); each
 test reads its part of the result. A failing case is recorded and fails its own test."""
 
+import datetime
 import os
 import socket
 import traceback
@@ -403,7 +404,8 @@ CASES = {"ddp": _case_ddp, "ddp_unused": _case_ddp_unused, "fsdp": _case_fsdp, "
 def _worker(rank, port, tmp):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # a collective that one rank never joins (a case failing on the other) errors after 2 minutes, never hangs CI
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))
     results = {}
     try:
         for name, case in CASES.items():
