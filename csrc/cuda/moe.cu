@@ -365,9 +365,17 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_tc_kernel(MoeGemmArgs a) {
       b_n[i] = tile_col(nt, b_col[i], concat_glu, Nout);  // 8 columns stay contiguous under the remap
     }
   }
+  // 4-bit stage in registers: the packed word and the independent parts of its scale (the dependent lookup
+  // code2[absmax_q] waits until after the MMAs, from shared memory).
   uint32_t q_word[2];
-  float q_scale[2];
-  uint8_t q_mx[2];
+  float q_f[2], q_off[2];  // fp32 absmax or absmax2; double-quantization offset
+  uint8_t q_u8[2];         // absmax_q (NF4, double quantized) or the E8M0 scale (MXFP4)
+  __shared__ float s_code2[256];
+  const bool dq = kNf4 && w.absmax_q != nullptr;
+  if (KIND >= kQuantK && dq) {
+    s_code2[tid] = w.code2[tid];  // kThreads == 256
+    __syncthreads();
+  }
 
   auto issue = [&](int stage, int64_t k0) {
 #pragma unroll
@@ -394,12 +402,29 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_tc_kernel(MoeGemmArgs a) {
         const int64_t k = k0 + (KIND == kQuantK ? b_col[i] : b_row[i]);
         const bool ok = n < a.N && k < a.K;
         q_word[i] = 0;
-        q_scale[i] = 0.0f;
-        q_mx[i] = 0;
+        q_f[i] = 0.0f;
+        q_off[i] = 0.0f;
+        q_u8[i] = 0;
         if (ok) {
           const int64_t g = KIND == kQuantK ? (e * w.A + n) * w.B + k : (e * w.A + k) * w.B + n;
           q_word[i] = *reinterpret_cast<const uint32_t*>(static_cast<const uint8_t*>(w.data) + (g >> 1));
-          q_scale[i] = group_scale<kNf4>(w, g, e, &q_mx[i]);
+          if constexpr (kNf4) {
+            const int64_t blk = g / w.blocksize;
+            if (dq) {
+              q_u8[i] = w.absmax_q[blk];
+              if (w.offset_per_expert) {
+                q_f[i] = w.absmax2[e * w.nb2_e + ((blk - e * w.nb_e) >> w.log2_blocksize2)];
+                q_off[i] = w.offset[e];
+              } else {
+                q_f[i] = w.absmax2[blk >> w.log2_blocksize2];
+                q_off[i] = w.offset[0];
+              }
+            } else {
+              q_f[i] = w.absmax[blk];
+            }
+          } else {
+            q_u8[i] = w.scales[g >> 5];
+          }
         }
       }
     }
@@ -409,7 +434,12 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_tc_kernel(MoeGemmArgs a) {
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       uint32_t v[4];
-      decode8<kNf4, T>(q_word[i], q_scale[i], q_mx[i], v);
+      if constexpr (kNf4) {
+        const float scale = dq ? s_code2[q_u8[i]] * q_f[i] + q_off[i] : q_f[i];
+        decode8<true, T>(q_word[i], scale, 0, v);
+      } else {
+        decode8<false, T>(q_word[i], e8m0_to_float(q_u8[i]), q_u8[i], v);
+      }
       raw* dst = KIND == kQuantK ? &sB[stage][b_row[i] * kPadA + b_col[i]] : &sB[stage][b_row[i] * kPadBN + b_col[i]];
       *reinterpret_cast<uint4*>(dst) = make_uint4(v[0], v[1], v[2], v[3]);
     }
@@ -465,14 +495,37 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_tc_kernel(MoeGemmArgs a) {
   }
 
   // ---- epilogue
+  // LoRA: the tile's lora_t rows and lora_B columns as fp32 in shared memory (the mainloop buffers are free
+  // after its last barrier), so each output element reads its rank-r dot product from shared memory.
+  constexpr int kMaxRank = 32;
+  float* sLt = reinterpret_cast<float*>(&sA[0][0][0]);  // [kBM][rank + 1]
+  float* sLb = reinterpret_cast<float*>(&sB[0][0]);     // [kBN][rank + 1]
+  const bool lora_smem = a.lora_t != nullptr && a.rank <= kMaxRank;
+  if (lora_smem) {
+    const int rp = a.rank + 1;
+    const raw* lt = static_cast<const raw*>(a.lora_t);
+    const raw* lb = static_cast<const raw*>(a.lora_B);
+    for (int i = tid; i < kBM * a.rank; i += kThreads) {
+      const int rr = i / a.rank, q = i % a.rank;
+      const int64_t r = m0 + rr;
+      sLt[rr * rp + q] = r < row_end ? to_float<T>(lt[r * a.rank + q]) : 0.0f;
+      const int64_t n = tile_col(nt, rr, concat_glu, Nout);
+      sLb[rr * rp + q] = n < a.N ? to_float<T>(lb[(e * a.N + n) * a.rank + q]) : 0.0f;
+    }
+    __syncthreads();
+  }
   using st = typename OutStorage<T>::type;
   st* out = static_cast<st*>(a.out);
   st* pre = static_cast<st*>(a.pre);
+  auto store2 = [](st* p, float v0, float v1) {  // two adjacent outputs, one 32-bit store (p is 4-byte aligned)
+    *reinterpret_cast<uint32_t*>(p) = (uint32_t)from_float<T>(v0) | ((uint32_t)from_float<T>(v1) << 16);
+  };
 #pragma unroll
   for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int64_t r = m0 + warp_m * 64 + mi * 16 + (lane >> 2) + half * 8;
+      const int rl = warp_m * 64 + mi * 16 + (lane >> 2) + half * 8;
+      const int64_t r = m0 + rl;
       if (r >= row_end) continue;
       float v[4][2];
       int64_t ncol[4];
@@ -482,21 +535,31 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_tc_kernel(MoeGemmArgs a) {
         ncol[ni] = tile_col(nt, c, concat_glu, Nout);
 #pragma unroll
         for (int q = 0; q < 2; ++q) {
-          v[ni][q] = acc[mi][ni][half * 2 + q];
-          if (ncol[ni] + q < a.N) v[ni][q] = epi_add<T>(a, v[ni][q], r, e, ncol[ni] + q);
+          float x = acc[mi][ni][half * 2 + q];
+          const int64_t n = ncol[ni] + q;
+          if (n < a.N) {
+            if (a.bias) x += a.bias[e * a.N + n];
+            if (lora_smem) {
+              const int rp = a.rank + 1;
+              float sum = 0.0f;
+              for (int qq = 0; qq < a.rank; ++qq) sum += sLt[rl * rp + qq] * sLb[(c + q) * rp + qq];
+              x += a.scaling * sum;
+            } else if (a.lora_t) {  // rank > kMaxRank: straight from global memory
+              const raw* lt = static_cast<const raw*>(a.lora_t) + r * a.rank;
+              const raw* lb = static_cast<const raw*>(a.lora_B) + (e * a.N + n) * a.rank;
+              float sum = 0.0f;
+              for (int qq = 0; qq < a.rank; ++qq) sum += to_float<T>(lt[qq]) * to_float<T>(lb[qq]);
+              x += a.scaling * sum;
+            }
+          }
+          v[ni][q] = x;
         }
-        if (pre && ncol[ni] < a.N) {
-          pre[r * a.N + ncol[ni]] = from_float<T>(v[ni][0]);
-          pre[r * a.N + ncol[ni] + 1] = from_float<T>(v[ni][1]);
-        }
+        if (pre && ncol[ni] < a.N) store2(pre + r * a.N + ncol[ni], v[ni][0], v[ni][1]);
       }
       if (!a.glu) {
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni)
-          if (ncol[ni] < a.N) {
-            out[r * a.N + ncol[ni]] = from_float<T>(v[ni][0]);
-            out[r * a.N + ncol[ni] + 1] = from_float<T>(v[ni][1]);
-          }
+          if (ncol[ni] < a.N) store2(out + r * a.N + ncol[ni], v[ni][0], v[ni][1]);
       } else if (!concat_glu) {  // interleaved: (gate, up) = (even, odd) column of one pair
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni)
@@ -505,11 +568,9 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_tc_kernel(MoeGemmArgs a) {
       } else {  // concatenated: gate in n8 tiles 0, 1 and the matching up in 2, 3
 #pragma unroll
         for (int ni = 0; ni < 2; ++ni)
-          if (ncol[ni] < Nout) {
-#pragma unroll
-            for (int q = 0; q < 2; ++q)
-              out[r * Nout + ncol[ni] + q] = from_float<T>(moe_glu_fwd(a.glu, v[ni][q], v[ni + 2][q], a.alpha, a.limit));
-          }
+          if (ncol[ni] < Nout)
+            store2(out + r * Nout + ncol[ni], moe_glu_fwd(a.glu, v[ni][0], v[ni + 2][0], a.alpha, a.limit),
+                   moe_glu_fwd(a.glu, v[ni][1], v[ni + 2][1], a.alpha, a.limit));
       }
     }
 }
