@@ -25,15 +25,18 @@ version="$base+$runtime"
 echo "building sloth $version (architectures: $archs)"
 mkdir -p wheelhouse
 "$PY" - "$version" "$archs" <<'PYEOF'
-# Build, then rewrite the version (local suffix) and add the architectures to the wheel's METADATA.
-import base64, csv, hashlib, io, pathlib, subprocess, sys, zipfile
+# Build, then rewrite the version (local suffix), pin torch to the minor release the extension was compiled
+# against (its C++ ABI changes between minors; `import sloth` checks it too) and add the architectures.
+import base64, csv, hashlib, io, pathlib, re, subprocess, sys, zipfile
+import torch
 version, archs = sys.argv[1], sys.argv[2]
+torch_minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
 subprocess.check_call([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-w",
                        "wheelhouse", "."])
-src = max(pathlib.Path("wheelhouse").glob("sloth-*.whl"), key=lambda p: p.stat().st_mtime)
+src = max(pathlib.Path("wheelhouse").glob("sloth_kernels-*.whl"), key=lambda p: p.stat().st_mtime)
 base = src.name.split("-")[1]
-dst = src.with_name(src.name.replace(f"sloth-{base}-", f"sloth-{version}-"))
-old_info, new_info = f"sloth-{base}.dist-info", f"sloth-{version}.dist-info"
+dst = src.with_name(src.name.replace(f"sloth_kernels-{base}-", f"sloth_kernels-{version}-"))
+old_info, new_info = f"sloth_kernels-{base}.dist-info", f"sloth_kernels-{version}.dist-info"
 files = {}
 with zipfile.ZipFile(src) as z:
     for n in z.namelist():
@@ -42,6 +45,8 @@ with zipfile.ZipFile(src) as z:
         if n2.endswith("METADATA"):
             text = data.decode().replace(f"Version: {base}", f"Version: {version}", 1)
             text = text.replace("\n\n", f"\nKeywords: archs={archs.replace(';', ',')}\n\n", 1)
+            text = re.sub(r"^Requires-Dist: torch\b[^;\n]*", f"Requires-Dist: torch=={torch_minor}.*", text, count=1,
+                          flags=re.M)
             data = text.encode()
         files[n2] = data
 record = f"{new_info}/RECORD"

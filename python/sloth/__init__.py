@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import torch  # noqa: F401  (loads libtorch before the extension)
 
-from . import _C  # noqa: F401  (registers torch.ops.sloth.*)
+from . import compat
+
+compat.check()  # one line naming the fix when this build cannot load under the installed torch
+
+from . import _C  # noqa: F401,E402  (registers torch.ops.sloth.*)
 from . import models, nn, ops, runtime
 from .nn import attention, causal_lm_loss, glu, linear_cross_entropy, linear_logprobs, lora_linear, lora_mlp
 from .nn.lora_mlp import LoraProj
