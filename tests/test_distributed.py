@@ -1,12 +1,14 @@
 """DDP and FSDP2 (``fully_shard``) on the CPU: two ``gloo`` processes train a sloth-patched tiny Llama with PEFT LoRA
 (fp32 base, sloth's offloaded checkpointing, fused LoRA / MLP / loss) and must match one process on the same global
 batch: losses, LoRA gradients and the parameters after two SGD steps, with exact gradient accumulation across ranks
-and micro-batches (``num_items_in_batch`` = the step's token count, all-reduced, / world size). Also: a sharded
-(torch.distributed.checkpoint) save / load round trip, ``sloth.save_merged`` from a sharded model, the errors of
-:func:`sloth.runtime.distributed.check_model`, and QLoRA (bitsandbytes NF4 on the CPU) under DDP and under FSDP2 with
-the 4-bit weights kept out of sharding.
+and micro-batches (``num_items_in_batch`` = the step's token count, all-reduced, / world size); also DDP finding
+unused parameters, full fine-tuning (Llama under FSDP2, gpt-oss MoE under DDP and FSDP2), FSDP2 in bf16 mixed
+precision and FSDP1 with one root unit. Also: a sharded (torch.distributed.checkpoint) save / load round trip,
+``sloth.save_merged`` from a sharded model, the errors of :func:`sloth.runtime.distributed.check_model`, QLoRA
+(bitsandbytes NF4 on the CPU) under DDP and under FSDP2 with the 4-bit weights kept out of sharding, and TRL's
+SFTTrainer under torchrun.
 
-All distributed cases run in one 2-process spawn (importing torch / transformers / peft is most of the time); each
+All spawned cases run in one 2-process spawn (importing torch / transformers / peft is most of the time); each
 test reads its part of the result. A failing case is recorded and fails its own test."""
 
 import datetime

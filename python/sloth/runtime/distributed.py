@@ -106,7 +106,8 @@ def active_ddp():
     """The ``DistributedDataParallel`` whose forward is running now (None outside one)."""
     if _dist() is None:
         return None
-    return torch.nn.parallel.DistributedDataParallel._get_active_ddp_module()
+    get = getattr(torch.nn.parallel.DistributedDataParallel, "_get_active_ddp_module", None)  # (torch >= 2.0)
+    return get() if get is not None else None
 
 
 _warned_unused: list = []
