@@ -10,6 +10,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import models
+from ..runtime.distributed import local_cuda_index
 from .precision import dtype_name, resolve_dtype
 
 logger = logging.getLogger("sloth")
@@ -121,7 +122,8 @@ def from_pretrained(name_or_path: str, max_seq_length: int = 2048, load_in_4bit:
             GPUs that have it, fp16 on older ones, fp32 on the CPU. bf16 on a GPU without it is an error.
         **kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (``token``, ``revision``, ``cache_dir``,
             ``trust_remote_code`` and ``local_files_only`` also to the config and tokenizer), e.g.
-            ``attn_implementation``, ``device_map`` (default: the current CUDA device, or the CPU).
+            ``attn_implementation``, ``device_map`` (default: the current CUDA device, cuda:LOCAL_RANK under
+            torchrun, or the CPU).
 
     Errors (one line): an unsupported family (the message lists the supported ones), conflicting flags, bf16 asked
     on a GPU without it, bitsandbytes missing for 4 / 8 bit, a config or tokenizer that cannot be loaded.
@@ -153,7 +155,7 @@ def from_pretrained(name_or_path: str, max_seq_length: int = 2048, load_in_4bit:
     elif quant is not None:
         model_kwargs["quantization_config"] = _bnb_config(quant, compute_dtype)
     if device_type == "cuda" and "device_map" not in model_kwargs:
-        model_kwargs["device_map"] = {"": torch.cuda.current_device()}
+        model_kwargs["device_map"] = {"": local_cuda_index()}  # cuda:LOCAL_RANK under torchrun
     weight_dtype = torch.float32 if (full_finetuning and compute_dtype == torch.float16) else compute_dtype
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=weight_dtype, **model_kwargs)
     tokenizer = _load_tokenizer(name_or_path, max_seq_length, hub_kwargs)
