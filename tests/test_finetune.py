@@ -419,3 +419,12 @@ def test_eval_split_padding_free_and_full(tmp_path):
     r = finetune(quick(tmp_path, name="b", method="full"), log=lambda m: None)
     assert r.summary["trainable_params"] == r.summary["total_params"]
     assert (tmp_path / "b" / "model.safetensors").is_file() and not (tmp_path / "b" / "adapter_config.json").exists()
+
+
+def test_other_family_trains_and_exports(tmp_path, checkpoints):
+    """A Qwen3 checkpoint (with its own tokenizer and chat template) trains on the stack and exports to GGUF."""
+    gguf = pytest.importorskip("gguf")
+    r = finetune(quick(tmp_path, model=checkpoints["qwen3"], exports=("gguf-q8_0",), lr=1e-3), log=lambda m: None)
+    assert r.summary["sloth_patched_modules"] > 0 and r.summary["steps"] == 2
+    f = gguf.GGUFReader(r.summary["exports"]["gguf-q8_0"]).fields
+    assert f["general.architecture"].contents() == "qwen3"
