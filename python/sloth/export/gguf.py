@@ -38,12 +38,10 @@ from typing import Dict, Iterator, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from .. import models
 from .merge import checkpoint_files, iter_merged_tensors, unwrap
 
 QUANTS = ("f16", "bf16", "q8_0", "f32", "q4_0", "q4_k_m", "q5_k_m", "q6_k")
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
-
-
 @dataclasses.dataclass(frozen=True)
 class ExportFamily:
     """What the GGUF exporter needs to know about a model family."""
@@ -54,14 +52,17 @@ class ExportFamily:
     name: str = ""
 
 
-#: Transformers model_type -> its GGUF export (the one table of family facts; ``sloth.models`` specs carry the
-#: same ``gguf_arch``, see :func:`export_family`)
-EXPORT_FAMILIES: Dict[str, ExportFamily] = {
-    "llama": ExportFamily("llama", permute_qk=True, name="Llama"),
-    "mistral": ExportFamily("llama", permute_qk=True, name="Mistral"),
-    "qwen3": ExportFamily("qwen3", name="Qwen3"),
-    "gemma3_text": ExportFamily("gemma3", norm_shift=1.0, name="Gemma 3 (text)"),
-}
+#: llama.cpp architectures whose RoPE rotates adjacent pairs (q / k rows are permuted from Transformers' halves)
+_ADJACENT_PAIR_ROPE = ("llama",)
+
+
+def _export_of(spec) -> ExportFamily:
+    return ExportFamily(spec.gguf_arch, permute_qk=spec.gguf_arch in _ADJACENT_PAIR_ROPE, norm_shift=spec.norm.offset,
+                        name=spec.name)
+
+
+#: Transformers model_type -> its GGUF export, from the model registry (``FamilySpec.gguf_arch``, norm offset)
+EXPORT_FAMILIES: Dict[str, ExportFamily] = {mt: _export_of(s) for mt, s in models.FAMILIES.items() if s.gguf_arch}
 #: llama.cpp's Gemma 3: every sixth layer global, local layers' rope base 10000
 GEMMA3_GLOBAL_EVERY, GEMMA3_LOCAL_ROPE_BASE = 6, 10000.0
 
@@ -77,7 +78,8 @@ def _require_gguf():
 
 def export_family(config) -> Optional[ExportFamily]:
     """The GGUF export of ``config``'s family, or None when it has none."""
-    return EXPORT_FAMILIES.get(getattr(config, "model_type", None))
+    spec = models.for_config(config)
+    return _export_of(spec) if spec is not None and spec.gguf_arch else None
 
 
 def _rope_params(config) -> Tuple[dict, Optional[dict]]:
