@@ -66,7 +66,7 @@ def _sloth_forward(self, x, *args, **kwargs):
     with autocast_off(x.device.type):
         xc = x.to(dt)
         if not lora_dropout_active(self, adapter):
-            skip = _skip.get()
+            skip = None if torch.compiler.is_compiling() else _skip.get()  # (a recompute of saved attention: eager)
             if skip is None or skip.layer is not self or skip.used:
                 y = lora_linear(xc, weight, A, B, scaling, bias=bias, quant_state=qs)
             else:  # zeros stand for y (see skip_output)

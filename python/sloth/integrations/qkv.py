@@ -50,6 +50,8 @@ def qkv_group(attention: torch.nn.Module, need_output: bool = True):
 def grouped_forward(layer: torch.nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
     """``layer(x)`` from the active group: computed with k and v when ``layer`` is the group's q_proj, taken from
     the group when it is k_proj / v_proj and q_proj saw the same ``x``; None when the layer must run by itself."""
+    if torch.compiler.is_compiling():  # a run-time cache of eager calls (and a ContextVar): left to the compiler
+        return None
     grp = _group.get()
     if grp is None or not any(layer is m for m in grp.modules):
         return None
