@@ -24,9 +24,6 @@ from ..runtime import saved_attention
 from ..nn.norm_rope import RopeFunction, RopeOutFunction
 from .qkv import qkv_group
 
-#: Attention classes whose forward switches sloth's RoPE on
-ATTENTIONS = ("LlamaAttention", "Qwen3Attention", "MistralAttention", "Gemma3Attention")
-
 _active = contextvars.ContextVar("sloth_rope_active", default=False)
 #: the same switch while torch.compile traces (a one-element list: Dynamo traces its reads and writes)
 _compiled_active = [False]

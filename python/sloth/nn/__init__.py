@@ -11,8 +11,6 @@ from .moe import MoEExpertsFunction, MoEExpertsSpec, MoERouteFunction, moe_exper
 from .norm_rope import RMSNormFunction, RopeFunction, rms_norm, rope
 
 __all__ = [
-    "AttentionFunction",
-    "attention",
     "MoEExpertsFunction", "MoEExpertsSpec", "MoERouteFunction", "moe_experts", "moe_route",
     "AttentionFunction",
     "attention",

@@ -11,7 +11,6 @@ from .nf4 import NF4_BLOCKSIZES, NF4State, nf4_dequantize, nf4_quantize
 from .qlora import NF4Args, nf4_gemv_lora
 
 __all__ = [
-    "attention_backward", "attention_forward",
     "MoEWeight", "moe_combine", "moe_combine_backward", "moe_glu_backward", "moe_grouped_gemm", "moe_permute",
     "moe_route",
     "attention_backward", "attention_forward",
