@@ -97,6 +97,17 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], 
 #endif
 }
 
+// 2^x with the hardware's approximation (relative error ~2^-22; -inf -> 0).
+__device__ __forceinline__ float fast_exp2(float x) {
+#if defined(SLOTH_HIP)
+  return exp2f(x);
+#else
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+#endif
+}
+
 #if !defined(SLOTH_HIP)
 __device__ __forceinline__ uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
 #endif
@@ -167,11 +178,19 @@ __device__ __forceinline__ void copy16(uint16_t* dst, const uint16_t* src, bool 
                "r"(valid ? 16 : 0));
 #endif
 }
-__device__ __forceinline__ void copy_commit_wait() {
+__device__ __forceinline__ void copy_commit() {
 #if !defined(SLOTH_HIP)
   asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+__device__ __forceinline__ void copy_wait_all() {
+#if !defined(SLOTH_HIP)
   asm volatile("cp.async.wait_group 0;\n" ::);
 #endif
+}
+__device__ __forceinline__ void copy_commit_wait() {
+  copy_commit();
+  copy_wait_all();
 }
 
 // Copy rows [0, rows) of a [rows, D] tile whose row r is at g + (row0 + r) * st (rows >= valid_rows zero-filled).
@@ -184,6 +203,16 @@ __device__ __forceinline__ void load_tile(uint16_t* s, const uint16_t* g, int64_
     const bool ok = r < valid_rows;
     copy16(s + r * (D + kPad) + x, ok ? g + (int64_t)(row0 + r) * st + x : g, ok);
   }
+}
+
+// p[0] += x, p[1] += y atomically (one vector atomic on sm_90; p 8-byte aligned).
+__device__ __forceinline__ void add2(float* p, float x, float y) {
+#if !defined(SLOTH_HIP) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float2*>(p), make_float2(x, y));
+#else
+  atomicAdd(p, x);
+  atomicAdd(p + 1, y);
+#endif
 }
 
 struct Doc {
@@ -215,13 +244,12 @@ __device__ __forceinline__ float score_log2(float s, float scale, float softcap,
 
 // out [rows, D] and lse of one (query block, q head, document). Traffic: reads the Q block once and every K / V
 // block its rows see once, writes the out block and its lse.
-template <bool kBf16, int D, int kWarps, int BN, bool kSoftcap>
-__global__ void __launch_bounds__(kWarps * 32) attn_fwd_kernel(const AttnFwdArgs a) {
+template <bool kBf16, int D, int kWarps, int BN, int kStages, bool kSoftcap>
+__global__ void __launch_bounds__(kWarps * 32, D == 64 ? 2 : 1) attn_fwd_kernel(const AttnFwdArgs a) {
   constexpr int BM = kWarps * 16, kThreads = kWarps * 32, P = D + kPad;
   extern __shared__ __align__(16) uint16_t smem[];
-  uint16_t* Qs = smem;           // [BM][P]
-  uint16_t* Ks = Qs + BM * P;    // [BN][P]
-  uint16_t* Vs = Ks + BN * P;    // [BN][P]
+  uint16_t* Qs = smem;                     // [BM][P]
+  uint16_t* KVs = Qs + BM * P;             // kStages x (K [BN][P], V [BN][P])
 
   const int b = blockIdx.z, h = blockIdx.y, hk = h / (a.Hq / a.Hkv);
   const Doc doc = doc_of(a, b);
@@ -245,12 +273,29 @@ __global__ void __launch_bounds__(kWarps * 32) attn_fwd_kernel(const AttnFwdArgs
 #pragma unroll
   for (int t = 0; t < D / 8; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
 
+  const int jfirst = (kb / BN) * BN;
   load_tile<D, kThreads>(Qs, qg, a.q_s.st, i0, BM, doc.Lq - i0);
-  for (int j0 = (kb / BN) * BN; j0 < ke; j0 += BN) {
-    load_tile<D, kThreads>(Ks, kg, a.k_s.st, j0, BN, doc.Lk - j0);
-    load_tile<D, kThreads>(Vs, vg, a.v_s.st, j0, BN, doc.Lk - j0);
-    copy_commit_wait();
-    __syncthreads();
+  if (jfirst < ke) {
+    load_tile<D, kThreads>(KVs, kg, a.k_s.st, jfirst, BN, doc.Lk - jfirst);
+    load_tile<D, kThreads>(KVs + BN * P, vg, a.v_s.st, jfirst, BN, doc.Lk - jfirst);
+  }
+  copy_commit();
+  int stage = 0;
+  for (int j0 = jfirst; j0 < ke; j0 += BN) {
+    copy_wait_all();
+    __syncthreads();  // block j0 is in smem; every warp is done with the stage the next copy overwrites
+    uint16_t* Ks = KVs + stage * 2 * BN * P;
+    uint16_t* Vs = Ks + BN * P;
+    if (kStages > 1) {
+      const int jn = j0 + BN;
+      if (jn < ke) {
+        uint16_t* Kn = KVs + (stage ^ 1) * 2 * BN * P;
+        load_tile<D, kThreads>(Kn, kg, a.k_s.st, jn, BN, doc.Lk - jn);
+        load_tile<D, kThreads>(Kn + BN * P, vg, a.v_s.st, jn, BN, doc.Lk - jn);
+      }
+      copy_commit();
+      stage ^= 1;
+    }
 
     float s[BN / 8][4];
 #pragma unroll
@@ -288,7 +333,7 @@ __global__ void __launch_bounds__(kWarps * 32) attn_fwd_kernel(const AttnFwdArgs
       mx[r] = fmaxf(mx[r], shfl_xor(mx[r], 2));
       const float m_new = fmaxf(m[r], mx[r]);
       const float base = m_new == -INFINITY ? 0.f : m_new;
-      const float corr = exp2f(m[r] - base);
+      const float corr = fast_exp2(m[r] - base);
       m[r] = m_new;
       mx[r] = base;  // reused: the exponent base of this block
       l[r] *= corr;
@@ -299,7 +344,7 @@ __global__ void __launch_bounds__(kWarps * 32) attn_fwd_kernel(const AttnFwdArgs
     for (int t = 0; t < BN / 8; ++t) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        s[t][e] = exp2f(s[t][e] - mx[e >> 1]);
+        s[t][e] = fast_exp2(s[t][e] - mx[e >> 1]);
         l[e >> 1] += s[t][e];
       }
     }
@@ -317,8 +362,17 @@ __global__ void __launch_bounds__(kWarps * 32) attn_fwd_kernel(const AttnFwdArgs
         mma16816<kBf16>(acc[t + 1], pa, b1);
       }
     }
-    __syncthreads();
+    if (kStages == 1) {
+      const int jn = j0 + BN;
+      __syncthreads();
+      if (jn < ke) {
+        load_tile<D, kThreads>(Ks, kg, a.k_s.st, jn, BN, doc.Lk - jn);
+        load_tile<D, kThreads>(Vs, vg, a.v_s.st, jn, BN, doc.Lk - jn);
+      }
+      copy_commit();
+    }
   }
+  copy_wait_all();
 
   uint16_t* og = static_cast<uint16_t*>(a.out) + b * a.o_s.sb + doc.start_q * a.o_s.st + h * a.o_s.sh;
 #pragma unroll
@@ -479,7 +533,7 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_kernel(const AttnBwdArgs
           const int qi = t * 8 + 2 * (lane & 3) + (e & 1);  // query in the block
           const int kj = c_lo + (e >= 2 ? 8 : 0);            // key in the block
           const float x = score_log2(st[t][e], a.scale, a.softcap, inv_cap, kSoftcap);
-          float p = exp2f(x - lse_s[qi]);
+          float p = fast_exp2(x - lse_s[qi]);
           if (!full && !mask.visible(i0 + qi, j0 + kj)) p = 0.f;
           float g = a.scale;
           if (kSoftcap) g *= attn_softcap_grad(x * kLn2, inv_cap);
@@ -532,13 +586,12 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_kernel(const AttnBwdArgs
           mma16816<kBf16>(c1, sa, b1);
         }
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int qi = r0 + lane / 4 + (e >= 2 ? 8 : 0);
+        for (int r = 0; r < 2; ++r) {
+          const int qi = r0 + lane / 4 + 8 * r;
           if (i0 + qi >= doc.Lq) continue;
-          float* row = dqg + (int64_t)(i0 + qi) * a.Hq * D;
-          const int col = n0 + 2 * (lane & 3) + (e & 1);
-          atomicAdd(row + col, c0[e]);
-          atomicAdd(row + col + 8, c1[e]);
+          float* row = dqg + (int64_t)(i0 + qi) * a.Hq * D + n0 + 2 * (lane & 3);
+          add2(row, c0[2 * r], c0[2 * r + 1]);
+          add2(row + 8, c1[2 * r], c1[2 * r + 1]);
         }
       }
       __syncthreads();
@@ -565,11 +618,12 @@ __global__ void __launch_bounds__(kWarps * 32) attn_bwd_kernel(const AttnBwdArgs
 
 template <bool kBf16, int D, bool kSoftcap>
 hipError_t forward_d(const AttnFwdArgs& a, hipStream_t stream) {
-  constexpr int kWarps = D >= 256 ? 4 : 8, BN = 64, BM = kWarps * 16;
-  const size_t smem = (size_t)(BM + 2 * BN) * (D + kPad) * 2;
+  // D 256: one K / V stage (two would need 169 KB of smem, over sm_80's 164 KB)
+  constexpr int kWarps = D >= 256 ? 4 : 8, BN = 64, BM = kWarps * 16, kStages = D >= 256 ? 1 : 2;
+  const size_t smem = (size_t)(BM + 2 * kStages * BN) * (D + kPad) * 2;
   dim3 grid((a.Sq + BM - 1) / BM, a.Hq, a.B);
   if (grid.x == 0) return hipSuccess;
-  auto kernel = attn_fwd_kernel<kBf16, D, kWarps, BN, kSoftcap>;
+  auto kernel = attn_fwd_kernel<kBf16, D, kWarps, BN, kStages, kSoftcap>;
   if (smem > 48 * 1024) {
     hipError_t e = hipFuncSetAttribute(reinterpret_cast<const void*>(kernel), hipFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != hipSuccess) return e;
@@ -578,19 +632,27 @@ hipError_t forward_d(const AttnFwdArgs& a, hipStream_t stream) {
   return hipGetLastError();
 }
 
-template <bool kBf16, int D, bool kSoftcap>
-hipError_t backward_d(const AttnBwdArgs& a, hipStream_t stream) {
-  constexpr int kWarps = 4, BN = kWarps * 16, BM = D >= 128 ? 32 : 64;
+template <bool kBf16, int D, int kWarps, bool kSoftcap>
+hipError_t backward_w(const AttnBwdArgs& a, hipStream_t stream) {
+  constexpr int BN = kWarps * 16, BM = D >= 128 ? 32 : 64;
   const size_t smem = (size_t)(2 * BN + 2 * BM) * (D + kPad) * 2 + (size_t)BM * (BN + kPad) * 2 + 2 * BM * 4;
   dim3 grid((a.Sk + BN - 1) / BN, a.Hkv, a.B);
   if (grid.x == 0) return hipSuccess;
   auto kernel = attn_bwd_kernel<kBf16, D, kWarps, BM, kSoftcap>;
   if (smem > 48 * 1024) {
-    hipError_t e = hipFuncSetAttribute(reinterpret_cast<const void*>(kernel), hipFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    hipError_t e =
+        hipFuncSetAttribute(reinterpret_cast<const void*>(kernel), hipFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (e != hipSuccess) return e;
   }
  hipLaunchKernelGGL(( kernel), dim3(grid), dim3(kWarps * 32), smem, stream, a);
   return hipGetLastError();
+}
+
+// 4 warps (64 keys per CTA): 8 warps (128 keys, half the dQ atomics) measured no faster on an H100 (see
+// benchmarks/NOTES.md, 2026-12-08).
+template <bool kBf16, int D, bool kSoftcap>
+hipError_t backward_d(const AttnBwdArgs& a, hipStream_t stream) {
+  return backward_w<kBf16, D, 4, kSoftcap>(a, stream);
 }
 
 template <bool kBf16, bool kSoftcap>
