@@ -345,3 +345,25 @@ def test_sloth_attention_fallback_matches_kernel(caplog):
         for _ in range(2):
             integ.sloth_attention_forward(mod, q, k, v, None, dropout=0.1, s_aux=sinks)
     assert sum("falls back" in r.message for r in caplog.records) == 1
+
+
+def test_sloth_attention_packed_under_compile():
+    """Packed documents found from position_ids under torch.compile too (the read-back is a graph break, not a
+    silently unpacked batch); both match the SDPA fallback's explicit document mask."""
+    from sloth.integrations import attention as integ
+
+    gen = torch.Generator().manual_seed(8)
+    q = torch.randn(1, 4, 24, 16, generator=gen)
+    k, v = torch.randn(1, 2, 24, 16, generator=gen), torch.randn(1, 2, 24, 16, generator=gen)
+    sinks = torch.randn(4, generator=gen)
+    pos = torch.cat([torch.arange(9), torch.arange(4), torch.arange(11)])[None]
+    mod = torch.nn.Module()
+    mod.is_causal = True
+
+    def f(q, k, v, sinks, pos):
+        return integ.sloth_attention_forward(mod, q, k, v, None, scaling=0.25, sliding_window=5, s_aux=sinks,
+                                             position_ids=pos)[0]
+
+    want = integ._fallback(q, k, v, None, 0.0, 0.25, True, 5, sinks, None, pos)
+    assert rel_err(f(q, k, v, sinks, pos), want) <= 1e-5
+    assert rel_err(torch.compile(f, backend="aot_eager")(q, k, v, sinks, pos), want) <= 1e-5

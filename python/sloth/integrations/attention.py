@@ -68,6 +68,7 @@ def _call_limit(query, dropout, attention_mask, module) -> str | None:
 _cu_cache: dict = {}
 
 
+@torch.compiler.disable  # reads the positions back (under torch.compile: a graph break, never a wrong answer)
 def _packed_cu_seqlens(position_ids: torch.Tensor):
     """(cu_seqlens int32, max_seqlen) of the documents of a packed batch (positions restart at each document;
     the rows of a batch are laid end to end), or None when every row is one sequence. Cached for the tensor
@@ -123,7 +124,7 @@ def sloth_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
                         max_seqlen_q=kwargs.get("max_length_q"), max_seqlen_k=kwargs.get("max_length_k"), **kw)
         return out.unsqueeze(0), None
     position_ids = kwargs.get("position_ids")
-    if attention_mask is None and position_ids is not None and Sq == Sk and not torch.compiler.is_compiling():
+    if attention_mask is None and position_ids is not None and Sq == Sk:
         packed = _packed_cu_seqlens(position_ids.expand(B, -1) if position_ids.shape[0] != B else position_ids)
         if packed is not None:
             cu, mx = packed
