@@ -50,11 +50,12 @@ def glu_kind_of(mlp) -> Optional[str]:
 def chunk_tokens(tokens: int, intermediate: int, dtype: torch.dtype, device: torch.device) -> int:
     """Tokens per MLP chunk (``tokens``: no chunking): SLOTH_MLP_CHUNK_TOKENS when set, else on a GPU the largest
     multiple of 1024 (at least MIN_CHUNK_TOKENS) whose gate / up / hidden activations fit a quarter of the free
-    memory (no chunks, without asking, when they take at most 1/128 of the GPU's total memory)."""
+    memory (no chunks, without asking, when they take at most 1/128 of the GPU's total memory; none under
+    torch.compile, which cannot trace the memory queries)."""
     n = config.MLP_CHUNK_TOKENS
     if n is not None:
         return tokens if n <= 0 else min(n, tokens)
-    if device.type != "cuda":
+    if device.type != "cuda" or torch.compiler.is_compiling():  # (compiled: no host memory queries, no chunks)
         return tokens
     per_token = 3 * intermediate * dtype.itemsize  # gate, up, act(gate) * up
     if tokens * per_token <= _total_memory(device) // 128:  # small next to the GPU: no query (it costs ~20 us)

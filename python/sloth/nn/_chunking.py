@@ -47,10 +47,11 @@ def chunk_rows(n: int, v: int, dtype: torch.dtype, device: torch.device, *, need
         row_bytes = max(1, v * itemsize)
         rows = max(1, (TRAINABLE_TARGET_BYTES if need_dw else FROZEN_TARGET_BYTES) // row_bytes)
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
         if online_hidden is None:
             rows = max(rows, MIN_GPU_ROWS)
-        rows = min(rows, max(1, free // 4 // row_bytes))
+        if not torch.compiler.is_compiling():  # (a host query Dynamo cannot trace: compiled, the targets alone)
+            free, _ = torch.cuda.mem_get_info(device)
+            rows = min(rows, max(1, free // 4 // row_bytes))
     if rows >= ROW_MULTIPLE:
         rows -= rows % ROW_MULTIPLE
     return max(1, min(rows, max(n, 1)))
