@@ -87,3 +87,26 @@ def test_patched_matches_unpatched(family, router_loss, monkeypatch):
     assert not sloth.patched_modules(patched)
     loss2, _ = _step(patched, ids, labels)
     torch.testing.assert_close(loss2, ref_loss, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_get_peft_model_puts_lora_on_attention_and_experts(family, caplog):
+    """sloth.get_peft_model on an MoE family: LoRA on the attention projections and, through PEFT's
+    target_parameters, on the expert stacks (said in one log line); the experts run on sloth's kernels and every
+    LoRA matrix, the experts' included, gets a gradient."""
+    pytest.importorskip("peft")
+    model = _model(family, router_loss=False)
+    with caplog.at_level("INFO", logger="sloth"):
+        pm = sloth.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    assert any("experts' mlp.experts.down_proj, mlp.experts.gate_up_proj" in r.message for r in caplog.records)
+    names = [n for n, p in pm.named_parameters() if p.requires_grad]
+    assert any("experts" in n and "lora_A" in n for n in names) and any("q_proj.lora_A" in n for n in names)
+    assert "-> 'sloth' (sloth's MoE kernels" in "\n".join(sloth.patched_modules(pm))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    pm(input_ids=ids, labels=ids).loss.backward()
+    missing = [n for n, p in pm.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert not missing, missing

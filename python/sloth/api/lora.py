@@ -3,9 +3,14 @@ gradient checkpointing (offloaded by default)."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
+from .. import models
 from ..integrations.checkpointing import normalize_mode, set_gradient_checkpointing
+
+logger = logging.getLogger("sloth")
 
 #: the linear projections LoRA goes on by default (attention and MLP of Llama / Qwen3 / Mistral / Gemma 3)
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -25,6 +30,22 @@ def _default_targets(model) -> list:
         raise ValueError(f"sloth.get_peft_model: the model has none of the default LoRA targets "
                          f"({', '.join(DEFAULT_TARGETS)}); pass target_modules")
     return targets
+
+
+#: the 3-D parameters of a fused experts module that LoRA goes on by default (PEFT ``target_parameters``)
+EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
+
+
+def _default_expert_parameters(model) -> list:
+    """``["mlp.experts.gate_up_proj", ...]``: the expert stacks of an MoE family's model, as PEFT's
+    ``target_parameters`` names them (the last two module names and the parameter)."""
+    classes = models.experts()
+    out = []
+    for name, m in model.named_modules():
+        if type(m).__name__ in classes:
+            owner = ".".join(name.split(".")[-2:])
+            out += [f"{owner}.{p}" for p in EXPERT_PARAMETERS if isinstance(getattr(m, p, None), torch.nn.Parameter)]
+    return sorted(set(out))
 
 
 def _check_args(r, lora_alpha, lora_dropout, bias, loftq_config) -> None:
@@ -55,7 +76,9 @@ def get_peft_model(model, r: int = 16, lora_alpha: float = 16, lora_dropout: flo
         r, lora_alpha, lora_dropout, bias, use_rslora, modules_to_save: as in ``peft.LoraConfig`` (scaling
             ``lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA).
         target_modules: module names to put LoRA on; None: every linear projection of attention and MLP
-            (q, k, v, o, gate, up, down). ``"all-linear"`` and regexes work as in PEFT.
+            (q, k, v, o, gate, up, down) and, in MoE families (gpt-oss, Qwen3-MoE), the experts' stacked
+            ``gate_up_proj`` / ``down_proj`` as PEFT ``target_parameters`` (logged). ``"all-linear"`` and regexes
+            work as in PEFT.
         use_gradient_checkpointing: ``"sloth"`` (each decoder layer keeps only its input, offloaded to pinned host
             memory on CUDA, see :mod:`sloth.runtime.offload_checkpoint`), True (Transformers' checkpointing) or False.
             With checkpointing the embeddings' output requires grad and the KV cache is off.
@@ -74,6 +97,12 @@ def get_peft_model(model, r: int = 16, lora_alpha: float = 16, lora_dropout: flo
         raise ValueError("sloth.get_peft_model: the model already has LoRA adapters (it is a PeftModel); call "
                          "get_peft_model once on the base model")
     targets = _default_targets(model) if target_modules is None else target_modules
+    if target_modules is None and "target_parameters" not in lora_config_kwargs:
+        experts = _default_expert_parameters(model)
+        if experts:
+            lora_config_kwargs["target_parameters"] = experts
+            logger.info("sloth.get_peft_model: LoRA on %s and on the experts' %s (PEFT target_parameters)",
+                        ", ".join(targets), ", ".join(experts))
     unpatch(model)  # re-patched below as a whole, PEFT layers included
     model.requires_grad_(False)
     set_gradient_checkpointing(model, mode)

@@ -200,7 +200,8 @@ def patch(model, verbose: bool = False):
             continue
         if cls in norms:
             norm = norms[cls]
-            order = "round(x*rstd)*w" if norm.cast_before_weight else "round(x*rstd*(1+w))"
+            weight = f"({norm.offset:g}+w)" if norm.offset else "w"
+            order = f"round(x*rstd)*{weight}" if norm.cast_before_weight else f"round(x*rstd*{weight})"
             _replace_method(record, module, functools.partial(_rms_norm_forward, norm=norm),
                             f"{names[module] or '<root>'}: {cls}.forward -> sloth.rms_norm (offset={norm.offset:g}, "
                             f"{order})")
