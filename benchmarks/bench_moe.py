@@ -19,7 +19,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from timing import cuda_median_ms  # noqa: E402
+from timing import cuda_median_ms, graph_median_ms  # noqa: E402
 
 
 def _experts_module(family, E, H, I, k):
@@ -94,7 +94,7 @@ def run_case(name, family, E, H, I, k, T, mode, rows, iters=10):
     for p in base.parameters():
         p.requires_grad_(mode == "train_bf16")
     fn_base = lambda: _step(base, "grouped_mm", x, ids, w, backward)  # noqa: E731
-    ms_base = cuda_median_ms(fn_base, iters=iters, warmup=2)
+    ms_base = _time(fn_base, iters, graph=not backward)
     mem_base = _peak_extra(fn_base)
     res = {"case": name, "grouped_mm ms": ms_base, "grouped_mm TF/s": flops / ms_base / 1e9,
            "grouped_mm extra GB": mem_base / 1e9}
@@ -129,7 +129,7 @@ def run_case(name, family, E, H, I, k, T, mode, rows, iters=10):
             ms_dq = cuda_median_ms(dequant_then_grouped_mm, iters=max(3, iters // 2), warmup=1)
             res["dequant+grouped_mm ms"] = ms_dq
     fn = lambda: _step(mod, "sloth", x, ids, w, backward)  # noqa: E731
-    ms = cuda_median_ms(fn, iters=iters, warmup=2)
+    ms = _time(fn, iters, graph=not backward)
     mem = _peak_extra(fn)
     res.update({"sloth ms": ms, "sloth TF/s": flops / ms / 1e9, "sloth extra GB": mem / 1e9,
                 "speedup": ms_base / ms, "weight GB read/pass": weight_bytes / 1e9,
@@ -150,6 +150,51 @@ def run_case(name, family, E, H, I, k, T, mode, rows, iters=10):
     return res
 
 
+def _time(fn, iters, graph):
+    """Median ms per call: CUDA-event timing, or for decode (host-bound otherwise) the replay of a CUDA graph."""
+    if graph:
+        try:
+            with torch.no_grad():
+                return graph_median_ms(fn, calls=10, reps=10)
+        except RuntimeError as e:  # not capturable: event timing (includes host launch latency)
+            print(f"  (no CUDA graph: {type(e).__name__}: {str(e)[:80]})")
+    return cuda_median_ms(fn, iters=iters, warmup=2)
+
+
+def kernel_breakdown(T=8192, E=128, H=2048, I=768, k=8):
+    """TFLOP/s of one grouped GEMM (the gate_up projection of the Qwen3-30B-A3B layer: [R, H] x [E, 2I, H]^T,
+    and its transposed dX form) per weight format, next to torch._grouped_mm on the bf16 stack."""
+    from sloth.ops.moe import MoEWeight, moe_grouped_gemm, moe_permute
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    ids, _ = _routing(T, E, k, g)
+    ss, sp, off = moe_permute(ids, E)
+    tok = torch.div(ss, k, rounding_mode="floor")
+    R = T * k
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, generator=g)
+    xs = x[tok]
+    dy = torch.randn(R, 2 * I, device="cuda", dtype=torch.bfloat16, generator=g)
+    w = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02
+    flops = 2 * R * 2 * I * H
+    out = {}
+    ms = cuda_median_ms(lambda: torch._grouped_mm(xs, w.transpose(1, 2), offs=off[1:]), iters=10, warmup=2)
+    out["torch._grouped_mm fwd"] = flops / ms / 1e9
+    ms = cuda_median_ms(lambda: torch._grouped_mm(dy, w, offs=off[1:]), iters=10, warmup=2)
+    out["torch._grouped_mm dX"] = flops / ms / 1e9
+    lt = torch.randn(R, 16, device="cuda", dtype=torch.bfloat16, generator=g)
+    lB = torch.randn(E, 2 * I, 16, device="cuda", dtype=torch.bfloat16, generator=g)
+    for fmt, mw in (("bf16", MoEWeight.dense(w)), ("nf4", MoEWeight.quantize_nf4(w)), ("mxfp4", MoEWeight.quantize_mxfp4(w))):
+        ms = cuda_median_ms(lambda: moe_grouped_gemm(x, off, mw, rows=tok), iters=10, warmup=2)
+        out[f"sloth {fmt} fwd (gather)"] = flops / ms / 1e9
+        ms = cuda_median_ms(lambda: moe_grouped_gemm(x, off, mw, rows=tok, glu=1, return_pre=True), iters=10, warmup=2)
+        out[f"sloth {fmt} fwd + SwiGLU + pre"] = flops / ms / 1e9
+        ms = cuda_median_ms(lambda: moe_grouped_gemm(x, off, mw, rows=tok, lora_t=lt, lora_B=lB), iters=10, warmup=2)
+        out[f"sloth {fmt} fwd + LoRA r16"] = flops / ms / 1e9
+        ms = cuda_median_ms(lambda: moe_grouped_gemm(dy, off, mw, trans=True), iters=10, warmup=2)
+        out[f"sloth {fmt} dX (transposed)"] = flops / ms / 1e9
+    return out
+
+
 def _dequant_fast(mw):
     from sloth.ops import mxfp4_dequantize
 
@@ -160,6 +205,8 @@ def main(quick=False):
     torch.backends.cuda.matmul.allow_tf32 = True
     tflops, gbs = measure_rates()
     print(f"{torch.cuda.get_device_name()}: dense bf16 GEMM {tflops:.0f} TFLOP/s, copy {gbs:.0f} GB/s")
+    for name, tf in kernel_breakdown().items():
+        print(f"  grouped GEMM, Qwen3-30B-A3B gate_up shape: {name}: {tf:.0f} TFLOP/s", flush=True)
     rows = []
     it = 5 if quick else 10
     cases = [

@@ -276,6 +276,8 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pr
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 __device__ __forceinline__ void ldsm_x4(uint32_t r[4], const void* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -311,11 +313,15 @@ enum BKind : int { kDenseK = 0, kDenseN = 1, kQuantK = 2, kQuantN = 3 };
 // One 128 x 128 tile of one expert: out[r, :] = epilogue(x[rows[r]] W_e^T) for the tile's rows and columns.
 // Traffic per tile: 128 gathered rows of x and the expert's 128 x K weight slice (4-bit: K / 2 bytes per row plus
 // scales), each read once; outputs written once.
-template <OutType T, int KIND, bool kNf4>
+constexpr int kBStage = kBN * kPadA > kBK * kPadBN ? kBN * kPadA : kBK * kPadBN;  // halves per B stage
+constexpr size_t tc_smem_bytes(int stages) { return (size_t)stages * (kBM * kPadA + kBStage) * 2; }
+
+template <OutType T, int KIND, bool kNf4, int STAGES>
 __global__ void __launch_bounds__(kThreads) moe_gemm_tc_kernel(MoeGemmArgs a) {
   using raw = uint16_t;
-  __shared__ __align__(16) raw sA[2][kBM][kPadA];
-  __shared__ __align__(16) raw sB[2][kBN * kPadA > kBK * kPadBN ? kBN * kPadA : kBK * kPadBN];
+  extern __shared__ __align__(16) unsigned char moe_tc_smem[];  // STAGES x A [kBM][kPadA], then STAGES x B
+  raw (*sA)[kBM][kPadA] = reinterpret_cast<raw (*)[kBM][kPadA]>(moe_tc_smem);
+  raw (*sB)[kBStage] = reinterpret_cast<raw (*)[kBStage]>(moe_tc_smem + (size_t)STAGES * kBM * kPadA * sizeof(raw));
 
   const int E = (int)a.w.E;
   const int tile = blockIdx.y;
@@ -453,16 +459,25 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_tc_kernel(MoeGemmArgs a) {
 #pragma unroll
       for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
 
+  // STAGES-deep pipeline: tile kt + STAGES - 1 is requested while tile kt is multiplied (4-bit B tiles: loaded
+  // into registers there and decoded into their stage after the MMAs).
   const int64_t nk = (a.K + kBK - 1) / kBK;
-  issue(0, 0);
-  if (KIND >= kQuantK) store_quant(0);
-  cp_async_wait_all();
-  __syncthreads();
-
+#pragma unroll
+  for (int st = 0; st < STAGES - 1; ++st) {
+    if (st < nk) {
+      issue(st, (int64_t)st * kBK);
+      if (KIND >= kQuantK) store_quant(st);
+    } else {
+      cp_async_commit();  // empty group: the wait counts stay uniform
+    }
+  }
   for (int64_t kt = 0; kt < nk; ++kt) {
-    const int cur = (int)(kt & 1);
-    const bool more = kt + 1 < nk;
-    if (more) issue(cur ^ 1, (kt + 1) * kBK);
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();
+    const int cur = (int)(kt % STAGES);
+    const int64_t nxt = kt + STAGES - 1;
+    const int nst = (int)(nxt % STAGES);  // the stage multiplied in iteration kt - 1: free after the barrier
+    if (nxt < nk) issue(nst, nxt * kBK); else cp_async_commit();
 #pragma unroll
     for (int ks = 0; ks < kBK; ks += 16) {
       uint32_t af[4][4], bf[4][2];
@@ -489,31 +504,52 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_tc_kernel(MoeGemmArgs a) {
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni) mma16816<T>(acc[mi][ni], af[mi], bf[ni]);
     }
-    if (KIND >= kQuantK && more) store_quant(cur ^ 1);
-    cp_async_wait_all();
-    __syncthreads();
+    if (KIND >= kQuantK && nxt < nk) store_quant(nst);
   }
+  cp_async_wait_all();
+  __syncthreads();
 
-  // ---- epilogue
-  // LoRA: the tile's lora_t rows and lora_B columns as fp32 in shared memory (the mainloop buffers are free
-  // after its last barrier), so each output element reads its rank-r dot product from shared memory.
-  constexpr int kMaxRank = 32;
-  float* sLt = reinterpret_cast<float*>(&sA[0][0][0]);  // [kBM][rank + 1]
-  float* sLb = reinterpret_cast<float*>(&sB[0][0]);     // [kBN][rank + 1]
-  const bool lora_smem = a.lora_t != nullptr && a.rank <= kMaxRank;
-  if (lora_smem) {
-    const int rp = a.rank + 1;
+  // ---- LoRA: one more tensor-core step on the accumulators, acc += (scaling * lora_t) lora_B^T over k < rank.
+  // The tile's lora_t rows (scaled, rounded to T) and lora_B columns go into the (now free) stage-0 buffers in
+  // the k-contiguous layout, zero past the rank; 16 MMAs per warp and 16-wide k step.
+  constexpr int kMaxRank = kBK;
+  const bool lora_mma = a.lora_t != nullptr && a.rank <= kMaxRank;
+  if (lora_mma) {
     const raw* lt = static_cast<const raw*>(a.lora_t);
     const raw* lb = static_cast<const raw*>(a.lora_B);
-    for (int i = tid; i < kBM * a.rank; i += kThreads) {
-      const int rr = i / a.rank, q = i % a.rank;
+    raw* sLb = &sB[0][0];  // [kBN][kPadA]
+    for (int i = tid; i < kBM * kBK; i += kThreads) {
+      const int rr = i / kBK, q = i % kBK;
       const int64_t r = m0 + rr;
-      sLt[rr * rp + q] = r < row_end ? to_float<T>(lt[r * a.rank + q]) : 0.0f;
       const int64_t n = tile_col(nt, rr, concat_glu, Nout);
-      sLb[rr * rp + q] = n < a.N ? to_float<T>(lb[(e * a.N + n) * a.rank + q]) : 0.0f;
+      const bool okq = q < a.rank;
+      sA[0][rr][q] = (okq && r < row_end) ? from_float<T>(a.scaling * to_float<T>(lt[r * a.rank + q])) : (raw)0;
+      sLb[rr * kPadA + q] = (okq && n < a.N) ? lb[(e * a.N + n) * a.rank + q] : (raw)0;
     }
     __syncthreads();
+    for (int ks = 0; ks < a.rank; ks += 16) {
+      uint32_t af[4][4], bf[4][2];
+#pragma unroll
+      for (int mi = 0; mi < 4; ++mi)
+        ldsm_x4(af[mi], &sA[0][warp_m * 64 + mi * 16 + (lane & 15)][ks + (lane >> 4) * 8]);
+#pragma unroll
+      for (int nj = 0; nj < 2; ++nj) {
+        const int mtx = lane >> 3, rr = lane & 7;
+        uint32_t r4[4];
+        const int nb = warp_n * 32 + nj * 16 + (mtx >> 1) * 8;
+        ldsm_x4(r4, &sLb[(nb + rr) * kPadA + ks + (mtx & 1) * 8]);
+        bf[nj * 2][0] = r4[0];
+        bf[nj * 2][1] = r4[1];
+        bf[nj * 2 + 1][0] = r4[2];
+        bf[nj * 2 + 1][1] = r4[3];
+      }
+#pragma unroll
+      for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) mma16816<T>(acc[mi][ni], af[mi], bf[ni]);
+    }
   }
+  // ---- epilogue: bias, pre-activation, GLU
   using st = typename OutStorage<T>::type;
   st* out = static_cast<st*>(a.out);
   st* pre = static_cast<st*>(a.pre);
@@ -524,8 +560,7 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_tc_kernel(MoeGemmArgs a) {
   for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int rl = warp_m * 64 + mi * 16 + (lane >> 2) + half * 8;
-      const int64_t r = m0 + rl;
+      const int64_t r = m0 + warp_m * 64 + mi * 16 + (lane >> 2) + half * 8;
       if (r >= row_end) continue;
       float v[4][2];
       int64_t ncol[4];
@@ -539,12 +574,7 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_tc_kernel(MoeGemmArgs a) {
           const int64_t n = ncol[ni] + q;
           if (n < a.N) {
             if (a.bias) x += a.bias[e * a.N + n];
-            if (lora_smem) {
-              const int rp = a.rank + 1;
-              float sum = 0.0f;
-              for (int qq = 0; qq < a.rank; ++qq) sum += sLt[rl * rp + qq] * sLb[(c + q) * rp + qq];
-              x += a.scaling * sum;
-            } else if (a.lora_t) {  // rank > kMaxRank: straight from global memory
+            if (a.lora_t && !lora_mma) {  // rank > kMaxRank: straight from global memory
               const raw* lt = static_cast<const raw*>(a.lora_t) + r * a.rank;
               const raw* lb = static_cast<const raw*>(a.lora_B) + (e * a.N + n) * a.rank;
               float sum = 0.0f;
@@ -851,23 +881,29 @@ cudaError_t launch_moe_grouped_gemm(const MoeGemmArgs& a, cudaStream_t stream) {
     int kind;
     if (w.fmt == kMoeDense) kind = ((a.trans ? w.s_a : w.s_b) == 1) ? 0 : 1;
     else kind = a.trans ? 3 : 2;
+    // 4 stages for 16-bit B (cp.async), 3 for 4-bit B (its registers hold one tile in flight)
+    auto launch = [&](auto kern, int stages) {
+      const size_t smem = tc_smem_bytes(stages);
+      cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+      kern<<<grid, kThreads, smem, stream>>>(a);
+    };
     auto go = [&](auto tt) {
       constexpr OutType T = decltype(tt)::value;
       switch (kind) {
-        case 0: moe_gemm_tc_kernel<T, kDenseK, true><<<grid, kThreads, 0, stream>>>(a); break;
-        case 1: moe_gemm_tc_kernel<T, kDenseN, true><<<grid, kThreads, 0, stream>>>(a); break;
+        case 0: launch(moe_gemm_tc_kernel<T, kDenseK, true, 4>, 4); break;
+        case 1: launch(moe_gemm_tc_kernel<T, kDenseN, true, 4>, 4); break;
         case 2:
           if (w.fmt == kMoeNf4) {
-            moe_gemm_tc_kernel<T, kQuantK, true><<<grid, kThreads, 0, stream>>>(a);
+            launch(moe_gemm_tc_kernel<T, kQuantK, true, 3>, 3);
           } else {
-            moe_gemm_tc_kernel<T, kQuantK, false><<<grid, kThreads, 0, stream>>>(a);
+            launch(moe_gemm_tc_kernel<T, kQuantK, false, 3>, 3);
           }
           break;
         default:
           if (w.fmt == kMoeNf4) {
-            moe_gemm_tc_kernel<T, kQuantN, true><<<grid, kThreads, 0, stream>>>(a);
+            launch(moe_gemm_tc_kernel<T, kQuantN, true, 3>, 3);
           } else {
-            moe_gemm_tc_kernel<T, kQuantN, false><<<grid, kThreads, 0, stream>>>(a);
+            launch(moe_gemm_tc_kernel<T, kQuantN, false, 3>, 3);
           }
       }
     };
