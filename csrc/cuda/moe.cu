@@ -847,6 +847,30 @@ cudaError_t launch_moe_permute(const void* ids, bool ids_int64, int64_t R, int E
   return cudaGetLastError();
 }
 
+#if !defined(SLOTH_HIP)
+// Opt every tensor-core kernel into its dynamic shared memory (above the 48 KiB default), once per device and
+// outside any CUDA graph capture that follows the first call.
+template <OutType T>
+static void tc_set_smem_attributes_for() {
+  const int s4 = (int)tc_smem_bytes(4), s3 = (int)tc_smem_bytes(3);
+  cudaFuncSetAttribute(moe_gemm_tc_kernel<T, kDenseK, true, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize, s4);
+  cudaFuncSetAttribute(moe_gemm_tc_kernel<T, kDenseN, true, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize, s4);
+  cudaFuncSetAttribute(moe_gemm_tc_kernel<T, kQuantK, true, 3>, cudaFuncAttributeMaxDynamicSharedMemorySize, s3);
+  cudaFuncSetAttribute(moe_gemm_tc_kernel<T, kQuantK, false, 3>, cudaFuncAttributeMaxDynamicSharedMemorySize, s3);
+  cudaFuncSetAttribute(moe_gemm_tc_kernel<T, kQuantN, true, 3>, cudaFuncAttributeMaxDynamicSharedMemorySize, s3);
+  cudaFuncSetAttribute(moe_gemm_tc_kernel<T, kQuantN, false, 3>, cudaFuncAttributeMaxDynamicSharedMemorySize, s3);
+}
+static void tc_set_smem_attributes() {
+  static bool done[64] = {};
+  int dev = 0;
+  cudaGetDevice(&dev);
+  if (dev >= 0 && dev < 64 && done[dev]) return;
+  tc_set_smem_attributes_for<OutType::kBF16>();
+  tc_set_smem_attributes_for<OutType::kF16>();
+  if (dev >= 0 && dev < 64) done[dev] = true;
+}
+#endif
+
 int moe_grouped_gemm_path(const MoeGemmArgs& a) {
 #if defined(SLOTH_HIP)
   return 0;
@@ -882,11 +906,8 @@ cudaError_t launch_moe_grouped_gemm(const MoeGemmArgs& a, cudaStream_t stream) {
     if (w.fmt == kMoeDense) kind = ((a.trans ? w.s_a : w.s_b) == 1) ? 0 : 1;
     else kind = a.trans ? 3 : 2;
     // 4 stages for 16-bit B (cp.async), 3 for 4-bit B (its registers hold one tile in flight)
-    auto launch = [&](auto kern, int stages) {
-      const size_t smem = tc_smem_bytes(stages);
-      cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-      kern<<<grid, kThreads, smem, stream>>>(a);
-    };
+    tc_set_smem_attributes();
+    auto launch = [&](auto kern, int stages) { kern<<<grid, kThreads, tc_smem_bytes(stages), stream>>>(a); };
     auto go = [&](auto tt) {
       constexpr OutType T = decltype(tt)::value;
       switch (kind) {
