@@ -179,7 +179,7 @@ __global__ void moe_place_kernel(const Id* __restrict__ ids, int64_t R, int E, c
   for (int g = 0; g < grp; ++g) before += s_grp[g * (E + 1) + e];
   const int32_t r = base[(int64_t)blockIdx.x * (E + 1) + e] + before;
   sorted_slots[r] = (int32_t)i;
-  slot_pos[i] = r;
+  slot_pos[i] = e < E ? r : -1;  // a dropped slot (id out of range): the combine skips it
 }
 
 // ------------------------------------------------------------------ grouped GEMM: shared pieces
@@ -349,7 +349,8 @@ __global__ void __launch_bounds__(kThreads) moe_gemm_tc_kernel(MoeGemmArgs a) {
     const int c = tid + i * kThreads;
     const int64_t r = m0 + (c >> 2);
     a_ok[i] = r < row_end;
-    const int64_t src = a_ok[i] ? (a.rows ? (int64_t)a.rows[r] : r) : 0;
+    int64_t src = a_ok[i] ? (a.rows ? (int64_t)a.rows[r] : r) : 0;
+    if (src < 0 || src >= a.x_rows) a_ok[i] = false, src = 0;  // a bad gather index reads zeros, never out of bounds
     a_src[i] = static_cast<const raw*>(a.x) + src * a.K + (c & 3) * 8;
   }
   // B: 2 chunks of 8 elements per thread and stage. k-contiguous: n = c / 4, k = (c % 4) * 8;
@@ -674,6 +675,7 @@ __global__ void __launch_bounds__(256) moe_gemm_simt_kernel(MoeGemmArgs a) {
       for (int i = 0; i < kSimtRows; ++i) {
         const int64_t r = r0 + min(i, nr - 1);
         src[i] = a.rows ? (int64_t)a.rows[r] : r;
+        if (src[i] < 0 || src[i] >= a.x_rows) src[i] = -1;  // a bad gather index reads zeros
       }
       float ag[kSimtRows] = {}, au[kSimtRows] = {};
       if (kFast) {
@@ -683,7 +685,7 @@ __global__ void __launch_bounds__(256) moe_gemm_simt_kernel(MoeGemmArgs a) {
           if (a.glu) load_w8<T>(a, e, nu, k, wu);
 #pragma unroll
           for (int i = 0; i < kSimtRows; ++i) {
-            const uint4 xv = *reinterpret_cast<const uint4*>(x + src[i] * a.K + k);
+            const uint4 xv = src[i] < 0 ? make_uint4(0, 0, 0, 0) : *reinterpret_cast<const uint4*>(x + src[i] * a.K + k);
             const uint32_t p[4] = {xv.x, xv.y, xv.z, xv.w};
 #pragma unroll
             for (int j = 0; j < 4; ++j) {
@@ -698,7 +700,7 @@ __global__ void __launch_bounds__(256) moe_gemm_simt_kernel(MoeGemmArgs a) {
           const float wg = w_at<T>(a, e, ng, k), wu = a.glu ? w_at<T>(a, e, nu, k) : 0.0f;
 #pragma unroll
           for (int i = 0; i < kSimtRows; ++i) {
-            const float xv = to_float<T>(x[src[i] * a.K + k]);
+            const float xv = src[i] < 0 ? 0.0f : to_float<T>(x[src[i] * a.K + k]);
             ag[i] += xv * wg;
             au[i] += xv * wu;
           }
@@ -754,7 +756,7 @@ __global__ void moe_glu_backward_kernel(const void* dh_, const void* pre_, void*
 // One CTA per token: out[t] = sum_j w[t, j] y[slot_pos[t * k + j]] in fp32. Traffic: k rows of y, one of out.
 template <OutType T>
 __global__ void moe_combine_kernel(const void* y_, const int32_t* __restrict__ slot_pos, const float* __restrict__ w,
-                                   void* out_, int k, int64_t H) {
+                                   void* out_, int k, int64_t H, int64_t R) {
   using raw = typename OutStorage<T>::type;
   const raw* y = static_cast<const raw*>(y_);
   raw* out = static_cast<raw*>(out_);
@@ -762,8 +764,10 @@ __global__ void moe_combine_kernel(const void* y_, const int32_t* __restrict__ s
   for (int64_t h = threadIdx.x; h < H; h += blockDim.x) {
     float s = 0.0f;
     for (int j = 0; j < k; ++j) {
+      const int64_t p = slot_pos[t * k + j];
+      if (p < 0 || p >= R) continue;
       const float c = w ? w[t * k + j] : 1.0f;
-      s += c * to_float<T>(y[(int64_t)slot_pos[t * k + j] * H + h]);
+      s += c * to_float<T>(y[p * H + h]);
     }
     out[t * H + h] = from_float<T>(s);
   }
@@ -779,6 +783,10 @@ __global__ void moe_combine_backward_kernel(const void* dout_, const void* y_, c
   const raw* y = static_cast<const raw*>(y_);
   raw* dy = static_cast<raw*>(dy_);
   const int64_t s = blockIdx.x, t = s / k, p = slot_pos[s];
+  if (p < 0 || p >= (int64_t)gridDim.x) {  // R == T * k == gridDim.x: a bad position writes nothing
+    if (threadIdx.x == 0) dweights[s] = 0.0f;
+    return;
+  }
   const float ws = w[s];
   float dot = 0.0f;
   for (int64_t h = threadIdx.x; h < H; h += blockDim.x) {
@@ -969,11 +977,11 @@ cudaError_t launch_moe_glu_backward(const void* dh, const void* pre, void* dpre,
 }
 
 cudaError_t launch_moe_combine(const void* y, const int32_t* slot_pos, const float* w, void* out, int64_t T, int k,
-                               int64_t H, OutType type, cudaStream_t stream) {
+                               int64_t H, int64_t R, OutType type, cudaStream_t stream) {
   if (T == 0) return cudaSuccess;
   dispatch_out_type(type, [&](auto tt) {
     constexpr OutType TT = decltype(tt)::value;
-    moe_combine_kernel<TT><<<(unsigned)T, 256, 0, stream>>>(y, slot_pos, w, out, k, H);
+    moe_combine_kernel<TT><<<(unsigned)T, 256, 0, stream>>>(y, slot_pos, w, out, k, H, R);
   });
   return cudaGetLastError();
 }

@@ -17,14 +17,15 @@ hipError_t launch_moe_route(const float* logits, int64_t T, int E, int k, int ki
 
 // Stable counting sort of R = T * k slots by expert (ids int64 or int32): sorted_slots [R], slot_pos [R],
 // offsets [E + 1]. workspace: moe_permute_workspace(R, E) int32 entries. Ids outside [0, E) go to a tail
-// past offsets[E] (they belong to no expert). Needs E <= 1024.
+// past offsets[E] (they belong to no expert) and get slot_pos -1 (the combine skips them). Needs E <= 1024.
 int64_t moe_permute_workspace(int64_t R, int E);
 hipError_t launch_moe_permute(const void* ids, bool ids_int64, int64_t R, int E, int32_t* sorted_slots,
                                int32_t* slot_pos, int32_t* offsets, int32_t* workspace, hipStream_t stream);
 
 struct MoeGemmArgs {
   const void* x = nullptr;          // [*, K] contiguous, of `type`
-  const int32_t* rows = nullptr;    // [R] gather indices or null
+  const int32_t* rows = nullptr;    // [R] gather indices or null (an index outside [0, x_rows) reads zeros)
+  int64_t x_rows = 0;               // rows of x
   const int32_t* offsets = nullptr; // [E + 1]
   int32_t* tile_start = nullptr;    // workspace [E + 1] (tensor-core path)
   MoeWeight w;
@@ -49,9 +50,10 @@ int moe_grouped_gemm_path(const MoeGemmArgs& args);
 hipError_t launch_moe_glu_backward(const void* dh, const void* pre, void* dpre, int64_t R, int64_t I, int glu,
                                     float alpha, float limit, OutType type, hipStream_t stream);
 
-// out [T, H] = sum_j w[t, j] y[slot_pos[t * k + j]] (w null: 1); y / out of `type`, w fp32.
+// out [T, H] = sum_j w[t, j] y[slot_pos[t * k + j]] (w null: 1); y [R, H] / out of `type`, w fp32. A position
+// outside [0, R) contributes nothing (the CPU kernel raises; checking here would need a host synchronization).
 hipError_t launch_moe_combine(const void* y, const int32_t* slot_pos, const float* w, void* out, int64_t T, int k,
-                               int64_t H, OutType type, hipStream_t stream);
+                               int64_t H, int64_t R, OutType type, hipStream_t stream);
 // dy[slot_pos[s]] = w[s] dout[s / k], dweights[s] = <dout[s / k], y[slot_pos[s]]> (fp32).
 hipError_t launch_moe_combine_backward(const void* dout, const void* y, const int32_t* slot_pos, const float* w,
                                         void* dy, float* dweights, int64_t T, int k, int64_t H, OutType type,

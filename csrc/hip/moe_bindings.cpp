@@ -83,6 +83,7 @@ std::tuple<at::Tensor, at::Tensor> moe_grouped_gemm_cuda(
   MoeGemmArgs a;
   a.x = x.data_ptr();
   a.rows = rows ? rows->data_ptr<int32_t>() : nullptr;
+  a.x_rows = x.size(0);
   a.offsets = offsets.data_ptr<int32_t>();
   a.tile_start = tile_start.data_ptr<int32_t>();
   a.w = wv;
@@ -137,7 +138,7 @@ at::Tensor moe_combine_cuda(const at::Tensor& y_, const at::Tensor& slot_pos_, c
   }
   at::Tensor out = at::empty({T, H}, y.options());
   check_launch(launch_moe_combine(y.data_ptr(), sp.data_ptr<int32_t>(), w ? w->data_ptr<float>() : nullptr,
-                                  out.data_ptr(), T, (int)top_k, H, out_type_of(y.scalar_type()),
+                                  out.data_ptr(), T, (int)top_k, H, y.size(0), out_type_of(y.scalar_type()),
                                   c10::cuda::getCurrentCUDAStream()),
                "moe_combine");
   return out;

@@ -44,8 +44,16 @@ class MoEExpertsSpec:
 
 
 def _expert_of_rows(offsets: torch.Tensor, R: int) -> torch.Tensor:
-    """[R] int64: the expert of each sorted row (no host synchronization)."""
+    """[R] int64: the expert of each sorted row (no host synchronization); E for rows past offsets[E] (slots
+    the CUDA permute dropped for an out-of-range id)."""
     return torch.searchsorted(offsets[1:].long(), torch.arange(R, device=offsets.device), right=True)
+
+
+def _per_expert_sum(t: torch.Tensor, erow: torch.Tensor, E: int) -> torch.Tensor:
+    """[E, N] fp32 sums of the rows of t [R, N] by expert (rows of no expert left out)."""
+    valid = (erow < E)[:, None]
+    return torch.zeros(E, t.shape[1], dtype=torch.float32, device=t.device).index_add_(
+        0, erow.clamp(max=E - 1), torch.where(valid, t.float(), 0.0))
 
 
 def _per_expert_outer(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, E: int) -> torch.Tensor:
@@ -126,8 +134,7 @@ class MoEExpertsFunction(torch.autograd.Function):
         erow = None
         if need[6]:
             erow = _expert_of_rows(offsets, dy.shape[0])
-            g["d_b"] = torch.zeros(E, dy.shape[1], dtype=torch.float32, device=dy.device).index_add_(
-                0, erow, dy.float())
+            g["d_b"] = _per_expert_sum(dy, erow, E)
         # ---- GLU
         dpre = moe_glu_backward(dh, pre, spec.glu, spec.alpha, spec.limit)  # [R, 2I]
         # ---- gate_up: pre = x[tok] Wgu^T + b + s (x[tok] A^T) B^T
@@ -150,8 +157,7 @@ class MoEExpertsFunction(torch.autograd.Function):
                          else _per_expert_outer(dpre, xs, offsets, E))
         if need[5]:
             erow = erow if erow is not None else _expert_of_rows(offsets, dpre.shape[0])
-            g["gu_b"] = torch.zeros(E, dpre.shape[1], dtype=torch.float32, device=dpre.device).index_add_(
-                0, erow, dpre.float())
+            g["gu_b"] = _per_expert_sum(dpre, erow, E)
 
         def cast(name, like):
             t = g.get(name)

@@ -130,8 +130,9 @@ def moe_route(logits: torch.Tensor, top_k: int, kind="softmax_topk", renormalize
 
 def moe_permute(ids: torch.Tensor, num_experts: int):
     """``(sorted_slots [R], slot_pos [R], offsets [E + 1])`` (int32) of expert ids ``[T, k]``: the T * k slots
-    stably sorted by expert. Ids outside ``[0, E)`` raise on the CPU; the CUDA kernel drops them (their slots
-    belong to no expert: offsets[E] < R) rather than synchronize to raise."""
+    stably sorted by expert. Ids outside ``[0, E)`` raise on the CPU; the CUDA kernel drops them rather than
+    synchronize to raise (their slots belong to no expert, offsets[E] < R, and their slot_pos is -1, which the
+    combine skips: a dropped slot contributes nothing, as Transformers' expert-parallel sentinels)."""
     check_tensor("ids", ids, dtypes=(torch.int32, torch.int64))
     check_device_supported(ids, "moe_permute")
     return torch.ops.sloth.moe_permute(ids, int(num_experts))
