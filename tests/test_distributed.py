@@ -404,7 +404,8 @@ CASES = {"ddp": _case_ddp, "ddp_unused": _case_ddp_unused, "fsdp": _case_fsdp, "
 
 
 def _worker(rank, port, tmp):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # (SLOTH_MOE_EXPERTS: the gpt-oss cases run on sloth's experts, which are opt-in)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), SLOTH_MOE_EXPERTS="1")
     torch.set_num_threads(1)
     # a collective that one rank never joins (a case failing on the other) errors after 2 minutes, never hangs CI
     torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=120))

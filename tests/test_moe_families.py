@@ -33,6 +33,12 @@ def _qwen3_moe():
 FAMILIES = {"gpt_oss": _gpt_oss, "qwen3_moe": _qwen3_moe}
 
 
+@pytest.fixture(autouse=True)
+def moe_kernels(monkeypatch):
+    """sloth's experts are opt-in (SLOTH_MOE_EXPERTS=1): these tests opt in."""
+    monkeypatch.setenv("SLOTH_MOE_EXPERTS", "1")
+
+
 def _model(family, router_loss):
     cls, cfg = FAMILIES[family]()
     cfg.output_router_logits = router_loss
@@ -110,3 +116,10 @@ def test_get_peft_model_puts_lora_on_attention_and_experts(family, caplog):
     pm(input_ids=ids, labels=ids).loss.backward()
     missing = [n for n, p in pm.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
     assert not missing, missing
+
+
+def test_experts_stay_transformers_own_unless_asked(monkeypatch):
+    monkeypatch.setenv("SLOTH_MOE_EXPERTS", "0")
+    model = sloth.patch(_model("qwen3_moe", router_loss=False))
+    assert "experts" not in "\n".join(sloth.patched_modules(model))
+    assert getattr(model.config, "_experts_implementation", None) != "sloth"

@@ -56,6 +56,9 @@ SWITCHES: Dict[str, Switch] = {s.env[len("SLOTH_"):]: s for s in (
            "than a quarter of free GPU memory"),
     Switch("SLOTH_GRAPHED_GENERATE", _bool, True,
            "generate() of a patched model decodes by replaying one CUDA graph per token"),
+    Switch("SLOTH_MOE_EXPERTS", _bool, False,
+           "sloth.patch puts MoE families' experts on sloth's kernels (Transformers' experts 'sloth'); off until "
+           "their GPU speed passes grouped_mm (benchmarks/NOTES.md)"),
 )}
 
 

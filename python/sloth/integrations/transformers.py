@@ -45,7 +45,7 @@ import warnings
 
 import torch
 
-from .. import models
+from .. import config, models
 from ..nn.linear_cross_entropy import causal_lm_loss
 from ..nn.norm_rope import rms_norm
 from ._models import peft_parts
@@ -266,8 +266,8 @@ def patch(model, verbose: bool = False):
 
 
 def _select_implementations(record, base, spec) -> None:
-    """Switch ``base`` to sloth's attention function (families whose ``attention_kernel`` is "sloth") and to sloth's
-    experts (MoE families), recording the previous choices for :func:`unpatch`."""
+    """Switch ``base`` to sloth's attention function (families whose ``attention_kernel`` is "sloth") and, with
+    ``SLOTH_MOE_EXPERTS=1``, to sloth's experts (MoE families), recording the previous choices for :func:`unpatch`."""
     if spec.attention_kernel == "sloth" and base.config._attn_implementation != "sloth":
         from .attention import register
 
@@ -277,7 +277,7 @@ def _select_implementations(record, base, spec) -> None:
             record.append((base, _IMPL + "attn", True, old, f"<root>: attention {old!r} -> 'sloth' (sloth.attention: "
                                                              f"sinks, sliding window, packed documents)"))
     experts_classes = models.experts()
-    if any(type(m).__name__ in experts_classes for m in base.modules()) and \
+    if config.MOE_EXPERTS and any(type(m).__name__ in experts_classes for m in base.modules()) and \
             getattr(base.config, "_experts_implementation", None) != "sloth":
         from .moe import register
 
