@@ -295,25 +295,6 @@ def test_experts_forward_backward(device, fmt, dtype, trainable, lora, gptoss, T
 
 # ---------------------------------------------------------------- opcheck and bad input
 
-def test_opcheck():
-    E, T, k, K, N = 4, 5, 2, 32, 16
-    ids = torch.randint(0, E, (T, k))
-    ss, sp, off = ops.moe_permute(ids, E)
-    rows = torch.div(ss, k, rounding_mode="floor")
-    x = torch.randn(T, K)
-    w = MoEWeight.quantize_mxfp4(torch.randn(E, N, K))
-    opcheck = torch.library.opcheck
-    opcheck(torch.ops.sloth.moe_route.default, (torch.randn(T, E), k, 0, True))
-    opcheck(torch.ops.sloth.moe_permute.default, (ids, E))
-    opcheck(torch.ops.sloth.moe_grouped_gemm.default,
-            (x, rows, off, 2, w.data, w.scale, None, None, None, list(w.shape), 64, 256, False,
-             torch.randn(E, N), None, None, 1.0, 3, 1.702, 7.0, True))
-    opcheck(torch.ops.sloth.moe_glu_backward.default, (torch.randn(T, 8), torch.randn(T, 16), 1, 1.702, 7.0))
-    opcheck(torch.ops.sloth.moe_combine.default, (torch.randn(T * k, 8), sp, torch.rand(T, k), k))
-    opcheck(torch.ops.sloth.moe_combine_backward.default, (torch.randn(T, 8), torch.randn(T * k, 8), ss, sp,
-                                                          torch.rand(T, k)))
-
-
 def test_bad_inputs():
     E, K, N = 4, 32, 16
     ids = torch.randint(0, E, (5, 2))

@@ -1,6 +1,5 @@
 """NF4 quantize / dequantize against sloth.reference and against bitsandbytes (bit-exact)."""
 
-import math
 
 import pytest
 import torch
@@ -244,7 +243,7 @@ class TestErrors:
 
 
 def test_to_bitsandbytes_state():
-    F = bnb_or_skip()
+    bnb_or_skip()
     x = torch.randn(128, 64)
     packed, st = sloth.nf4_quantize(x)
     qs = st.to_bitsandbytes()

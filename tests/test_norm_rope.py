@@ -152,23 +152,6 @@ def test_rope_strided_and_autograd():
     assert rel_err(q0.grad, qr.grad) <= 1e-5 and rel_err(k0.grad, kr.grad) <= 1e-5
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_norm_rope_opcheck(device):
-    x, w = torch.randn(4, 40, device=device), torch.randn(40, device=device)
-    y, rstd = torch.ops.sloth.rms_norm_forward(x, w, 1e-6, 0.0, True)
-    checks = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
-    torch.library.opcheck(torch.ops.sloth.rms_norm_forward.default, (x, w, 1e-6, 1.0, False), test_utils=checks)
-    torch.library.opcheck(torch.ops.sloth.rms_norm_backward.default, (torch.randn_like(x), x, w, rstd, 0.0, True, True),
-                          test_utils=checks)
-    cos, sin = hf_cos_sin(4, 16)
-    torch.library.opcheck(torch.ops.sloth.rope_.default,
-                          (torch.randn(4, 2, 16, device=device), torch.randn(4, 1, 16, device=device),
-                           cos.to(device), sin.to(device), False), test_utils=checks)
-    torch.library.opcheck(torch.ops.sloth.rope.default,
-                          (torch.randn(4, 2, 16, device=device), torch.randn(4, 1, 16, device=device),
-                           cos[:, :8].to(device), sin[:, :8].to(device), True), test_utils=checks)
-
-
 # ---- RoPE layouts: every way q / k reach the kernel, aligned (16-byte fast path) or not (fallback) ----
 # (tokens, heads, kv_heads, D, rot): partial rotary, half % 8 != 0 (bf16 / fp16 fall back, fp32 does not), one
 # head, odd token counts, more heads than one pass of head slots covers.

@@ -205,21 +205,6 @@ def test_raw_ops_against_reference(device, dtype, margin, v, vb):
     assert rel_err(dh.cpu(), want_dh) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
-def test_opcheck():
-    x, labels, w, vb = _blocks("cpu", torch.float32)
-    rows, h = x.shape[0], w.shape[1]
-    blk = x[:, :vb].contiguous()
-    state, acc = torch.zeros(rows, 4), torch.zeros(rows, h)
-    torch.library.opcheck(torch.ops.sloth.ce_online_block, (blk, labels, 0, state, acc, 0.0, 1.0, 8.0))
-    torch.ops.sloth.ce_online_block(blk, labels, 0, state, acc, 0.0, 1.0, 8.0)
-    acc = blk @ w[:vb]
-    torch.library.opcheck(torch.ops.sloth.ce_online_block,
-                          (x[:, vb:2 * vb].contiguous(), labels, vb, state, acc, 2.0, 0.5, 0.0))
-    dh = torch.empty(rows, h)
-    torch.library.opcheck(torch.ops.sloth.ce_online_finish, (state, acc, w, labels, None, -100, dh))
-    torch.library.opcheck(torch.ops.sloth.ce_online_finish, (state, acc, w, labels, torch.randn(rows), -100, dh))
-
-
 def test_op_argument_errors():
     x, labels, w, vb = _blocks("cpu", torch.float32)
     rows, h = x.shape[0], w.shape[1]

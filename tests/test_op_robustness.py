@@ -26,7 +26,6 @@ def cases(device):
             return torch.randn(shape).to(dtype).to(dev)
         return torch.zeros(shape, dtype=dtype, device=dev)
 
-    u8 = torch.uint8
     x = t(4, 64)
     packed, absmax = ops.nf4_quantize(x, 64)  # [128, 1] u8, [4] f32
     code = t(256)
