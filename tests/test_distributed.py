@@ -679,6 +679,9 @@ def _trl_main(tok_dir, out_dir):
         results[name] = sft_step(tok, os.path.join(out_dir, name), 1, 2, **kw) + (sd.world_size(),)
     if sd.rank() == 0:
         torch.save(results, os.path.join(out_dir, "trl.pt"))
+    if torch.distributed.is_initialized():  # an orderly teardown: gloo's threads torn down at exit aborted (rarely)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def test_trl_sft_under_torchrun(tok, tmp_path):
