@@ -122,14 +122,11 @@ std::tuple<at::Tensor, at::Tensor> moe_grouped_gemm(
     const std::optional<at::Tensor>& lora_t_, const std::optional<at::Tensor>& lora_B_, double scaling, int64_t glu,
     double alpha, double limit, bool return_pre) {
   const char* op = "moe_grouped_gemm";
-  auto cont = [](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
-    if (!t) return std::nullopt;
-    return t->contiguous();
-  };
   at::Tensor x = x_.contiguous(), offsets = offsets_.contiguous();
   at::Tensor w = fmt == kMoeDense ? w_ : w_.contiguous();
-  auto rows = cont(rows_), scale = cont(scale_), code2 = cont(code2_), absmax2 = cont(absmax2_),
-       dq_offset = cont(dq_offset_), lora_t = cont(lora_t_), lora_B = cont(lora_B_);
+  auto rows = contiguous(rows_), scale = contiguous(scale_), code2 = contiguous(code2_);
+  auto absmax2 = contiguous(absmax2_), dq_offset = contiguous(dq_offset_), lora_t = contiguous(lora_t_),
+       lora_B = contiguous(lora_B_);
   std::optional<at::Tensor> bias;
   if (bias_) bias = bias_->to(at::kFloat).contiguous();
   MoeWeight wv = moe_weight_view(fmt, w, scale, code2, absmax2, dq_offset, wshape, blocksize, blocksize2, op);
