@@ -6,15 +6,10 @@
 
 #include "../cpu/attention_checks.h"
 #include "attention.h"
+#include "check_launch.h"
 
 namespace sloth::cuda {
 namespace {
-
-void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "sloth.", op, ": CUDA kernel launch failed: ", cudaGetErrorString(err),
-              ". If this says 'no kernel image is available', this build does not carry your GPU's "
-              "architecture: see `sloth info` and rebuild with SLOTH_CUDA_ARCHS set to include it.");
-}
 
 // The kernels read rows with 16-byte copies: last dim contiguous, other strides and the start 8-element aligned.
 at::Tensor rows_ok(const at::Tensor& t) {

@@ -6,18 +6,13 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "check_launch.h"
 #include "launchers.h"
 #include "sloth/mxfp4.h"
 #include "sloth/op_checks.h"
 
 namespace sloth::cuda {
 namespace {
-
-void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "sloth.", op, ": CUDA kernel launch failed: ", cudaGetErrorString(err),
-              ". If this says 'no kernel image is available', this build does not carry your GPU's "
-              "architecture: see `sloth info` and rebuild with SLOTH_CUDA_ARCHS set to include it.");
-}
 
 cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
 

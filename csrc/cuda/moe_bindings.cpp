@@ -7,15 +7,10 @@
 #include "../cpu/dtype_dispatch.h"
 #include "../cpu/moe_checks.h"
 #include "moe.h"
+#include "check_launch.h"
 
 namespace sloth::cuda {
 namespace {
-
-void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "sloth.", op, ": CUDA kernel launch failed: ", cudaGetErrorString(err),
-              ". If this says 'no kernel image is available', this build does not carry your GPU's "
-              "architecture: see `sloth info` and rebuild with SLOTH_CUDA_ARCHS set to include it.");
-}
 
 std::tuple<at::Tensor, at::Tensor> moe_route_cuda(const at::Tensor& logits_, int64_t top_k, int64_t kind,
                                                   bool renormalize) {

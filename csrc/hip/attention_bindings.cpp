@@ -8,15 +8,10 @@
 
 #include "../cpu/attention_checks.h"
 #include "../hip/attention.h"
+#include "../hip/check_launch.h"
 
 namespace sloth::cuda {
 namespace {
-
-void check_launch(hipError_t err, const char* op) {
-  TORCH_CHECK(err == hipSuccess, "sloth.", op, ": CUDA kernel launch failed: ", hipGetErrorString(err),
-              ". If this says 'no kernel image is available', this build does not carry your GPU's "
-              "architecture: see `sloth info` and rebuild with SLOTH_CUDA_ARCHS set to include it.");
-}
 
 // The kernels read rows with 16-byte copies: last dim contiguous, other strides and the start 8-element aligned.
 at::Tensor rows_ok(const at::Tensor& t) {

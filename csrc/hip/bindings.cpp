@@ -8,18 +8,13 @@
 #include <c10/hip/HIPStream.h>
 #include <torch/library.h>
 
+#include "../hip/check_launch.h"
 #include "../hip/launchers.h"
 #include "sloth/mxfp4.h"
 #include "sloth/op_checks.h"
 
 namespace sloth::cuda {
 namespace {
-
-void check_launch(hipError_t err, const char* op) {
-  TORCH_CHECK(err == hipSuccess, "sloth.", op, ": CUDA kernel launch failed: ", hipGetErrorString(err),
-              ". If this says 'no kernel image is available', this build does not carry your GPU's "
-              "architecture: see `sloth info` and rebuild with SLOTH_CUDA_ARCHS set to include it.");
-}
 
 hipStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
 
