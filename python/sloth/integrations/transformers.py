@@ -1,7 +1,8 @@
 """Put sloth's kernels into Transformers models: ``sloth.patch(model)`` / ``sloth.unpatch(model)``.
 
-Supported: Llama 3, Qwen3, Mistral and Gemma 3 text models (``*ForCausalLM``), bare or wrapped in a PEFT
-``PeftModel``. What is replaced (each listed with ``verbose=True``):
+Supported: the families of :mod:`sloth.models` (Llama 3, Qwen3, Mistral, Gemma 3 text, gpt-oss, Qwen3-MoE;
+``*ForCausalLM``), bare or wrapped in a PEFT ``PeftModel``; of another family only the PEFT LoRA layers, with one
+warning. What is replaced (each listed with ``verbose=True``):
 
 - every RMSNorm module (``LlamaRMSNorm``, ``Qwen3RMSNorm`` incl. the q_norm / k_norm of attention,
   ``MistralRMSNorm``, ``Gemma3RMSNorm``): its ``forward`` becomes :func:`sloth.nn.rms_norm` with the family's
@@ -26,13 +27,19 @@ Supported: Llama 3, Qwen3, Mistral and Gemma 3 text models (``*ForCausalLM``), b
   its forward is wrapped so that the rotary embedding of q and k runs on :func:`sloth.rope`, in place (see
   :mod:`sloth.integrations.rope`).
 
-The attention computation stays the model's own (SDPA / eager / flash), except that under offloaded
+- the attention function of families whose attention SDPA cannot express (``FamilySpec.attention_kernel``,
+  gpt-oss's sinks): Transformers' attention ``"sloth"`` (:mod:`sloth.integrations.attention`); with
+  ``SLOTH_MOE_EXPERTS=1``, the experts of MoE families: Transformers' experts ``"sloth"``
+  (:mod:`sloth.integrations.moe`); for MoE models the router load-balancing loss is added as their own forward does.
+
+Otherwise the attention computation stays the model's own (SDPA / eager / flash), except that under offloaded
 checkpointing on CUDA the ``"sdpa"`` function saves plain causal attention's output for the recompute
 (:mod:`sloth.integrations.sdpa`); Gemma 3's embedding scale sqrt(hidden) and sliding-window layers are
-untouched. :func:`unpatch` restores every replaced attribute exactly.
+untouched. gpt-oss's half-split RoPE is the model's own. :func:`unpatch` restores every replaced attribute and
+implementation exactly.
 
 With TRL: when ``trl`` is imported, :func:`patch` also hooks TRL's fused LM head so that trainers built on the
-patched model compute their per-token log-probs with sloth's kernel (see :mod:`sloth.integrations.trl`).
+patched model compute their per-token log-probs with sloth's kernel (see :mod:`sloth.integrations.fused_head`).
 """
 
 from __future__ import annotations
@@ -248,7 +255,7 @@ def patch(model, verbose: bool = False):
         from .fused_head import install
 
         install()
-    if models.family_of(base) is None:
+    if spec is None:
         done = f"patched its {len(lora)} PEFT LoRA layers only" if lora else "nothing patched"
         warnings.warn(f"sloth.patch: {type(base).__name__} (model_type {getattr(base.config, 'model_type', None)!r}) "
                       f"is not a family sloth knows ({done}); supported: {models.supported()}", stacklevel=2)
