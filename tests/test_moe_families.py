@@ -123,3 +123,31 @@ def test_experts_stay_transformers_own_unless_asked(monkeypatch):
     model = sloth.patch(_model("qwen3_moe", router_loss=False))
     assert "experts" not in "\n".join(sloth.patched_modules(model))
     assert getattr(model.config, "_experts_implementation", None) != "sloth"
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_checkpoint_to_saved_adapter(family, tmp_path):
+    """The user's path for an MoE family on the CPU: a saved checkpoint through sloth.from_pretrained (16-bit),
+    sloth.get_peft_model (attention + expert LoRA), one training step, the adapter saved and loaded onto a fresh
+    base: the same loss (no LoRA matrix lost, the experts' included)."""
+    peft = pytest.importorskip("peft")
+    from tiny_checkpoints import tokenizer
+
+    tok = tokenizer()  # (its vocabulary is larger than the model's: only ids < 128 are fed)
+    model = _model(family, router_loss=False)
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    lm, _ = sloth.from_pretrained(str(tmp_path / "base"), load_in_4bit=False, max_seq_length=64)
+    pm = sloth.get_peft_model(lm, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(4))
+    opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.5)
+    pm(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    with torch.no_grad():
+        want = pm(input_ids=ids, labels=ids).loss
+    pm.save_pretrained(tmp_path / "adapter")
+    fresh, _ = sloth.from_pretrained(str(tmp_path / "base"), load_in_4bit=False, max_seq_length=64)
+    loaded = peft.PeftModel.from_pretrained(fresh, str(tmp_path / "adapter"))
+    with torch.no_grad():
+        got = loaded(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
