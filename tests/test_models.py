@@ -34,6 +34,7 @@ def test_lookups():
     assert not models.for_model_type("gemma3_text").mlp_output_feeds_residual
     assert "multimodal" in models.unsupported_hint("gemma3")
     assert models.unsupported_hint("gpt2") == ""
+    assert models.unsupported_hint("gemma") == ""  # Gemma 1 is no near miss of Gemma 3
     text = models.supported()
     assert all(s.model_type in text for s in models.specs())
 

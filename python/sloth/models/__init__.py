@@ -1,7 +1,8 @@
 """The model registry: one declarative :class:`FamilySpec` per supported family, one module each.
 
 Everything family-specific in sloth reads this registry: :func:`sloth.patch` (norms, MLPs, attention, the
-causal-LM loss), :func:`sloth.from_pretrained` (which checkpoints load), generation and the GGUF exporter. A new
+causal-LM loss, attention and experts implementations), :func:`sloth.from_pretrained` (which checkpoints load),
+:func:`sloth.get_peft_model` (expert targets), ``sloth finetune`` and the GGUF exporter. A new
 family is one module here that defines ``SPEC``, listed in ``_FAMILY_MODULES``, plus its tests.
 """
 
@@ -52,10 +53,7 @@ def supported() -> str:
 
 def unsupported_hint(model_type: Optional[str]) -> str:
     """A family's note about a near-miss ``model_type`` (e.g. multimodal Gemma 3), or ""."""
-    for s in specs():
-        if s.note and model_type and model_type != s.model_type and s.model_type.startswith(model_type):
-            return s.note
-    return ""
+    return next((s.note for s in specs() if model_type in s.near_misses), "")
 
 
 def norms() -> Dict[str, NormSpec]:

@@ -9,6 +9,7 @@ SPEC = FamilySpec(
     norm=NormSpec("Gemma3RMSNorm", offset=1.0, cast_before_weight=False, eps_attr="eps"),
     mlp_output_feeds_residual=False,
     attention_features=AttentionFeatures(sliding_window=True, softcap=True, qk_norm=True), gguf_arch="gemma3",
+    near_misses=("gemma3",),
     note="multimodal Gemma 3 checkpoints (model_type 'gemma3') are not supported yet; text-only ones such as "
          "gemma-3-1b are",
 )

@@ -31,8 +31,9 @@ class AttentionFeatures:
 class FamilySpec:
     """One model family: the Transformers classes sloth swaps and the facts its kernels depend on.
 
-    Every table that depends on the family (``sloth.patch``, ``sloth.from_pretrained``, generation, export) reads
-    these specs through :mod:`sloth.models`; adding a family is one module in this package plus its tests."""
+    Every table that depends on the family (``sloth.patch``, ``sloth.from_pretrained``, ``sloth finetune``,
+    export) reads these specs through :mod:`sloth.models`; adding a family is one module in this package plus its
+    tests."""
 
     model_type: str                     # config.model_type, e.g. "llama"
     name: str                           # shown to users, e.g. "Llama"
@@ -54,7 +55,8 @@ class FamilySpec:
     attention_features: AttentionFeatures = AttentionFeatures()
     gguf_arch: Optional[str] = None     # llama.cpp architecture the GGUF exporter writes (None: no GGUF export)
     aliases: Tuple[str, ...] = ()       # other model_types served by this spec
-    note: str = ""                      # one line for users where support has limits
+    near_misses: Tuple[str, ...] = ()   # unsupported model_types that ``note`` answers (e.g. multimodal Gemma 3)
+    note: str = ""                      # one line for users who load a near miss
 
     @property
     def model_types(self) -> Tuple[str, ...]:
