@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from .. import models
 from .config import FinetuneConfig
 from .data import bundled_data_path, prepare_dataset
 from .errors import FinetuneError
@@ -151,22 +152,10 @@ def _check_model(path: str):
     if cfg.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise FinetuneError(f"--model {path!r} is a {cfg.model_type!r} model, which is not a causal language model "
                             f"family (AutoModelForCausalLM cannot load it); pick a decoder-only LM")
-    known, families = _families()
-    if cfg.model_type not in known:
-        raise FinetuneError(f"--model {path!r} is a {cfg.model_type!r} model; sloth finetune supports {families}")
+    if models.for_model_type(cfg.model_type) is None:
+        raise FinetuneError(f"--model {path!r} is a {cfg.model_type!r} model; sloth finetune supports "
+                            f"{models.supported()}")
     return cfg
-
-
-def _families():
-    """(the model_types sloth supports, their names for a message), from the model registry."""
-    try:
-        from .. import models
-
-        return {mt for s in models.specs() for mt in s.model_types}, models.supported()
-    except ImportError:  # before the registry
-        from ..api.loading import FAMILIES, supported_families
-
-        return set(FAMILIES), supported_families()
 
 
 def total_steps(config: FinetuneConfig, n_examples: int) -> int:
