@@ -18,11 +18,8 @@ namespace {
 // by the k weights' sum), kind 1: top-k of the logits then softmax over them. Ties go to the lower index.
 std::tuple<at::Tensor, at::Tensor> moe_route(const at::Tensor& logits_, int64_t top_k, int64_t kind,
                                              bool renormalize) {
-  TORCH_CHECK(logits_.dim() == 2, "sloth.moe_route: logits must be [tokens, experts], got ", logits_.sizes());
+  moe_check_route(logits_, top_k, kind);
   const int64_t T = logits_.size(0), E = logits_.size(1);
-  TORCH_CHECK(top_k >= 1 && top_k <= E, "sloth.moe_route: top_k must be in [1, num_experts = ", E, "], got ", top_k);
-  TORCH_CHECK(kind == 0 || kind == 1, "sloth.moe_route: kind must be 0 (softmax then top-k, Qwen3-MoE) or 1 ",
-              "(top-k then softmax, gpt-oss), got ", kind);
   at::Tensor logits = logits_.to(at::kFloat).contiguous();
   at::Tensor weights = at::empty({T, top_k}, logits.options());
   at::Tensor ids = at::empty({T, top_k}, logits.options().dtype(at::kLong));
@@ -73,12 +70,9 @@ std::tuple<at::Tensor, at::Tensor> moe_route(const at::Tensor& logits_, int64_t 
 
 // Stable counting sort of the T * k slots by expert: (sorted_slots [R], slot_pos [R], offsets [E + 1]) int32.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute(const at::Tensor& ids_, int64_t num_experts) {
-  TORCH_CHECK(ids_.scalar_type() == at::kLong || ids_.scalar_type() == at::kInt,
-              "sloth.moe_permute: expert ids must be int64 or int32, got ", ids_.scalar_type());
-  TORCH_CHECK(num_experts >= 1, "sloth.moe_permute: num_experts must be >= 1");
+  moe_check_permute(ids_, num_experts);
   at::Tensor ids = ids_.to(at::kLong).contiguous().reshape(-1);
   const int64_t R = ids.numel();
-  TORCH_CHECK(R < (int64_t{1} << 31), "sloth.moe_permute: too many (token, expert) pairs: ", R);
   const int64_t* id = ids.data_ptr<int64_t>();
   auto opts = ids.options().dtype(at::kInt);
   at::Tensor sorted = at::empty({R}, opts), pos = at::empty({R}, opts), offsets = at::zeros({num_experts + 1}, opts);
@@ -186,10 +180,7 @@ std::tuple<at::Tensor, at::Tensor> moe_grouped_gemm(
 
 // d pre [R, N] of h = glu(pre) given dh [R, N / 2]; fp32 math, pre's dtype.
 at::Tensor moe_glu_backward(const at::Tensor& dh_, const at::Tensor& pre_, int64_t glu, double alpha, double limit) {
-  TORCH_CHECK(glu >= 1 && glu <= 4, "sloth.moe_glu_backward: glu must be 1-4, got ", glu);
-  TORCH_CHECK(pre_.dim() == 2 && pre_.size(1) % 2 == 0 && dh_.dim() == 2 && dh_.size(0) == pre_.size(0) &&
-                  dh_.size(1) * 2 == pre_.size(1),
-              "sloth.moe_glu_backward: pre must be [R, 2I] and dh [R, I], got ", pre_.sizes(), " and ", dh_.sizes());
+  moe_check_glu_backward(dh_, pre_, glu);
   at::Tensor dh = dh_.to(at::kFloat).contiguous(), pre = pre_.to(at::kFloat).contiguous();
   const int64_t R = pre.size(0), I = dh.size(1);
   at::Tensor dpre = at::empty({R, 2 * I}, pre.options());
@@ -209,18 +200,11 @@ at::Tensor moe_glu_backward(const at::Tensor& dh_, const at::Tensor& pre_, int64
 // out [T, H] = sum_j weights[t, j] * y[slot_pos[t * k + j]] (weights None: 1), fp32 sums, y's dtype.
 at::Tensor moe_combine(const at::Tensor& y_, const at::Tensor& slot_pos_, const std::optional<at::Tensor>& weights_,
                        int64_t top_k) {
-  TORCH_CHECK(y_.dim() == 2, "sloth.moe_combine: y must be [R, H], got ", y_.sizes());
-  TORCH_CHECK(slot_pos_.scalar_type() == at::kInt && slot_pos_.dim() == 1 && top_k >= 1 &&
-                  slot_pos_.numel() % top_k == 0,
-              "sloth.moe_combine: slot_pos must be int32 [tokens * top_k]");
+  moe_check_combine(y_, slot_pos_, weights_, top_k);
   const int64_t S = slot_pos_.numel(), T = S / top_k, H = y_.size(1), R = y_.size(0);
   at::Tensor y = y_.to(at::kFloat).contiguous(), sp = slot_pos_.contiguous();
   std::optional<at::Tensor> w;
-  if (weights_) {
-    TORCH_CHECK(weights_->numel() == S, "sloth.moe_combine: weights must be [tokens, top_k] = [", T, ", ", top_k,
-                "], got ", weights_->sizes());
-    w = weights_->to(at::kFloat).contiguous();
-  }
+  if (weights_) w = weights_->to(at::kFloat).contiguous();
   const int32_t* p = sp.data_ptr<int32_t>();
   for (int64_t i = 0; i < S; ++i)
     TORCH_CHECK(p[i] >= 0 && p[i] < R, "sloth.moe_combine: slot_pos[", i, "] = ", p[i], " outside [0, ", R, ")");
@@ -244,11 +228,8 @@ at::Tensor moe_combine(const at::Tensor& y_, const at::Tensor& slot_pos_, const 
 std::tuple<at::Tensor, at::Tensor> moe_combine_backward(const at::Tensor& dout_, const at::Tensor& y_,
                                                         const at::Tensor& sorted_slots_, const at::Tensor& slot_pos_,
                                                         const at::Tensor& weights_) {
+  moe_check_combine_backward(dout_, y_, sorted_slots_, slot_pos_, weights_);
   const int64_t R = y_.size(0), H = y_.size(1), top_k = weights_.size(-1);
-  TORCH_CHECK(dout_.dim() == 2 && dout_.size(1) == H && dout_.size(0) * top_k == R && slot_pos_.numel() == R &&
-                  sorted_slots_.numel() == R && weights_.numel() == R,
-              "sloth.moe_combine_backward: shapes do not match: dout ", dout_.sizes(), ", y ", y_.sizes(),
-              ", weights ", weights_.sizes());
   at::Tensor dout = dout_.to(at::kFloat).contiguous(), y = y_.to(at::kFloat).contiguous(),
              w = weights_.to(at::kFloat).contiguous(), ss = sorted_slots_.contiguous(), sp = slot_pos_.contiguous();
   at::Tensor dy = at::empty({R, H}, y.options()), dw = at::empty({R}, y.options());

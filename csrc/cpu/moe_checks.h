@@ -8,6 +8,54 @@
 
 namespace sloth {
 
+// moe_route: logits [T, E], 1 <= top_k <= E, kind 0 (softmax then top-k) or 1 (top-k then softmax).
+inline void moe_check_route(const at::Tensor& logits, int64_t top_k, int64_t kind) {
+  TORCH_CHECK(logits.dim() == 2, "sloth.moe_route: logits must be [tokens, experts], got ", logits.sizes());
+  const int64_t E = logits.size(1);
+  TORCH_CHECK(top_k >= 1 && top_k <= E, "sloth.moe_route: top_k must be in [1, num_experts = ", E, "], got ", top_k);
+  TORCH_CHECK(kind == 0 || kind == 1, "sloth.moe_route: kind must be 0 (softmax then top-k, Qwen3-MoE) or 1 ",
+              "(top-k then softmax, gpt-oss), got ", kind);
+}
+
+// moe_permute: int64 / int32 ids, at least one expert, fewer than 2^31 (token, expert) slots.
+inline void moe_check_permute(const at::Tensor& ids, int64_t num_experts) {
+  TORCH_CHECK(ids.scalar_type() == at::kLong || ids.scalar_type() == at::kInt,
+              "sloth.moe_permute: expert ids must be int64 or int32, got ", ids.scalar_type());
+  TORCH_CHECK(num_experts >= 1, "sloth.moe_permute: num_experts must be >= 1");
+  TORCH_CHECK(ids.numel() < (int64_t{1} << 31), "sloth.moe_permute: too many (token, expert) pairs: ", ids.numel());
+}
+
+// moe_glu_backward: glu 1-4, pre [R, 2I], dh [R, I].
+inline void moe_check_glu_backward(const at::Tensor& dh, const at::Tensor& pre, int64_t glu) {
+  TORCH_CHECK(glu >= 1 && glu <= 4, "sloth.moe_glu_backward: glu must be 1-4, got ", glu);
+  TORCH_CHECK(pre.dim() == 2 && pre.size(1) % 2 == 0 && dh.dim() == 2 && dh.size(0) == pre.size(0) &&
+                  dh.size(1) * 2 == pre.size(1),
+              "sloth.moe_glu_backward: pre must be [R, 2I] and dh [R, I], got ", pre.sizes(), " and ", dh.sizes());
+}
+
+// moe_combine: y [R, H], slot_pos int32 [T * top_k], weights (when given) [T, top_k].
+inline void moe_check_combine(const at::Tensor& y, const at::Tensor& slot_pos, const std::optional<at::Tensor>& weights,
+                              int64_t top_k) {
+  TORCH_CHECK(y.dim() == 2, "sloth.moe_combine: y must be [R, H], got ", y.sizes());
+  TORCH_CHECK(slot_pos.scalar_type() == at::kInt && slot_pos.dim() == 1 && top_k >= 1 &&
+                  slot_pos.numel() % top_k == 0,
+              "sloth.moe_combine: slot_pos must be int32 [tokens * top_k]");
+  if (weights) {
+    TORCH_CHECK(weights->numel() == slot_pos.numel(), "sloth.moe_combine: weights must be [tokens, top_k] = [",
+                slot_pos.numel() / top_k, ", ", top_k, "], got ", weights->sizes());
+  }
+}
+
+// moe_combine_backward: dout [T, H], y [R, H], sorted_slots / slot_pos [R], weights [T, top_k] with R = T * top_k.
+inline void moe_check_combine_backward(const at::Tensor& dout, const at::Tensor& y, const at::Tensor& sorted_slots,
+                                       const at::Tensor& slot_pos, const at::Tensor& weights) {
+  const int64_t R = y.size(0), H = y.size(1), top_k = weights.size(-1);
+  TORCH_CHECK(dout.dim() == 2 && dout.size(1) == H && dout.size(0) * top_k == R && slot_pos.numel() == R &&
+                  sorted_slots.numel() == R && weights.numel() == R,
+              "sloth.moe_combine_backward: shapes do not match: dout ", dout.sizes(), ", y ", y.sizes(),
+              ", weights ", weights.sizes());
+}
+
 inline void moe_check_offsets_shape(const at::Tensor& offsets, int64_t E, const char* op) {
   TORCH_CHECK(offsets.scalar_type() == at::kInt && offsets.dim() == 1 && offsets.numel() == E + 1, "sloth.", op,
               ": offsets must be int32 [num_experts + 1] = [", E + 1, "] (from sloth.ops.moe_permute), got ",

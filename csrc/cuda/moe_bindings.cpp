@@ -14,10 +14,8 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> moe_route_cuda(const at::Tensor& logits_, int64_t top_k, int64_t kind,
                                                   bool renormalize) {
-  TORCH_CHECK(logits_.dim() == 2, "sloth.moe_route: logits must be [tokens, experts], got ", logits_.sizes());
+  moe_check_route(logits_, top_k, kind);
   const int64_t T = logits_.size(0), E = logits_.size(1);
-  TORCH_CHECK(top_k >= 1 && top_k <= E, "sloth.moe_route: top_k must be in [1, num_experts = ", E, "], got ", top_k);
-  TORCH_CHECK(kind == 0 || kind == 1, "sloth.moe_route: kind must be 0 or 1, got ", kind);
   TORCH_CHECK(E <= 1024, "sloth.moe_route: at most 1024 experts on CUDA, got ", E);
   c10::cuda::CUDAGuard guard(logits_.device());
   at::Tensor logits = logits_.to(at::kFloat).contiguous();
@@ -30,14 +28,11 @@ std::tuple<at::Tensor, at::Tensor> moe_route_cuda(const at::Tensor& logits_, int
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_permute_cuda(const at::Tensor& ids_, int64_t num_experts) {
-  TORCH_CHECK(ids_.scalar_type() == at::kLong || ids_.scalar_type() == at::kInt,
-              "sloth.moe_permute: expert ids must be int64 or int32, got ", ids_.scalar_type());
-  TORCH_CHECK(num_experts >= 1 && num_experts <= 1024, "sloth.moe_permute: num_experts must be in [1, 1024] on CUDA, "
-              "got ", num_experts);
+  moe_check_permute(ids_, num_experts);
+  TORCH_CHECK(num_experts <= 1024, "sloth.moe_permute: num_experts must be in [1, 1024] on CUDA, got ", num_experts);
   c10::cuda::CUDAGuard guard(ids_.device());
   at::Tensor ids = ids_.contiguous();
   const int64_t R = ids.numel();
-  TORCH_CHECK(R < (int64_t{1} << 31), "sloth.moe_permute: too many (token, expert) pairs: ", R);
   auto opts = ids.options().dtype(at::kInt);
   at::Tensor sorted = at::empty({R}, opts), pos = at::empty({R}, opts), offsets = at::empty({num_experts + 1}, opts);
   at::Tensor ws = at::empty({moe_permute_workspace(R, (int)num_experts)}, opts);
@@ -98,10 +93,7 @@ std::tuple<at::Tensor, at::Tensor> moe_grouped_gemm_cuda(
 
 at::Tensor moe_glu_backward_cuda(const at::Tensor& dh_, const at::Tensor& pre_, int64_t glu, double alpha,
                                  double limit) {
-  TORCH_CHECK(glu >= 1 && glu <= 4, "sloth.moe_glu_backward: glu must be 1-4, got ", glu);
-  TORCH_CHECK(pre_.dim() == 2 && pre_.size(1) % 2 == 0 && dh_.dim() == 2 && dh_.size(0) == pre_.size(0) &&
-                  dh_.size(1) * 2 == pre_.size(1),
-              "sloth.moe_glu_backward: pre must be [R, 2I] and dh [R, I], got ", pre_.sizes(), " and ", dh_.sizes());
+  moe_check_glu_backward(dh_, pre_, glu);
   c10::cuda::CUDAGuard guard(pre_.device());
   at::Tensor pre = pre_.contiguous(), dh = dh_.to(pre_.scalar_type()).contiguous();
   at::Tensor dpre = at::empty_like(pre);
@@ -114,18 +106,12 @@ at::Tensor moe_glu_backward_cuda(const at::Tensor& dh_, const at::Tensor& pre_, 
 
 at::Tensor moe_combine_cuda(const at::Tensor& y_, const at::Tensor& slot_pos_, const std::optional<at::Tensor>& w_,
                             int64_t top_k) {
-  TORCH_CHECK(y_.dim() == 2, "sloth.moe_combine: y must be [R, H], got ", y_.sizes());
-  TORCH_CHECK(slot_pos_.scalar_type() == at::kInt && slot_pos_.dim() == 1 && top_k >= 1 &&
-                  slot_pos_.numel() % top_k == 0,
-              "sloth.moe_combine: slot_pos must be int32 [tokens * top_k]");
+  moe_check_combine(y_, slot_pos_, w_, top_k);
   c10::cuda::CUDAGuard guard(y_.device());
   at::Tensor y = y_.contiguous(), sp = slot_pos_.contiguous();
   const int64_t T = sp.numel() / top_k, H = y.size(1);
   std::optional<at::Tensor> w;
-  if (w_) {
-    TORCH_CHECK(w_->numel() == sp.numel(), "sloth.moe_combine: weights must be [tokens, top_k], got ", w_->sizes());
-    w = w_->to(at::kFloat).contiguous();
-  }
+  if (w_) w = w_->to(at::kFloat).contiguous();
   at::Tensor out = at::empty({T, H}, y.options());
   check_launch(launch_moe_combine(y.data_ptr(), sp.data_ptr<int32_t>(), w ? w->data_ptr<float>() : nullptr,
                                   out.data_ptr(), T, (int)top_k, H, y.size(0), out_type_of(y.scalar_type()),
@@ -137,11 +123,8 @@ at::Tensor moe_combine_cuda(const at::Tensor& y_, const at::Tensor& slot_pos_, c
 std::tuple<at::Tensor, at::Tensor> moe_combine_backward_cuda(const at::Tensor& dout_, const at::Tensor& y_,
                                                              const at::Tensor& sorted_slots, const at::Tensor& slot_pos_,
                                                              const at::Tensor& w_) {
-  const int64_t R = y_.size(0), H = y_.size(1), top_k = w_.size(-1);
-  TORCH_CHECK(dout_.dim() == 2 && dout_.size(1) == H && dout_.size(0) * top_k == R && slot_pos_.numel() == R &&
-                  w_.numel() == R,
-              "sloth.moe_combine_backward: shapes do not match: dout ", dout_.sizes(), ", y ", y_.sizes(),
-              ", weights ", w_.sizes());
+  moe_check_combine_backward(dout_, y_, sorted_slots, slot_pos_, w_);
+  const int64_t H = y_.size(1), top_k = w_.size(-1);
   c10::cuda::CUDAGuard guard(y_.device());
   at::Tensor y = y_.contiguous(), dout = dout_.to(y_.scalar_type()).contiguous(), sp = slot_pos_.contiguous(),
              w = w_.to(at::kFloat).contiguous();
