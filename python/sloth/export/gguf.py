@@ -33,7 +33,7 @@ import math
 import os
 import re
 import tempfile
-from typing import Dict, Iterator, Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch

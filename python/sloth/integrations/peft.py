@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import logging
 import types
 
 import torch
@@ -21,8 +20,6 @@ from ..nn.lora_linear import _lora_linear, lora_linear
 from .projections import (as_layer_output, autocast_off, base_weight, fast_adapter, lora_classes,
                           lora_dropout_active, run_dtype)
 from .qkv import grouped_forward
-
-logger = logging.getLogger("sloth.peft")
 
 _ORIG = "_sloth_orig_forward"   # PEFT's forward as it was bound before patching
 _SAVED = "_sloth_saved_forward"  # the instance-level `forward` entry we replaced (None: there was none)
