@@ -12,6 +12,7 @@ from typing import Dict, Iterator, Tuple, Union
 import torch
 
 from ..integrations._models import peft_parts
+from .files import atomic_write, save_into
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
            "f16": torch.float16, "fp32": torch.float32, "float32": torch.float32, "f32": torch.float32}
@@ -188,29 +189,6 @@ def check_output_folder(model, out_dir: str, overwrite: bool, what: str = "sloth
                          f"overwrite=True to replace a model saved there, or pick an empty folder")
 
 
-def save_via_temp(out_dir: str, save) -> list:
-    """Run ``save(tmp)`` into a temporary folder inside ``out_dir``, then move each file it wrote into
-    ``out_dir`` with ``os.replace`` (a symbolic link there is replaced, never followed); returns the names."""
-    import shutil
-    import tempfile
-
-    tmp = tempfile.mkdtemp(dir=out_dir, prefix=".tmp-save-")
-    try:
-        save(tmp)
-        names = []
-        for fn in sorted(os.listdir(tmp)):
-            src, dst = os.path.join(tmp, fn), os.path.join(out_dir, fn)
-            if os.path.isdir(src):
-                continue
-            if os.path.isdir(dst) and not os.path.islink(dst):
-                shutil.rmtree(dst)
-            os.replace(src, dst)
-            names.append(fn)
-        return names
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def save_merged(model, out_dir: str, tokenizer=None, dtype: Union[str, torch.dtype] = torch.bfloat16, *,
                 max_shard_size: int = 5 * 1024**3, overwrite: bool = False) -> str:
     """Save ``model`` (a PeftModel with LoRA / QLoRA adapters, or a fully fine-tuned Transformers model) as a
@@ -274,7 +252,7 @@ def save_merged(model, out_dir: str, tokenizer=None, dtype: Union[str, torch.dty
                 weight_map[k] = fname
                 total += nb
         index = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
-        save_via_temp(out_dir, lambda d: open(os.path.join(d, "model.safetensors.index.json"), "w").write(index))
+        atomic_write(os.path.join(out_dir, "model.safetensors.index.json"), index.encode())
         new.add("model.safetensors.index.json")
     for old in os.listdir(out_dir):  # an earlier save's shards that the new one does not replace
         if old not in new and old.startswith("model") and \
@@ -293,7 +271,7 @@ def save_merged(model, out_dir: str, tokenizer=None, dtype: Union[str, torch.dty
         if tokenizer is not None:
             tokenizer.save_pretrained(d)
 
-    save_via_temp(out_dir, save_rest)
+    save_into(out_dir, save_rest)
     if distributed.is_fsdp2(model):
         distributed.barrier()
     return out_dir
@@ -332,4 +310,4 @@ def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
 
 
 __all__ = ["check_output_folder", "checkpoint_files", "dense_weight", "iter_checkpoint_tensors", "iter_merged_tensors", "load_state_dict",
-           "merged_config", "merged_state_dict", "resolve_dtype", "save_merged", "save_via_temp", "unwrap"]
+           "merged_config", "merged_state_dict", "resolve_dtype", "save_merged", "unwrap"]

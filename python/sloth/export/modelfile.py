@@ -14,6 +14,8 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
+from .files import atomic_write
+
 _M = {"system": "\x01SYS\x01", "user": "\x01USR\x01", "assistant": "\x01AST\x01", "user2": "\x01US2\x01"}
 
 
@@ -160,23 +162,8 @@ def write_modelfile(gguf_path: str, tokenizer=None, add_bos: bool = False, path:
         if "\n" in s or "\r" in s:  # one Modelfile line per stop: a line break would start a new instruction
             continue
         lines.append('PARAMETER stop "' + s.replace("\\", "\\\\").replace('"', '\\"') + '"')
-    _atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
+    atomic_write(path, ("\n".join(lines).rstrip() + "\n").encode("utf-8"))
     return path
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-    """Write through a temporary file and ``os.replace`` (a symbolic link at ``path`` is replaced, not followed)."""
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 __all__ = ["ChatWrappers", "chat_wrappers", "go_template", "stop_strings", "write_modelfile"]

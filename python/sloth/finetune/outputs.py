@@ -10,10 +10,10 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 from typing import Callable, List
 
+from ..export import files
 from .errors import FinetuneError
 
 #: files and folders a run writes (an earlier run is recognized by any of them; --overwrite removes them)
@@ -90,44 +90,9 @@ def inside(out: str, name: str) -> str:
     return path
 
 
-def atomic_write(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace`` (a reader sees the
-    old or the new file, never a part; a symbolic link at ``path`` is replaced, not followed)."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix="-" + os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def save_into(out: str, save: Callable[[str], None]) -> List[str]:
-    """Run ``save(tmp_dir)`` (e.g. ``model.save_pretrained``) into a fresh temporary folder inside ``out``, then
-    move each file it wrote into ``out`` with ``os.replace``; returns the names moved. Nothing in ``out`` changes
-    until the save finished; links in ``out`` are replaced, not followed."""
-    tmp = tempfile.mkdtemp(dir=out, prefix=".tmp-save-")
-    try:
-        save(tmp)
-        names = []
-        for root, _, files in os.walk(tmp):
-            rel = os.path.relpath(root, tmp)
-            for fn in files:
-                name = fn if rel == "." else os.path.join(rel, fn)
-                dst = inside(out, name)
-                os.makedirs(os.path.dirname(dst), exist_ok=True)
-                if os.path.isdir(dst) and not os.path.islink(dst):
-                    shutil.rmtree(dst)
-                os.replace(os.path.join(root, fn), dst)
-                names.append(name)
-        return names
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    """:func:`sloth.export.files.save_into` with every destination checked by :func:`inside`."""
+    return files.save_into(out, save, place=lambda name: inside(out, name))
 
 
 @contextlib.contextmanager

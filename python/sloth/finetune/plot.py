@@ -8,7 +8,7 @@ import io
 import math
 from typing import List, Optional, Sequence, Tuple
 
-from .outputs import atomic_write
+from ..export.files import atomic_write
 
 
 def running_mean(values: Sequence[float], window: int) -> List[float]:

@@ -17,11 +17,11 @@ from typing import Optional
 import torch
 
 from .. import models
+from ..export.files import atomic_write
 from .config import FinetuneConfig
 from .data import bundled_data_path, prepare_dataset
 from .errors import FinetuneError
-from .outputs import (atomic_write, clear_earlier_run, default_log, inside, prepare_output_dir, save_into,
-                      sigint_deferred)
+from .outputs import clear_earlier_run, default_log, inside, prepare_output_dir, save_into, sigint_deferred
 
 BUNDLED_SEED = 0  # the bundled model's weights do not depend on --seed
 #: loggers of the libraries under the run, quiet unless --verbose (bitsandbytes' hub-kernel notice among them)
